@@ -1,0 +1,224 @@
+//! Settings: command-line flags, environment variables and an optional TOML file.
+//!
+//! Owns the list of settings, their defaults and their precedence (flag, then
+//! `SUPERSYNK_*` variable, then the original server's variable where there is one, then the
+//! config file, then the default). Every setting is all three: `--socket-timeout-ms`,
+//! `SUPERSYNK_SOCKET_TIMEOUT_MS`, `socket-timeout-ms = ...`.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// One layer of settings: every field optional, so layers can be merged. Parsed from the
+/// command line (with environment variables) and, with the same names, from the config file.
+#[derive(Debug, Default, Clone, Parser, Deserialize)]
+#[command(name = "supersynk", version, about = "A real-time session relay server")]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Settings {
+    /// TOML file with any of these settings (keys as the long flag names)
+    #[arg(long, env = "SUPERSYNK_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 0.0.0.0]
+    #[arg(long, env = "SUPERSYNK_BIND")]
+    pub bind: Option<IpAddr>,
+    /// Port to listen on; 0 picks a free one [default: 5001] [env alias: PORT]
+    #[arg(long, env = "SUPERSYNK_PORT")]
+    pub port: Option<u16>,
+    /// Close sockets silent for this long, in ms [default: 300000] [env alias: SOCKET_TIMEOUT]
+    #[arg(long, env = "SUPERSYNK_SOCKET_TIMEOUT_MS")]
+    pub socket_timeout_ms: Option<u64>,
+    /// How often silent sockets are looked for, in ms [default: 80000]
+    /// [env alias: SOCKET_TIMEOUT_CHECK_INTERVAL]
+    #[arg(long, env = "SUPERSYNK_SOCKET_TIMEOUT_CHECK_INTERVAL_MS")]
+    pub socket_timeout_check_interval_ms: Option<u64>,
+    /// Largest WebSocket message accepted, in bytes, after decompression [default: 65536]
+    #[arg(long, env = "SUPERSYNK_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// Outbound queue per connection, in bytes; a receiver past it is a slow consumer
+    /// [default: 262144]
+    #[arg(long, env = "SUPERSYNK_OUTBOUND_QUEUE_BYTES")]
+    pub outbound_queue_bytes: Option<usize>,
+    /// Offer permessage-deflate [default: true]
+    #[arg(long, env = "SUPERSYNK_DEFLATE")]
+    pub deflate: Option<bool>,
+    /// Messages shorter than this are sent uncompressed, in bytes [default: 50]
+    #[arg(long, env = "SUPERSYNK_DEFLATE_THRESHOLD")]
+    pub deflate_threshold: Option<usize>,
+    /// Deflate level, 0-9 [default: 3]
+    #[arg(long, env = "SUPERSYNK_DEFLATE_LEVEL", value_parser = clap::value_parser!(u32).range(0..=9))]
+    pub deflate_level: Option<u32>,
+    /// Time allowed for a client to send its HTTP request, in ms [default: 10000]
+    #[arg(long, env = "SUPERSYNK_HANDSHAKE_TIMEOUT_MS")]
+    pub handshake_timeout_ms: Option<u64>,
+    /// On SIGTERM/SIGINT, how long to wait for clients to go, in ms [default: 10000]
+    #[arg(long, env = "SUPERSYNK_SHUTDOWN_GRACE_MS")]
+    pub shutdown_grace_ms: Option<u64>,
+    /// Serve a WebSocket echo endpoint at /echo (for conformance tests) [default: false]
+    #[arg(long, env = "SUPERSYNK_ECHO_ENDPOINT")]
+    pub echo_endpoint: Option<bool>,
+    /// Log filter, e.g. info or supersynk=debug [default: info]
+    #[arg(long, env = "SUPERSYNK_LOG")]
+    pub log: Option<String>,
+    /// Log format [default: text]
+    #[arg(long, env = "SUPERSYNK_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// Why the settings could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("invalid config file {0}: {1}")]
+    Parse(PathBuf, toml::de::Error),
+    #[error("invalid value {value:?} for environment variable {name}")]
+    Env { name: &'static str, value: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub bind: IpAddr,
+    pub port: u16,
+    pub socket_timeout: Duration,
+    pub socket_timeout_check_interval: Duration,
+    pub max_message_bytes: usize,
+    pub outbound_queue_bytes: usize,
+    pub deflate: bool,
+    pub deflate_threshold: usize,
+    pub deflate_level: u32,
+    pub handshake_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub echo_endpoint: bool,
+    pub log: String,
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::resolve(Settings::default()).expect("defaults are valid")
+    }
+}
+
+macro_rules! merge {
+    ($top:expr, $base:expr, $($field:ident),*) => {
+        Settings { config: $top.config.or($base.config), $($field: $top.$field.or($base.$field)),* }
+    };
+}
+
+impl Settings {
+    /// `self` where set, else `base`.
+    pub fn over(self, base: Settings) -> Settings {
+        merge!(self, base, bind, port, socket_timeout_ms, socket_timeout_check_interval_ms,
+            max_message_bytes, outbound_queue_bytes, deflate, deflate_threshold, deflate_level,
+            handshake_timeout_ms, shutdown_grace_ms, echo_endpoint, log, log_format)
+    }
+
+    /// The original server's variable names, honoured where the new names are not set.
+    pub fn from_legacy_env() -> Result<Settings, ConfigError> {
+        Ok(Settings {
+            port: legacy("PORT")?,
+            socket_timeout_ms: legacy("SOCKET_TIMEOUT")?,
+            socket_timeout_check_interval_ms: legacy("SOCKET_TIMEOUT_CHECK_INTERVAL")?,
+            ..Settings::default()
+        })
+    }
+
+    /// Reads a TOML config file.
+    pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse(path.into(), e))
+    }
+}
+
+fn legacy<T: std::str::FromStr>(name: &'static str) -> Result<Option<T>, ConfigError> {
+    match std::env::var(name) {
+        Ok(v) => v.trim().parse().map(Some).map_err(|_| ConfigError::Env { name, value: v }),
+        Err(_) => Ok(None),
+    }
+}
+
+impl Config {
+    /// Flags and environment, then legacy variables, then the config file, then defaults.
+    pub fn load() -> Result<Config, ConfigError> {
+        let cli = Settings::parse();
+        let mut settings = cli.over(Settings::from_legacy_env()?);
+        if let Some(path) = settings.config.clone() {
+            settings = settings.over(Settings::from_file(&path)?);
+        }
+        Config::resolve(settings)
+    }
+
+    /// Fills in defaults and checks the values.
+    pub fn resolve(s: Settings) -> Result<Config, ConfigError> {
+        let ms = Duration::from_millis;
+        let config = Config {
+            bind: s.bind.unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            port: s.port.unwrap_or(5001),
+            socket_timeout: ms(s.socket_timeout_ms.unwrap_or(300_000)),
+            socket_timeout_check_interval: ms(s.socket_timeout_check_interval_ms.unwrap_or(80_000)),
+            max_message_bytes: s.max_message_bytes.unwrap_or(64 * 1024),
+            outbound_queue_bytes: s.outbound_queue_bytes.unwrap_or(256 * 1024),
+            deflate: s.deflate.unwrap_or(true),
+            deflate_threshold: s.deflate_threshold.unwrap_or(50),
+            deflate_level: s.deflate_level.unwrap_or(3),
+            handshake_timeout: ms(s.handshake_timeout_ms.unwrap_or(10_000)),
+            shutdown_grace: ms(s.shutdown_grace_ms.unwrap_or(10_000)),
+            echo_endpoint: s.echo_endpoint.unwrap_or(false),
+            log: s.log.unwrap_or_else(|| "info".into()),
+            log_format: s.log_format.unwrap_or(LogFormat::Text),
+        };
+        if config.socket_timeout_check_interval.is_zero() || config.socket_timeout.is_zero() {
+            return Err(ConfigError::Invalid("socket timeouts must be above 0".into()));
+        }
+        if config.max_message_bytes < 1024 {
+            return Err(ConfigError::Invalid("max-message-bytes must be at least 1024".into()));
+        }
+        if config.deflate_level > 9 {
+            return Err(ConfigError::Invalid("deflate-level must be 0-9".into()));
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precedence_flag_over_file_over_default() {
+        let file: Settings = toml::from_str("port = 7000\nsocket-timeout-ms = 1234\n").unwrap();
+        let cli = Settings::try_parse_from(["supersynk", "--port", "8000"]).unwrap();
+        let c = Config::resolve(cli.over(file)).unwrap();
+        assert_eq!(c.port, 8000);
+        assert_eq!(c.socket_timeout, Duration::from_millis(1234));
+        assert_eq!(c.socket_timeout_check_interval, Duration::from_millis(80_000));
+    }
+
+    #[test]
+    fn unknown_file_keys_are_errors() {
+        assert!(toml::from_str::<Settings>("prot = 1").is_err());
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::default();
+        assert_eq!(c.port, 5001);
+        assert_eq!(c.socket_timeout, Duration::from_secs(300));
+        assert!(c.deflate);
+    }
+}

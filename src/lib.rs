@@ -1,0 +1,24 @@
+//! supersynk: a real-time session relay server.
+//!
+//! Map of the crate:
+//! - [`core`]: sessions, membership and fan-out ([`core::hub`]) and the bounded queue of
+//!   every connection ([`core::outbound`]). Knows no wire protocol.
+//! - [`ws`]: WebSocket plumbing for every WebSocket front-end: handshake, permessage-deflate
+//!   under tungstenite, and one connection's reader and writer.
+//! - Front-ends, each speaking one protocol over the core and never importing each other:
+//!   [`hunterpie`] (the HunterPie SyncPlugin protocol on `/connect`) and [`echo`] (for
+//!   conformance testing).
+//! - [`server`]: listener, routes, shared state and graceful shutdown; [`config`];
+//!   [`metrics`].
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod core;
+pub mod echo;
+pub mod hunterpie;
+pub mod metrics;
+pub mod server;
+pub mod ws;
+
+pub use config::Config;
+pub use server::Server;

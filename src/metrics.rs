@@ -1,0 +1,111 @@
+//! Prometheus metrics, shared by every front-end.
+//!
+//! Owns the registry and the counters; knows nothing about who increments them. Counters
+//! on the hot path are plain atomics (prometheus-client's), bumped once per batch, not per
+//! byte.
+
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Label of a per-protocol or per-kind metric.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+/// Every metric the server exports.
+#[derive(Debug)]
+pub struct Metrics {
+    pub started: Instant,
+    pub connections_open: Gauge,
+    pub connections_total: Counter,
+    pub sessions: Gauge,
+    pub messages_in: Counter,
+    pub bytes_in: Counter,
+    pub messages_out: Counter,
+    pub bytes_out: Counter,
+    /// Bytes relayed from a leader to followers (payload bytes, before compression).
+    pub bytes_relayed: Counter,
+    pub pushes_relayed: Counter,
+    /// Uncompressed minus compressed payload bytes of compressed messages written.
+    pub deflate_saved_bytes: Counter,
+    pub deflate_messages: Counter,
+    pub slow_consumer_disconnects: Counter,
+    pub idle_timeouts: Counter,
+    /// Peer errors and refusals by kind (invalid_json, binary_frame, too_big, ...).
+    pub errors: Family<KindLabel, Counter>,
+    /// Connections closed, by close code class.
+    pub closes: Family<KindLabel, Counter>,
+    registry: Registry,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut m = Metrics {
+            started: Instant::now(),
+            connections_open: Gauge::default(),
+            connections_total: Counter::default(),
+            sessions: Gauge::default(),
+            messages_in: Counter::default(),
+            bytes_in: Counter::default(),
+            messages_out: Counter::default(),
+            bytes_out: Counter::default(),
+            bytes_relayed: Counter::default(),
+            pushes_relayed: Counter::default(),
+            deflate_saved_bytes: Counter::default(),
+            deflate_messages: Counter::default(),
+            slow_consumer_disconnects: Counter::default(),
+            idle_timeouts: Counter::default(),
+            errors: Family::default(),
+            closes: Family::default(),
+            registry: Registry::with_prefix("supersynk"),
+        };
+        let r = &mut m.registry;
+        r.register("connections_open", "WebSocket connections open", m.connections_open.clone());
+        r.register("connections", "WebSocket connections accepted", m.connections_total.clone());
+        r.register("sessions", "Sessions with at least one member", m.sessions.clone());
+        r.register("messages_in", "WebSocket messages received", m.messages_in.clone());
+        r.register("bytes_in", "WebSocket payload bytes received (after inflation)", m.bytes_in.clone());
+        r.register("messages_out", "WebSocket messages written", m.messages_out.clone());
+        r.register("bytes_out", "WebSocket payload bytes written (as sent, compressed or not)", m.bytes_out.clone());
+        r.register("relayed_bytes", "Push payload bytes relayed to followers", m.bytes_relayed.clone());
+        r.register("relayed_pushes", "Pushes accepted and relayed", m.pushes_relayed.clone());
+        r.register("deflate_saved_bytes", "Bytes saved by permessage-deflate on written messages", m.deflate_saved_bytes.clone());
+        r.register("deflate_messages", "Messages written compressed", m.deflate_messages.clone());
+        r.register("slow_consumer_disconnects", "Connections closed because their outbound queue was full", m.slow_consumer_disconnects.clone());
+        r.register("idle_timeouts", "Connections closed after the idle timeout", m.idle_timeouts.clone());
+        r.register("errors", "Bad input and refusals, by kind", m.errors.clone());
+        r.register("closes", "Connections closed, by reason", m.closes.clone());
+        m
+    }
+
+    /// Counts one error of `kind`.
+    pub fn error(&self, kind: &'static str) {
+        self.errors.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Current value of a counter (for the status page).
+    pub fn get(c: &Counter<u64, AtomicU64>) -> u64 {
+        c.get()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

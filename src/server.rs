@@ -1,0 +1,263 @@
+//! The listener, the HTTP routes and the server's shared state.
+//!
+//! Owns accepting connections (one port for HTTP and every WebSocket front-end), routing,
+//! the small HTTP endpoints (`/version`, `/`, `/metrics`, `/healthz`) and graceful shutdown:
+//! on the shutdown signal the listener stops, every WebSocket front-end says goodbye and
+//! closes with 1001, and the server waits for connections within the grace period.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::core::hub::Hub;
+use crate::metrics::Metrics;
+use crate::ws::connection::ConnContext;
+use crate::ws::{WsSettings, upgrade};
+
+/// The version the HunterPie client checks; must stay exactly `0.1`.
+pub const PROTOCOL_VERSION: &str = "0.1";
+
+/// Shared state of the server: a cheap-to-clone handle.
+#[derive(Clone, Debug)]
+pub struct App(Arc<AppInner>);
+
+#[derive(Debug)]
+pub struct AppInner {
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    pub hub: Hub,
+    pub ws: Arc<WsSettings>,
+    /// Cancelled once, when shutdown starts.
+    pub shutdown: CancellationToken,
+    /// Every upgraded connection's tasks, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+}
+
+impl std::ops::Deref for App {
+    type Target = AppInner;
+    fn deref(&self) -> &AppInner {
+        &self.0
+    }
+}
+
+impl App {
+    pub fn new(config: Config) -> App {
+        let metrics = Arc::new(Metrics::new());
+        let ws = Arc::new(WsSettings {
+            max_message_bytes: config.max_message_bytes,
+            outbound_queue_bytes: config.outbound_queue_bytes,
+            deflate_threshold: config.deflate_threshold,
+            deflate_level: config.deflate_level,
+            idle_timeout: config.socket_timeout,
+            idle_check_interval: config.socket_timeout_check_interval,
+            close_timeout: Duration::from_secs(2),
+        });
+        App(Arc::new(AppInner {
+            hub: Hub::new(metrics.clone()),
+            metrics,
+            ws,
+            config,
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        }))
+    }
+
+    /// What each WebSocket connection needs from the server.
+    pub fn conn_context(&self) -> ConnContext {
+        ConnContext {
+            settings: self.ws.clone(),
+            metrics: self.metrics.clone(),
+            shutdown: self.shutdown.clone(),
+            tracker: self.tracker.clone(),
+        }
+    }
+}
+
+/// Every route of the server.
+pub fn router(app: App) -> Router {
+    let mut r = Router::new()
+        .route("/", get(status_page))
+        .route("/version", get(|| async { PROTOCOL_VERSION }))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/connect", get(connect));
+    if app.config.echo_endpoint {
+        r = r.route("/echo", get(crate::echo::connect));
+    }
+    r.with_state(app)
+}
+
+async fn connect(State(app): State<App>, mut req: Request) -> Response {
+    upgrade_with(&app, &mut req, crate::hunterpie::serve)
+}
+
+/// Accepts a WebSocket upgrade and hands the socket to a front-end's `serve`, tracked for
+/// shutdown.
+pub fn upgrade_with<F, Fut>(app: &App, req: &mut Request, serve: F) -> Response
+where
+    F: FnOnce(hyper::upgrade::Upgraded, Option<crate::ws::extension::Deflate>, App) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    if app.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
+    let accepted = match upgrade::accept(req, app.config.deflate) {
+        Ok(a) => a,
+        Err(e) => {
+            app.metrics.error("bad_upgrade");
+            debug!(error = %e, "upgrade refused");
+            return e.into_response();
+        }
+    };
+    let app2 = app.clone();
+    let deflate = accepted.deflate;
+    app.tracker.spawn(async move {
+        match accepted.on_upgrade.await {
+            Ok(upgraded) => serve(upgraded, deflate, app2).await,
+            Err(e) => debug!(error = %e, "upgrade failed"),
+        }
+    });
+    accepted.response
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], app.metrics.encode()).into_response()
+}
+
+async fn status_page(State(app): State<App>) -> Html<String> {
+    let m = &app.metrics;
+    let up = m.started.elapsed().as_secs();
+    Html(format!(
+        "<!doctype html><html><head><meta charset=utf-8><title>supersynk</title></head><body>\
+         <h1>supersynk {}</h1><table>\
+         <tr><th align=left>sessions</th><td id=sessions>{}</td></tr>\
+         <tr><th align=left>sockets</th><td id=sockets>{}</td></tr>\
+         <tr><th align=left>bytes relayed</th><td id=bytes-relayed>{}</td></tr>\
+         <tr><th align=left>uptime</th><td id=uptime>{}d {:02}:{:02}:{:02}</td></tr>\
+         </table><p><a href=/metrics>metrics</a></p></body></html>",
+        env!("CARGO_PKG_VERSION"),
+        app.hub.len(),
+        m.connections_open.get(),
+        m.bytes_relayed.get(),
+        up / 86400,
+        up / 3600 % 24,
+        up / 60 % 60,
+        up % 60
+    ))
+}
+
+/// A running server.
+pub struct Server {
+    pub local_addr: SocketAddr,
+    pub app: App,
+    task: JoinHandle<()>,
+}
+
+impl Server {
+    /// Binds and starts serving.
+    pub async fn start(config: Config) -> std::io::Result<Server> {
+        let listener = TcpListener::bind((config.bind, config.port)).await?;
+        let local_addr = listener.local_addr()?;
+        let app = App::new(config);
+        let task = tokio::spawn(accept_loop(listener, app.clone()));
+        info!(%local_addr, "listening");
+        Ok(Server { local_addr, app, task })
+    }
+
+    /// Starts a graceful shutdown and waits for it to finish (within the grace period).
+    pub async fn shutdown(self) {
+        self.app.shutdown.cancel();
+        // The accept loop ends on its own once cancelled; a panic there is already logged.
+        let _ = self.task.await;
+    }
+
+    /// Waits until the server has stopped.
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+async fn accept_loop(listener: TcpListener, app: App) {
+    let router = router(app.clone());
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            _ = app.shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => {
+                backoff = Duration::from_millis(5);
+                a
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: wait instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        serve_http(tcp, peer, &router, &app);
+    }
+    drop(listener);
+    info!("shutting down: closing connections");
+    let grace = app.config.shutdown_grace;
+    app.tracker.close();
+    if tokio::time::timeout(grace, app.tracker.wait()).await.is_err() {
+        warn!(remaining = app.tracker.len(), "grace period over; dropping remaining connections");
+    }
+    info!("stopped");
+}
+
+fn serve_http(tcp: TcpStream, peer: SocketAddr, router: &Router, app: &App) {
+    // Small messages must leave at once; Nagle would add up to 40 ms.
+    if let Err(e) = tcp.set_nodelay(true) {
+        debug!(error = %e, "set_nodelay failed");
+    }
+    let router = router.clone();
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+        router.clone().oneshot(req.map(Body::new))
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(app.config.handshake_timeout)
+        .serve_connection(TokioIo::new(tcp), service)
+        .with_upgrades();
+    let shutdown = app.shutdown.clone();
+    // Tracked like WebSocket tasks, so shutdown waits for requests in flight.
+    app.tracker.spawn(async move {
+        let mut conn = std::pin::pin!(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
+            debug!(error = %e, %peer, "http connection error");
+        }
+    });
+}

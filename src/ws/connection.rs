@@ -1,0 +1,310 @@
+//! The life of one WebSocket connection, for any front-end.
+//!
+//! Owns the socket: a reader half polled by the front-end's task through
+//! [`Connection::next`], and a writer task (spawned here, tracked for shutdown) that alone
+//! owns the sink and drains the connection's [`Outbound`] queue in batches. The reader also
+//! watches the idle timeout, the server's shutdown signal and the queue's closing (a slow
+//! consumer or a broken socket), and turns every peer error into a close code.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::{CloseFrame, Frame};
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::debug;
+
+use super::deflate::{InflateError, InflateLayer, Side};
+use super::extension::Deflate;
+use crate::core::hub::ConnId;
+use crate::core::outbound::{Close, Outbound, Payload, SLOW_CONSUMER};
+use crate::metrics::Metrics;
+
+/// The raw byte stream under the WebSocket protocol.
+pub type Io = InflateLayer<TokioIo<Upgraded>>;
+type Ws = WebSocketStream<Io>;
+
+/// Close codes the server sends (documented in protocol/hunterpie.md).
+pub mod codes {
+    use crate::core::outbound::Close;
+    pub const NORMAL: Close = Close { code: 1000, reason: "bye" };
+    pub const SHUTDOWN: Close = Close { code: 1001, reason: "server shutting down" };
+    pub const PROTOCOL: Close = Close { code: 1002, reason: "protocol error" };
+    pub const BAD_DATA: Close = Close { code: 1007, reason: "invalid message data" };
+    pub const TOO_BIG: Close = Close { code: 1009, reason: "message too big" };
+    pub const IDLE: Close = Close { code: 4000, reason: "idle timeout" };
+    /// What the writer records when the socket broke; nothing can be sent.
+    pub const GONE: Close = Close { code: 1006, reason: "connection lost" };
+}
+
+/// Settings of every WebSocket connection.
+#[derive(Debug, Clone)]
+pub struct WsSettings {
+    pub max_message_bytes: usize,
+    pub outbound_queue_bytes: usize,
+    pub deflate_threshold: usize,
+    pub deflate_level: u32,
+    pub idle_timeout: Duration,
+    pub idle_check_interval: Duration,
+    /// How long the writer may take to send a close frame before the socket is dropped.
+    pub close_timeout: Duration,
+}
+
+/// What the shared server state gives every connection.
+#[derive(Debug, Clone)]
+pub struct ConnContext {
+    pub settings: Arc<WsSettings>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+/// What the reader saw.
+#[derive(Debug)]
+pub enum Event {
+    /// A text message (valid UTF-8, already inflated).
+    Text(bytes::Bytes),
+    /// A binary message.
+    Binary(bytes::Bytes),
+    /// The server is shutting down: say goodbye, then [`Connection::close`]. Seen once.
+    Shutdown,
+    /// The connection is closing or closed; the front-end should clean up and
+    /// [`Connection::finish`].
+    Closed(Close),
+}
+
+/// One WebSocket connection, from the front-end's side.
+pub struct Connection {
+    pub id: ConnId,
+    /// The queue every message to this peer goes through.
+    pub outbound: Outbound,
+    stream: SplitStream<Ws>,
+    writer: JoinHandle<()>,
+    idle: Interval,
+    last_activity: Instant,
+    shutdown_seen: bool,
+    ctx: ConnContext,
+}
+
+impl Connection {
+    /// Wraps an upgraded socket, spawning its writer.
+    pub async fn start(upgraded: Upgraded, deflate: Option<Deflate>, ctx: ConnContext) -> Connection {
+        let s = &ctx.settings;
+        let io = InflateLayer::new(TokioIo::new(upgraded), Side::Server, deflate.is_some(), s.max_message_bytes, Default::default());
+        let config = WebSocketConfig::default()
+            // Small buffers keep idle connections cheap; they grow for large frames.
+            .read_buffer_size(2048)
+            .write_buffer_size(0)
+            .max_message_size(Some(s.max_message_bytes))
+            .max_frame_size(Some(s.max_message_bytes));
+        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+        let (sink, stream) = ws.split();
+        let outbound = Outbound::new(s.outbound_queue_bytes);
+        let writer = ctx.tracker.spawn(write_loop(sink, outbound.clone(), deflate, ctx.clone()));
+        let mut idle = tokio::time::interval_at(Instant::now() + s.idle_check_interval, s.idle_check_interval);
+        idle.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        ctx.metrics.connections_open.inc();
+        ctx.metrics.connections_total.inc();
+        Connection {
+            id: ConnId::next(),
+            outbound,
+            stream,
+            writer,
+            idle,
+            last_activity: Instant::now(),
+            shutdown_seen: false,
+            ctx,
+        }
+    }
+
+    /// Queues a message for the peer. A refusal means the connection is closing, which the
+    /// next call to [`Connection::next`] reports.
+    pub fn send(&self, payload: Arc<Payload>) {
+        // Refused only when closing; `next` then returns `Event::Closed`.
+        let _ = self.outbound.send(payload);
+    }
+
+    /// Starts closing: queued messages are written first, then the close frame.
+    pub fn close(&self, close: Close) {
+        self.outbound.close(close);
+    }
+
+    /// Waits for the next thing the front-end must act on.
+    pub async fn next(&mut self) -> Event {
+        loop {
+            if let Some(close) = self.outbound.closing() {
+                return Event::Closed(close);
+            }
+            tokio::select! {
+                biased;
+                _ = self.outbound.closed() => {}
+                _ = self.ctx.shutdown.cancelled(), if !self.shutdown_seen => {
+                    self.shutdown_seen = true;
+                    return Event::Shutdown;
+                }
+                _ = self.idle.tick() => {
+                    if self.last_activity.elapsed() >= self.ctx.settings.idle_timeout {
+                        debug!(conn = self.id.0, "idle timeout");
+                        self.ctx.metrics.idle_timeouts.inc();
+                        self.outbound.close(codes::IDLE);
+                    }
+                }
+                msg = self.stream.next() => {
+                    self.last_activity = Instant::now();
+                    match msg {
+                        Some(Ok(Message::Text(text))) => {
+                            self.count_in(text.len());
+                            return Event::Text(text.into());
+                        }
+                        Some(Ok(Message::Binary(data))) => {
+                            self.count_in(data.len());
+                            return Event::Binary(data);
+                        }
+                        // Pings are answered by tungstenite on the next poll.
+                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                        Some(Ok(Message::Close(frame))) => {
+                            debug!(conn = self.id.0, ?frame, "peer closed");
+                            self.outbound.close(codes::NORMAL);
+                        }
+                        None => self.outbound.close(codes::GONE),
+                        Some(Err(e)) => {
+                            let (kind, close) = classify(&e);
+                            debug!(conn = self.id.0, error = %e, kind, "closing on peer error");
+                            self.ctx.metrics.error(kind);
+                            self.outbound.close(close);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn count_in(&self, len: usize) {
+        self.ctx.metrics.messages_in.inc();
+        self.ctx.metrics.bytes_in.inc_by(len as u64);
+    }
+
+    /// Waits (within the close timeout) for the writer to send what is queued and the close
+    /// frame, then drops the socket.
+    pub async fn finish(self) {
+        let Connection { outbound, stream, mut writer, ctx, .. } = self;
+        if outbound.closing().is_none() {
+            outbound.close(codes::NORMAL);
+        }
+        if tokio::time::timeout(ctx.settings.close_timeout, &mut writer).await.is_err() {
+            writer.abort();
+        }
+        let close = outbound.closing().unwrap_or(codes::GONE);
+        ctx.metrics.closes.get_or_create(&crate::metrics::KindLabel { kind: close_kind(close.code) }).inc();
+        if close == SLOW_CONSUMER {
+            ctx.metrics.slow_consumer_disconnects.inc();
+        }
+        ctx.metrics.connections_open.dec();
+        drop(stream);
+    }
+}
+
+fn close_kind(code: u16) -> &'static str {
+    match code {
+        1000 => "normal",
+        1001 => "shutdown",
+        1002 => "protocol_error",
+        1006 => "connection_lost",
+        1007 => "invalid_data",
+        1009 => "too_big",
+        4000 => "idle_timeout",
+        4008 => "slow_consumer",
+        _ => "other",
+    }
+}
+
+/// Maps a read error to a metrics kind and the close to send.
+fn classify(e: &WsError) -> (&'static str, Close) {
+    match e {
+        WsError::Capacity(_) => ("too_big", codes::TOO_BIG),
+        WsError::Utf8(_) => ("invalid_utf8", codes::BAD_DATA),
+        WsError::Protocol(_) => ("protocol", codes::PROTOCOL),
+        WsError::Io(io) => match InflateError::from_io(io) {
+            Some(InflateError::TooBig(_)) => ("too_big", codes::TOO_BIG),
+            Some(InflateError::BadData) => ("bad_deflate", codes::BAD_DATA),
+            Some(InflateError::Protocol(_)) => ("protocol", codes::PROTOCOL),
+            None => ("io", codes::GONE),
+        },
+        WsError::ConnectionClosed | WsError::AlreadyClosed => ("closed", codes::GONE),
+        _ => ("other", codes::PROTOCOL),
+    }
+}
+
+/// Builds the frame for one payload: compressed (RSV1) when deflate was negotiated and the
+/// message is long enough, else plain. The payload bytes are shared, never copied here.
+fn frame_for(p: &Payload, deflate: Option<Deflate>, s: &WsSettings) -> Frame {
+    let opcode = OpCode::Data(if p.is_binary() { Data::Binary } else { Data::Text });
+    let len = p.data().len();
+    match deflate {
+        Some(d) if len >= s.deflate_threshold && len <= d.max_compressed_len() => {
+            let mut frame = Frame::message(p.deflated(s.deflate_level).clone(), opcode, true);
+            frame.header_mut().rsv1 = true;
+            frame
+        }
+        _ => Frame::message(p.data().clone(), opcode, true),
+    }
+}
+
+/// The writer: the only code that writes to the socket.
+async fn write_loop(mut sink: SplitSink<Ws, Message>, outbound: Outbound, deflate: Option<Deflate>, ctx: ConnContext) {
+    let s = &ctx.settings;
+    let mut batch = Vec::new();
+    loop {
+        let close = outbound.next_batch(&mut batch).await;
+        if !batch.is_empty() {
+            let (mut plain, mut wire, mut saved, mut deflated) = (0usize, 0usize, 0usize, 0u64);
+            let count = batch.len();
+            for p in batch.drain(..) {
+                let frame = frame_for(&p, deflate, s);
+                plain += p.data().len();
+                wire += frame.payload().len();
+                if frame.header().rsv1 {
+                    deflated += 1;
+                    saved += p.data().len().saturating_sub(frame.payload().len());
+                }
+                if let Err(e) = sink.feed(Message::Frame(frame)).await {
+                    debug!(error = %e, "write failed");
+                    outbound.writer_gone(codes::GONE);
+                    return;
+                }
+            }
+            if let Err(e) = sink.flush().await {
+                debug!(error = %e, "flush failed");
+                outbound.writer_gone(codes::GONE);
+                return;
+            }
+            outbound.written(plain);
+            let m = &ctx.metrics;
+            m.messages_out.inc_by(count as u64);
+            m.bytes_out.inc_by(wire as u64);
+            if deflated > 0 {
+                m.deflate_messages.inc_by(deflated);
+                m.deflate_saved_bytes.inc_by(saved as u64);
+            }
+        }
+        if let Some(close) = close {
+            if close != codes::GONE {
+                let frame = CloseFrame { code: CloseCode::from(close.code), reason: close.reason.into() };
+                // The peer may be gone or stuck; either way the socket is dropped next.
+                let _ = tokio::time::timeout(s.close_timeout, sink.send(Message::Close(Some(frame)))).await;
+            }
+            outbound.writer_gone(close);
+            return;
+        }
+    }
+}

@@ -1,0 +1,548 @@
+//! permessage-deflate (RFC 7692) for tungstenite, which has no extension support.
+//!
+//! Owns the compression codec and nothing else: negotiation lives in [`super::extension`],
+//! framing in tungstenite. Inbound, an [`InflateLayer`] sits *under* tungstenite: it parses
+//! frame headers on the raw byte stream, collects the fragments of every message whose first
+//! frame has RSV1 set, inflates the message and hands tungstenite one ordinary frame with RSV1
+//! clear. Every other byte passes through untouched, so tungstenite still does all protocol
+//! checks. Outbound, [`deflate_message`] produces the payload of an RSV1 frame, which the
+//! writer sends as a raw `Message::Frame`.
+//!
+//! Both directions use no context takeover: every message is a fresh deflate stream. That is
+//! what the deployed HunterPie client needs (it inflates each message with a fresh inflater)
+//! and it lets one compressed message be shared by every follower. The inflater accepts
+//! bytes after the end of a finished deflate stream, which that client sends.
+
+use std::cell::RefCell;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The four bytes a sync flush ends with; RFC 7692 strips them from the wire.
+const SYNC_TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
+
+/// Why an inbound compressed message was refused. Carried inside the `io::Error` that the
+/// layer returns, so the connection can pick the close code.
+#[derive(Debug, thiserror::Error, Clone, Copy, PartialEq, Eq)]
+pub enum InflateError {
+    /// The compressed or the inflated message is over the configured limit (close 1009).
+    #[error("message too big: over {0} bytes")]
+    TooBig(usize),
+    /// The payload is not a valid deflate stream (close 1007).
+    #[error("invalid deflate data")]
+    BadData,
+    /// Frame sequence that RFC 6455/7692 forbid, e.g. a new data frame inside a
+    /// compressed fragmented message (close 1002).
+    #[error("protocol error: {0}")]
+    Protocol(&'static str),
+}
+
+impl InflateError {
+    /// Finds an `InflateError` inside an I/O error returned by the layer.
+    pub fn from_io(err: &io::Error) -> Option<InflateError> {
+        err.get_ref()?.downcast_ref::<InflateError>().copied()
+    }
+}
+
+impl From<InflateError> for io::Error {
+    fn from(e: InflateError) -> Self {
+        io::Error::new(io::ErrorKind::InvalidData, e)
+    }
+}
+
+/// Which side of the connection the layer is on: decides whether inbound frames are masked
+/// and how rewritten frames are emitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// We are the server: inbound frames are masked; rewritten frames carry a zero mask.
+    Server,
+    /// We are a client: inbound frames are unmasked.
+    Client,
+}
+
+/// Where the header parser is in the inbound byte stream.
+#[derive(Debug)]
+enum Scan {
+    /// Collecting a frame header (at most 14 bytes) in `header`.
+    Header,
+    /// Passing `remaining` payload bytes of an ordinary frame through.
+    Pass { remaining: u64 },
+    /// Collecting `remaining` payload bytes of a compressed message's frame.
+    Collect { remaining: u64, mask: [u8; 4], offset: usize, fin: bool },
+}
+
+/// A compressed message being collected across fragments.
+#[derive(Debug)]
+struct Pending {
+    opcode: u8,
+    payload: Vec<u8>,
+}
+
+/// An `AsyncRead + AsyncWrite` that inflates inbound permessage-deflate messages before
+/// tungstenite sees them. Writes pass straight through.
+#[derive(Debug)]
+pub struct InflateLayer<S> {
+    inner: S,
+    /// Off until the extension is negotiated; then every byte is scanned.
+    enabled: bool,
+    side: Side,
+    /// Limit for a compressed message and for its inflated size.
+    max_message: usize,
+    /// Bytes read from `inner` that are not scanned yet (a partial header, or what followed
+    /// a compressed frame). Empty (no allocation) on an idle connection.
+    input: BytesMut,
+    /// Scanned bytes ready for tungstenite, in stream order.
+    output: BytesMut,
+    scan: Scan,
+    header: [u8; 14],
+    header_len: usize,
+    pending: Option<Pending>,
+}
+
+impl<S> InflateLayer<S> {
+    /// Wraps `inner`. `enabled` is whether permessage-deflate was negotiated; `initial` holds
+    /// bytes already read from the peer (after an HTTP handshake done by hand).
+    pub fn new(inner: S, side: Side, enabled: bool, max_message: usize, initial: Bytes) -> Self {
+        InflateLayer {
+            inner,
+            enabled,
+            side,
+            max_message,
+            input: BytesMut::from(&initial[..]),
+            output: BytesMut::new(),
+            scan: Scan::Header,
+            header: [0; 14],
+            header_len: 0,
+            pending: None,
+        }
+    }
+
+    /// Scans `data` (raw bytes from the peer) into `self.output`.
+    fn scan(&mut self, mut data: &[u8]) -> Result<(), InflateError> {
+        while !data.is_empty() {
+            match &mut self.scan {
+                Scan::Header => {
+                    let take = data.len().min(14 - self.header_len);
+                    self.header[self.header_len..self.header_len + take]
+                        .copy_from_slice(&data[..take]);
+                    self.header_len += take;
+                    match parse_header(&self.header[..self.header_len]) {
+                        None => {
+                            data = &data[take..];
+                        }
+                        Some(h) => {
+                            // Give back what belongs to the payload.
+                            let over = self.header_len - h.size;
+                            data = &data[take - over..];
+                            self.header_len = 0;
+                            self.start_frame(h)?;
+                        }
+                    }
+                }
+                Scan::Pass { remaining } => {
+                    let n = (*remaining).min(data.len() as u64) as usize;
+                    self.output.extend_from_slice(&data[..n]);
+                    *remaining -= n as u64;
+                    data = &data[n..];
+                    if *remaining == 0 {
+                        self.scan = Scan::Header;
+                    }
+                }
+                Scan::Collect { remaining, mask, offset, fin } => {
+                    let n = (*remaining).min(data.len() as u64) as usize;
+                    let pending = self.pending.as_mut().ok_or(InflateError::BadData)?;
+                    let start = pending.payload.len();
+                    pending.payload.extend_from_slice(&data[..n]);
+                    for (i, b) in pending.payload[start..].iter_mut().enumerate() {
+                        *b ^= mask[(*offset + i) & 3];
+                    }
+                    *offset += n;
+                    *remaining -= n as u64;
+                    data = &data[n..];
+                    if *remaining == 0 {
+                        let fin = *fin;
+                        self.scan = Scan::Header;
+                        if fin {
+                            self.finish_message()?;
+                        }
+                    }
+                }
+            }
+        }
+        // A zero-length payload ends a frame without any payload byte.
+        if let Scan::Collect { remaining: 0, fin, .. } = self.scan {
+            self.scan = Scan::Header;
+            if fin {
+                self.finish_message()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Decides what to do with a frame whose header was just parsed.
+    fn start_frame(&mut self, h: Header) -> Result<(), InflateError> {
+        let is_control = h.opcode & 0x08 != 0;
+        let collect = if self.pending.is_some() {
+            // Inside a compressed fragmented message: continuations belong to it.
+            match h.opcode {
+                0x0 if h.rsv1 => return Err(InflateError::Protocol("RSV1 set on a continuation")),
+                0x0 => true,
+                _ if is_control => false,
+                _ => return Err(InflateError::Protocol("new data frame inside a fragmented message")),
+            }
+        } else {
+            h.rsv1 && (h.opcode == 0x1 || h.opcode == 0x2)
+        };
+        if !collect {
+            // Ordinary frame (or one tungstenite will reject): pass it on unchanged.
+            self.output.extend_from_slice(&h.raw[..h.size]);
+            self.scan = if h.len == 0 { Scan::Header } else { Scan::Pass { remaining: h.len } };
+            return Ok(());
+        }
+        let pending = self.pending.get_or_insert_with(|| Pending { opcode: h.opcode, payload: Vec::new() });
+        if pending.payload.len() as u64 + h.len > self.max_message as u64 {
+            return Err(InflateError::TooBig(self.max_message));
+        }
+        pending.payload.reserve(h.len as usize);
+        self.scan = Scan::Collect {
+            remaining: h.len,
+            mask: h.mask.unwrap_or([0; 4]),
+            offset: 0,
+            fin: h.fin,
+        };
+        Ok(())
+    }
+
+    /// Inflates the collected message and emits it as one uncompressed frame.
+    fn finish_message(&mut self) -> Result<(), InflateError> {
+        let Some(pending) = self.pending.take() else { return Ok(()) };
+        let plain = inflate_message(&pending.payload, self.max_message)?;
+        write_frame_header(&mut self.output, pending.opcode, plain.len(), self.side == Side::Server);
+        self.output.extend_from_slice(&plain);
+        Ok(())
+    }
+}
+
+/// A parsed frame header.
+#[derive(Debug)]
+struct Header {
+    fin: bool,
+    rsv1: bool,
+    opcode: u8,
+    mask: Option<[u8; 4]>,
+    len: u64,
+    size: usize,
+    raw: [u8; 14],
+}
+
+/// Parses a frame header from the start of `b`, or `None` if more bytes are needed.
+fn parse_header(b: &[u8]) -> Option<Header> {
+    if b.len() < 2 {
+        return None;
+    }
+    let masked = b[1] & 0x80 != 0;
+    let (len, ext) = match b[1] & 0x7f {
+        126 => (u16::from_be_bytes([*b.get(2)?, *b.get(3)?]) as u64, 2),
+        127 => {
+            let bytes: [u8; 8] = b.get(2..10)?.try_into().ok()?;
+            (u64::from_be_bytes(bytes), 8)
+        }
+        n => (n as u64, 0),
+    };
+    let size = 2 + ext + if masked { 4 } else { 0 };
+    if b.len() < size {
+        return None;
+    }
+    let mask = masked.then(|| [b[size - 4], b[size - 3], b[size - 2], b[size - 1]]);
+    let mut raw = [0u8; 14];
+    raw[..size].copy_from_slice(&b[..size]);
+    Some(Header { fin: b[0] & 0x80 != 0, rsv1: b[0] & 0x40 != 0, opcode: b[0] & 0x0f, mask, len, size, raw })
+}
+
+/// Writes a final frame header for a payload of `len` bytes; `zero_mask` adds a mask key of
+/// zeros (a server's tungstenite requires masked client frames; a zero key changes nothing).
+fn write_frame_header(out: &mut BytesMut, opcode: u8, len: usize, zero_mask: bool) {
+    let mask_bit = if zero_mask { 0x80 } else { 0 };
+    out.extend_from_slice(&[0x80 | opcode]);
+    if len < 126 {
+        out.extend_from_slice(&[mask_bit | len as u8]);
+    } else if len <= u16::MAX as usize {
+        out.extend_from_slice(&[mask_bit | 126]);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.extend_from_slice(&[mask_bit | 127]);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    if zero_mask {
+        out.extend_from_slice(&[0; 4]);
+    }
+}
+
+/// Inflates one message payload (a raw deflate stream without its sync tail), refusing to
+/// produce more than `max` bytes. Data after the end of a finished stream is ignored.
+pub fn inflate_message(payload: &[u8], max: usize) -> Result<Vec<u8>, InflateError> {
+    let mut inflater = Decompress::new(false);
+    let mut out: Vec<u8> = Vec::with_capacity((payload.len() * 4).clamp(64, max.max(64)));
+    for chunk in [payload, &SYNC_TAIL[..]] {
+        let mut input = chunk;
+        loop {
+            if out.len() == out.capacity() {
+                if out.len() >= max {
+                    // The stream may still end here: check without room to write.
+                    let before = inflater.total_in();
+                    let status = inflater
+                        .decompress(input, &mut [0u8; 1], FlushDecompress::Sync)
+                        .map_err(|_| InflateError::BadData)?;
+                    if inflater.total_out() as usize > max {
+                        return Err(InflateError::TooBig(max));
+                    }
+                    if status == Status::StreamEnd {
+                        return Ok(out);
+                    }
+                    input = &input[(inflater.total_in() - before) as usize..];
+                    if input.is_empty() {
+                        break;
+                    }
+                    continue;
+                }
+                out.reserve((out.capacity()).min(max - out.len()).max(64));
+            }
+            let before = inflater.total_in();
+            let out_before = out.len();
+            let status = inflater
+                .decompress_vec(input, &mut out, FlushDecompress::Sync)
+                .map_err(|_| InflateError::BadData)?;
+            if out.len() > max {
+                return Err(InflateError::TooBig(max));
+            }
+            input = &input[(inflater.total_in() - before) as usize..];
+            match status {
+                Status::StreamEnd => return Ok(out),
+                _ if input.is_empty() && out.len() < out.capacity() => break,
+                _ if input.is_empty() && out.len() == out_before => break,
+                _ => {}
+            }
+        }
+    }
+    Ok(out)
+}
+
+thread_local! {
+    /// One compressor per thread, reset for every message: allocating deflate state per
+    /// message would cost more than compressing a few hundred bytes.
+    static DEFLATER: RefCell<Option<(u32, Compress)>> = const { RefCell::new(None) };
+}
+
+/// Compresses one message as a fresh raw deflate stream, sync-flushed, with the four-byte
+/// tail removed (RFC 7692 section 7.2.1): the payload of an RSV1 frame.
+pub fn deflate_message(data: &[u8], level: u32) -> Bytes {
+    DEFLATER.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let compress = match &mut *slot {
+            Some((l, c)) if *l == level => {
+                c.reset();
+                c
+            }
+            other => {
+                *other = Some((level, Compress::new(Compression::new(level), false)));
+                &mut other.as_mut().expect("just set").1
+            }
+        };
+        let mut out = Vec::with_capacity(data.len() / 2 + 64);
+        let mut input = data;
+        loop {
+            let before = compress.total_in();
+            // Status and errors: compressing from memory into a growing Vec cannot fail.
+            let _ = compress.compress_vec(input, &mut out, FlushCompress::Sync);
+            input = &input[(compress.total_in() - before) as usize..];
+            if input.is_empty() && out.len() < out.capacity() {
+                break;
+            }
+            out.reserve(out.capacity().max(64));
+        }
+        if out.ends_with(&SYNC_TAIL) {
+            out.truncate(out.len() - 4);
+        }
+        Bytes::from(out)
+    })
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for InflateLayer<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if !this.enabled {
+            if !this.input.is_empty() {
+                let n = this.input.len().min(buf.remaining());
+                buf.put_slice(&this.input[..n]);
+                this.input.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        loop {
+            if !this.output.is_empty() {
+                let n = this.output.len().min(buf.remaining());
+                buf.put_slice(&this.output[..n]);
+                this.output.advance(n);
+                if this.output.is_empty() {
+                    // Idle connections keep no buffer.
+                    this.output = BytesMut::new();
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if !this.input.is_empty() {
+                let input = std::mem::take(&mut this.input);
+                this.scan(&input)?;
+                continue;
+            }
+            // Large ordinary payloads go straight into tungstenite's buffer.
+            if let Scan::Pass { remaining } = &mut this.scan {
+                let limit = (*remaining).min(buf.remaining() as u64) as usize;
+                let mut direct = ReadBuf::new(buf.initialize_unfilled_to(limit));
+                ready!(Pin::new(&mut this.inner).poll_read(cx, &mut direct))?;
+                let n = direct.filled().len();
+                if n == 0 {
+                    return Poll::Ready(Ok(()));
+                }
+                buf.advance(n);
+                *remaining -= n as u64;
+                if *remaining == 0 {
+                    this.scan = Scan::Header;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let mut chunk = [0u8; 4096];
+            let mut read = ReadBuf::new(&mut chunk);
+            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
+            if read.filled().is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            this.scan(read.filled())?;
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for InflateLayer<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// Compresses the way the deployed HunterPie client does: a finished stream plus 0x00.
+    fn client_deflate(data: &[u8]) -> Vec<u8> {
+        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), Compression::default());
+        enc.write_all(data).unwrap();
+        let mut out = enc.finish().unwrap();
+        out.push(0);
+        out
+    }
+
+    #[test]
+    fn round_trip_with_sync_tail_removed() {
+        let text = br#"{"type":"Push","data":[["em_001",[[0,32.42]],[]]]}"#.repeat(20);
+        let packed = deflate_message(&text, 6);
+        assert!(packed.len() < text.len());
+        assert!(!packed.ends_with(&SYNC_TAIL));
+        assert_eq!(inflate_message(&packed, 1 << 20).unwrap(), text);
+    }
+
+    #[test]
+    fn accepts_finished_stream_with_trailing_byte() {
+        let text = b"hello hello hello hello";
+        assert_eq!(inflate_message(&client_deflate(text), 1024).unwrap(), text);
+    }
+
+    #[test]
+    fn refuses_a_bomb() {
+        let zeros = vec![0u8; 10 << 20];
+        let packed = deflate_message(&zeros, 9);
+        assert!(packed.len() < 20_000);
+        assert_eq!(inflate_message(&packed, 64 * 1024), Err(InflateError::TooBig(64 * 1024)));
+    }
+
+    #[test]
+    fn exact_limit_is_accepted() {
+        let data = vec![b'a'; 4096];
+        assert_eq!(inflate_message(&deflate_message(&data, 6), 4096).unwrap(), data);
+        assert_eq!(inflate_message(&client_deflate(&data), 4096).unwrap(), data);
+    }
+
+    #[test]
+    fn refuses_garbage() {
+        assert_eq!(inflate_message(&[0xff, 0xff, 0xff, 0x12], 1024), Err(InflateError::BadData));
+    }
+
+    #[test]
+    fn empty_message() {
+        assert_eq!(inflate_message(&deflate_message(b"", 6), 1024).unwrap(), b"");
+        assert_eq!(inflate_message(&[0x00], 1024).unwrap(), b"");
+    }
+
+    fn masked_frame(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+        let mut out = vec![first];
+        assert!(payload.len() < 126);
+        out.push(0x80 | payload.len() as u8);
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+        out
+    }
+
+    #[test]
+    fn scan_rewrites_fragmented_compressed_message_around_a_ping() {
+        let packed = client_deflate(b"fragmented hello");
+        let (a, b) = packed.split_at(5);
+        let mut wire = masked_frame(0x41, a, [1, 2, 3, 4]); // text, RSV1, not final
+        wire.extend(masked_frame(0x89, b"p", [9, 9, 9, 9])); // ping in between
+        wire.extend(masked_frame(0x80, b, [5, 6, 7, 8])); // final continuation
+        let mut layer = InflateLayer::new((), Side::Server, true, 1024, Bytes::new());
+        // Feed one byte at a time: headers and payloads split everywhere.
+        for byte in &wire {
+            layer.scan(std::slice::from_ref(byte)).unwrap();
+        }
+        let out = layer.output.to_vec();
+        let ping = masked_frame(0x89, b"p", [9, 9, 9, 9]);
+        assert_eq!(&out[..ping.len()], &ping[..]);
+        let rest = &out[ping.len()..];
+        assert_eq!(rest[0], 0x81);
+        assert_eq!(rest[1], 0x80 | 16);
+        assert_eq!(&rest[2..6], &[0, 0, 0, 0]);
+        assert_eq!(&rest[6..], b"fragmented hello");
+    }
+
+    #[test]
+    fn scan_refuses_data_frame_inside_compressed_message() {
+        let mut wire = masked_frame(0x41, &client_deflate(b"x")[..1], [0; 4]);
+        wire.extend(masked_frame(0x81, b"y", [0; 4]));
+        let mut layer = InflateLayer::new((), Side::Server, true, 1024, Bytes::new());
+        assert!(matches!(layer.scan(&wire), Err(InflateError::Protocol(_))));
+    }
+}
