@@ -8,10 +8,12 @@
 //! - Front-ends, each speaking one protocol over the core and never importing each other:
 //!   [`hunterpie`] (the HunterPie SyncPlugin protocol on `/connect`) and [`echo`] (for
 //!   conformance testing).
+//! - [`client`]: a client that behaves like the deployed plugin, for tests and benchmarks.
 //! - [`server`]: listener, routes, shared state and graceful shutdown; [`config`];
 //!   [`metrics`].
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod config;
 pub mod core;
 pub mod echo;

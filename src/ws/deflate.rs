@@ -101,6 +101,8 @@ pub struct InflateLayer<S> {
     header: [u8; 14],
     header_len: usize,
     pending: Option<Pending>,
+    /// Compressed messages inflated so far.
+    inflated: u64,
 }
 
 impl<S> InflateLayer<S> {
@@ -118,7 +120,13 @@ impl<S> InflateLayer<S> {
             header: [0; 14],
             header_len: 0,
             pending: None,
+            inflated: 0,
         }
+    }
+
+    /// How many compressed messages this layer has inflated.
+    pub fn inflated_messages(&self) -> u64 {
+        self.inflated
     }
 
     /// Scans `data` (raw bytes from the peer) into `self.output`.
@@ -221,6 +229,7 @@ impl<S> InflateLayer<S> {
     fn finish_message(&mut self) -> Result<(), InflateError> {
         let Some(pending) = self.pending.take() else { return Ok(()) };
         let plain = inflate_message(&pending.payload, self.max_message)?;
+        self.inflated += 1;
         write_frame_header(&mut self.output, pending.opcode, plain.len(), self.side == Side::Server);
         self.output.extend_from_slice(&plain);
         Ok(())

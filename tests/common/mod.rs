@@ -1,0 +1,126 @@
+//! Shared test helpers: start the real server on port 0, talk HTTP and WebSocket to it.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::Value;
+use supersynk::client::HunterClient;
+use supersynk::config::{Config, Settings};
+use supersynk::Server;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// How long a test waits for something that should happen at once.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+/// Starts a server on 127.0.0.1:0 with `settings` over the defaults.
+pub async fn start(settings: Settings) -> Server {
+    let base = Settings { bind: Some([127, 0, 0, 1].into()), port: Some(0), ..Settings::default() };
+    let config = Config::resolve(settings.over(base)).expect("valid test config");
+    Server::start(config).await.expect("server starts")
+}
+
+/// Starts a server with default settings.
+pub async fn start_default() -> Server {
+    start(Settings::default()).await
+}
+
+/// A plain HTTP/1.1 request; returns (status, headers, body).
+pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String, String) {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut out)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
+    (status, head.to_string(), body)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = &rest[n + 2..];
+    }
+    out
+}
+
+/// A plugin-like client on `/connect`.
+pub async fn plugin(addr: SocketAddr) -> HunterClient {
+    HunterClient::connect(addr, "/connect", true).await.expect("plugin connects")
+}
+
+/// The next JSON message, within [`WAIT`].
+pub async fn recv(c: &mut HunterClient) -> Value {
+    let text = tokio::time::timeout(WAIT, c.next_text())
+        .await
+        .expect("a message in time")
+        .expect("socket open")
+        .expect("no socket error");
+    serde_json::from_str(&text).unwrap_or_else(|_| Value::String(text))
+}
+
+/// The next message, which must be a sessionstate; returns (playersCount, leaderConnected).
+pub async fn state(c: &mut HunterClient) -> (u64, bool) {
+    let v = recv(c).await;
+    assert_eq!(v["type"], "sessionstate", "expected sessionstate, got {v}");
+    (v["playersCount"].as_u64().unwrap(), v["leaderConnected"].as_bool().unwrap())
+}
+
+/// The next message, which must be a servermsg; returns its text.
+pub async fn servermsg(c: &mut HunterClient) -> String {
+    let v = recv(c).await;
+    assert_eq!(v["type"], "servermsg", "expected servermsg, got {v}");
+    assert!(["trace", "debug", "info", "warn", "error"].contains(&v["level"].as_str().unwrap()));
+    v["text"].as_str().unwrap().to_string()
+}
+
+/// Sends SetName and SetSession the way the plugin does.
+pub async fn join(c: &mut HunterClient, name: &str, session: &str, leader: bool) {
+    c.send_text(&format!(r#"{{"type":"SetName","name":"{name}"}}"#)).await.unwrap();
+    c.send_text(&format!(r#"{{"sessionId":"{session}","type":"SetSession","isLeader":{leader}}}"#)).await.unwrap();
+}
+
+/// A realistic push of a full monster, as the plugin sends it.
+pub fn push(session: &str, n: usize) -> String {
+    format!(
+        r#"{{"sessionId":"{session}","type":"Push","data":[["em_{n:03}",[[0,32.42],[1,23.42],[2,100.0],[3,0],[4,87.5],[5,12.25]],[[42,41.23],[7,0],[12,100.0]]]]}}"#
+    )
+}
+
+/// Reads until the peer closes; returns the close code.
+pub async fn close_code(c: &mut HunterClient) -> Option<u16> {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match c.ws.next().await {
+                Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return None,
+            }
+        }
+    })
+    .await
+    .expect("closed in time")
+}
+
+/// Reads a metric's value from /metrics (sums every series of that name).
+pub async fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let (_, _, body) = http(addr, "GET", "/metrics", "").await;
+    body.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
