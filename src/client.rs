@@ -5,12 +5,10 @@
 //! message compressed as a finished deflate stream plus one `0x00` byte when compression was
 //! agreed, and every received RSV1 message inflated with a fresh inflater.
 
-use std::io::Write;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use flate2::Compression;
-use flate2::write::DeflateEncoder;
+use flate2::FlushCompress;
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -20,7 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use crate::ws::deflate::{InflateLayer, Side};
+use crate::ws::deflate::{InflateLayer, Side, compress_with};
 
 /// The client's socket type.
 pub type ClientStream = WebSocketStream<InflateLayer<TcpStream>>;
@@ -47,10 +45,7 @@ pub struct HunterClient {
 
 /// The plugin's compression: a finished raw deflate stream followed by one 0x00 byte.
 pub fn plugin_deflate(data: &[u8]) -> Vec<u8> {
-    let mut enc = DeflateEncoder::new(Vec::with_capacity(data.len() / 2 + 16), Compression::default());
-    // Writing into a Vec cannot fail.
-    let _ = enc.write_all(data);
-    let mut out = enc.finish().unwrap_or_default();
+    let mut out = compress_with(data, 6, FlushCompress::Finish);
     out.push(0);
     out
 }
@@ -58,11 +53,19 @@ pub fn plugin_deflate(data: &[u8]) -> Vec<u8> {
 impl HunterClient {
     /// Connects to `addr` and upgrades `path` (normally `/connect`) with the plugin's exact
     /// request. `offer_deflate: false` leaves the extension header out.
-    pub async fn connect(addr: SocketAddr, path: &str, offer_deflate: bool) -> Result<HunterClient, ClientError> {
+    pub async fn connect(
+        addr: SocketAddr,
+        path: &str,
+        offer_deflate: bool,
+    ) -> Result<HunterClient, ClientError> {
         let mut tcp = TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
         let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
-        let ext = if offer_deflate { "Sec-WebSocket-Extensions: permessage-deflate;client_no_context_takeover\r\n" } else { "" };
+        let ext = if offer_deflate {
+            "Sec-WebSocket-Extensions: permessage-deflate;client_no_context_takeover\r\n"
+        } else {
+            ""
+        };
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: keep-alive, Upgrade\r\nCache-Control: no-cache\r\n\
              Pragma: no-cache\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n{ext}\r\n",
@@ -74,7 +77,9 @@ impl HunterClient {
             let mut chunk = [0u8; 512];
             let n = tcp.read(&mut chunk).await?;
             if n == 0 {
-                return Err(ClientError::Handshake(String::from_utf8_lossy(&buf).into_owned()));
+                return Err(ClientError::Handshake(
+                    String::from_utf8_lossy(&buf).into_owned(),
+                ));
             }
             buf.extend_from_slice(&chunk[..n]);
             if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -94,9 +99,15 @@ impl HunterClient {
         });
         let rest = Bytes::copy_from_slice(&buf[end..]);
         let layer = InflateLayer::new(tcp, Side::Client, deflate, 64 << 20, rest);
-        let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
+        let config = WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .write_buffer_size(0);
         let ws = WebSocketStream::from_raw_socket(layer, Role::Client, Some(config)).await;
-        Ok(HunterClient { ws, deflate, handshake })
+        Ok(HunterClient {
+            ws,
+            deflate,
+            handshake,
+        })
     }
 
     /// Sends a text message, compressed the plugin's way when deflate was agreed.
@@ -125,7 +136,11 @@ impl HunterClient {
 /// A text message as the plugin sends it: compressed (RSV1) when `deflate`.
 pub fn text_message(text: &str, deflate: bool) -> Message {
     if deflate {
-        let mut frame = Frame::message(plugin_deflate(text.as_bytes()), OpCode::Data(Data::Text), true);
+        let mut frame = Frame::message(
+            plugin_deflate(text.as_bytes()),
+            OpCode::Data(Data::Text),
+            true,
+        );
         frame.header_mut().rsv1 = true;
         Message::Frame(frame)
     } else {

@@ -23,7 +23,11 @@ pub enum LogFormat {
 /// One layer of settings: every field optional, so layers can be merged. Parsed from the
 /// command line (with environment variables) and, with the same names, from the config file.
 #[derive(Debug, Default, Clone, Parser, Deserialize)]
-#[command(name = "supersynk", version, about = "A real-time session relay server")]
+#[command(
+    name = "supersynk",
+    version,
+    about = "A real-time session relay server"
+)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Settings {
     /// TOML file with any of these settings (keys as the long flag names)
@@ -123,9 +127,24 @@ macro_rules! merge {
 impl Settings {
     /// `self` where set, else `base`.
     pub fn over(self, base: Settings) -> Settings {
-        merge!(self, base, bind, port, socket_timeout_ms, socket_timeout_check_interval_ms,
-            max_message_bytes, outbound_queue_bytes, deflate, deflate_threshold, deflate_level,
-            handshake_timeout_ms, shutdown_grace_ms, echo_endpoint, log, log_format)
+        merge!(
+            self,
+            base,
+            bind,
+            port,
+            socket_timeout_ms,
+            socket_timeout_check_interval_ms,
+            max_message_bytes,
+            outbound_queue_bytes,
+            deflate,
+            deflate_threshold,
+            deflate_level,
+            handshake_timeout_ms,
+            shutdown_grace_ms,
+            echo_endpoint,
+            log,
+            log_format
+        )
     }
 
     /// The original server's variable names, honoured where the new names are not set.
@@ -147,7 +166,11 @@ impl Settings {
 
 fn legacy<T: std::str::FromStr>(name: &'static str) -> Result<Option<T>, ConfigError> {
     match std::env::var(name) {
-        Ok(v) => v.trim().parse().map(Some).map_err(|_| ConfigError::Env { name, value: v }),
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| ConfigError::Env { name, value: v }),
         Err(_) => Ok(None),
     }
 }
@@ -183,10 +206,14 @@ impl Config {
             log_format: s.log_format.unwrap_or(LogFormat::Text),
         };
         if config.socket_timeout_check_interval.is_zero() || config.socket_timeout.is_zero() {
-            return Err(ConfigError::Invalid("socket timeouts must be above 0".into()));
+            return Err(ConfigError::Invalid(
+                "socket timeouts must be above 0".into(),
+            ));
         }
         if config.max_message_bytes < 1024 {
-            return Err(ConfigError::Invalid("max-message-bytes must be at least 1024".into()));
+            return Err(ConfigError::Invalid(
+                "max-message-bytes must be at least 1024".into(),
+            ));
         }
         if config.deflate_level > 9 {
             return Err(ConfigError::Invalid("deflate-level must be 0-9".into()));
@@ -206,7 +233,10 @@ mod tests {
         let c = Config::resolve(cli.over(file)).unwrap();
         assert_eq!(c.port, 8000);
         assert_eq!(c.socket_timeout, Duration::from_millis(1234));
-        assert_eq!(c.socket_timeout_check_interval, Duration::from_millis(80_000));
+        assert_eq!(
+            c.socket_timeout_check_interval,
+            Duration::from_millis(80_000)
+        );
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! The `supersynk` binary: settings, logging, signals. Everything else is in the library.
 
 use anyhow::Context;
-use supersynk::config::{Config, LogFormat};
 use supersynk::Server;
+use supersynk::config::{Config, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -11,7 +11,10 @@ async fn main() -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(&config.log).context("invalid --log filter")?;
     match config.log_format {
         LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
-        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init(),
     }
     let server = Server::start(config.clone())
         .await

@@ -67,20 +67,76 @@ impl Metrics {
             registry: Registry::with_prefix("supersynk"),
         };
         let r = &mut m.registry;
-        r.register("connections_open", "WebSocket connections open", m.connections_open.clone());
-        r.register("connections", "WebSocket connections accepted", m.connections_total.clone());
-        r.register("sessions", "Sessions with at least one member", m.sessions.clone());
-        r.register("messages_in", "WebSocket messages received", m.messages_in.clone());
-        r.register("bytes_in", "WebSocket payload bytes received (after inflation)", m.bytes_in.clone());
-        r.register("messages_out", "WebSocket messages written", m.messages_out.clone());
-        r.register("bytes_out", "WebSocket payload bytes written (as sent, compressed or not)", m.bytes_out.clone());
-        r.register("relayed_bytes", "Push payload bytes relayed to followers", m.bytes_relayed.clone());
-        r.register("relayed_pushes", "Pushes accepted and relayed", m.pushes_relayed.clone());
-        r.register("deflate_saved_bytes", "Bytes saved by permessage-deflate on written messages", m.deflate_saved_bytes.clone());
-        r.register("deflate_messages", "Messages written compressed", m.deflate_messages.clone());
-        r.register("slow_consumer_disconnects", "Connections closed because their outbound queue was full", m.slow_consumer_disconnects.clone());
-        r.register("idle_timeouts", "Connections closed after the idle timeout", m.idle_timeouts.clone());
-        r.register("errors", "Bad input and refusals, by kind", m.errors.clone());
+        r.register(
+            "connections_open",
+            "WebSocket connections open",
+            m.connections_open.clone(),
+        );
+        r.register(
+            "connections",
+            "WebSocket connections accepted",
+            m.connections_total.clone(),
+        );
+        r.register(
+            "sessions",
+            "Sessions with at least one member",
+            m.sessions.clone(),
+        );
+        r.register(
+            "messages_in",
+            "WebSocket messages received",
+            m.messages_in.clone(),
+        );
+        r.register(
+            "bytes_in",
+            "WebSocket payload bytes received (after inflation)",
+            m.bytes_in.clone(),
+        );
+        r.register(
+            "messages_out",
+            "WebSocket messages written",
+            m.messages_out.clone(),
+        );
+        r.register(
+            "bytes_out",
+            "WebSocket payload bytes written (as sent, compressed or not)",
+            m.bytes_out.clone(),
+        );
+        r.register(
+            "relayed_bytes",
+            "Push payload bytes relayed to followers",
+            m.bytes_relayed.clone(),
+        );
+        r.register(
+            "relayed_pushes",
+            "Pushes accepted and relayed",
+            m.pushes_relayed.clone(),
+        );
+        r.register(
+            "deflate_saved_bytes",
+            "Bytes saved by permessage-deflate on written messages",
+            m.deflate_saved_bytes.clone(),
+        );
+        r.register(
+            "deflate_messages",
+            "Messages written compressed",
+            m.deflate_messages.clone(),
+        );
+        r.register(
+            "slow_consumer_disconnects",
+            "Connections closed because their outbound queue was full",
+            m.slow_consumer_disconnects.clone(),
+        );
+        r.register(
+            "idle_timeouts",
+            "Connections closed after the idle timeout",
+            m.idle_timeouts.clone(),
+        );
+        r.register(
+            "errors",
+            "Bad input and refusals, by kind",
+            m.errors.clone(),
+        );
         r.register("closes", "Connections closed, by reason", m.closes.clone());
         m
     }

@@ -17,7 +17,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -111,7 +111,9 @@ async fn connect(State(app): State<App>, mut req: Request) -> Response {
 /// shutdown.
 pub fn upgrade_with<F, Fut>(app: &App, req: &mut Request, serve: F) -> Response
 where
-    F: FnOnce(hyper::upgrade::Upgraded, Option<crate::ws::extension::Deflate>, App) -> Fut + Send + 'static,
+    F: FnOnce(hyper::upgrade::Upgraded, Option<crate::ws::extension::Deflate>, App) -> Fut
+        + Send
+        + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     if app.shutdown.is_cancelled() {
@@ -141,7 +143,14 @@ async fn healthz() -> &'static str {
 }
 
 async fn metrics(State(app): State<App>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], app.metrics.encode()).into_response()
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        app.metrics.encode(),
+    )
+        .into_response()
 }
 
 async fn status_page(State(app): State<App>) -> Html<String> {
@@ -176,12 +185,16 @@ pub struct Server {
 impl Server {
     /// Binds and starts serving.
     pub async fn start(config: Config) -> std::io::Result<Server> {
-        let listener = TcpListener::bind((config.bind, config.port)).await?;
+        let listener = listen(SocketAddr::new(config.bind, config.port))?;
         let local_addr = listener.local_addr()?;
         let app = App::new(config);
         let task = tokio::spawn(accept_loop(listener, app.clone()));
         info!(%local_addr, "listening");
-        Ok(Server { local_addr, app, task })
+        Ok(Server {
+            local_addr,
+            app,
+            task,
+        })
     }
 
     /// Starts a graceful shutdown and waits for it to finish (within the grace period).
@@ -195,6 +208,19 @@ impl Server {
     pub async fn wait(self) {
         let _ = self.task.await;
     }
+}
+
+/// Binds with a deep accept backlog: the default of 128 drops SYNs when thousands of
+/// clients reconnect at once (after a restart), costing each a one-second retransmit.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 async fn accept_loop(listener: TcpListener, app: App) {
@@ -224,8 +250,14 @@ async fn accept_loop(listener: TcpListener, app: App) {
     info!("shutting down: closing connections");
     let grace = app.config.shutdown_grace;
     app.tracker.close();
-    if tokio::time::timeout(grace, app.tracker.wait()).await.is_err() {
-        warn!(remaining = app.tracker.len(), "grace period over; dropping remaining connections");
+    if tokio::time::timeout(grace, app.tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            remaining = app.tracker.len(),
+            "grace period over; dropping remaining connections"
+        );
     }
     info!("stopped");
 }
@@ -237,7 +269,8 @@ fn serve_http(tcp: TcpStream, peer: SocketAddr, router: &Router, app: &App) {
     }
     let router = router.clone();
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-        req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
         router.clone().oneshot(req.map(Body::new))
     });
     let conn = hyper::server::conn::http1::Builder::new()

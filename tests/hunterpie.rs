@@ -17,7 +17,10 @@ async fn version_status_health_and_metrics() {
     let (status, _, body) = http(addr, "GET", "/", "").await;
     assert_eq!(status, 200);
     for id in ["sessions", "sockets", "bytes-relayed", "uptime"] {
-        assert!(body.contains(&format!("id={id}>")), "status page shows {id}: {body}");
+        assert!(
+            body.contains(&format!("id={id}>")),
+            "status page shows {id}: {body}"
+        );
     }
     assert_eq!(http(addr, "GET", "/healthz", "").await.0, 200);
     let (status, _, body) = http(addr, "GET", "/metrics", "").await;
@@ -33,9 +36,23 @@ async fn plugin_session_with_compression_end_to_end() {
     let server = start_default().await;
     let addr = server.local_addr;
     let mut leader = plugin(addr).await;
-    assert!(leader.deflate, "server agreed to permessage-deflate: {}", leader.handshake);
-    let ext = leader.handshake.lines().find(|l| l.to_ascii_lowercase().starts_with("sec-websocket-extensions")).unwrap();
-    assert!(ext.contains("server_no_context_takeover") && ext.contains("client_no_context_takeover"), "{ext}");
+    assert!(
+        leader.deflate,
+        "server agreed to permessage-deflate: {}",
+        leader.handshake
+    );
+    let ext = leader
+        .handshake
+        .lines()
+        .find(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("sec-websocket-extensions")
+        })
+        .unwrap();
+    assert!(
+        ext.contains("server_no_context_takeover") && ext.contains("client_no_context_takeover"),
+        "{ext}"
+    );
 
     join(&mut leader, "Host", "c3@uTKeQR3Mp:Host", true).await;
     assert_eq!(state(&mut leader).await, (1, true));
@@ -51,12 +68,19 @@ async fn plugin_session_with_compression_end_to_end() {
         leader.send_text(p).await.unwrap();
     }
     for p in &pushes {
-        let got = tokio::time::timeout(WAIT, follower.next_text()).await.unwrap().unwrap().unwrap();
+        let got = tokio::time::timeout(WAIT, follower.next_text())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         assert_eq!(&got, p);
     }
     // The two sessionstates are short (under the 50-byte threshold? no: ~64 bytes) and the
     // pushes long: everything above the threshold arrives compressed.
-    assert!(follower.inflated_messages() >= 50, "pushes arrived compressed");
+    assert!(
+        follower.inflated_messages() >= 50,
+        "pushes arrived compressed"
+    );
 
     // The leader never receives its own pushes: the next thing it sees is the leave.
     drop(follower);
@@ -65,7 +89,11 @@ async fn plugin_session_with_compression_end_to_end() {
 
 #[tokio::test]
 async fn small_messages_are_not_compressed() {
-    let server = start(Settings { deflate_threshold: Some(1000), ..Default::default() }).await;
+    let server = start(Settings {
+        deflate_threshold: Some(1000),
+        ..Default::default()
+    })
+    .await;
     let mut a = plugin(server.local_addr).await;
     join(&mut a, "A", "s", true).await;
     state(&mut a).await;
@@ -77,9 +105,13 @@ async fn small_messages_are_not_compressed() {
 #[tokio::test]
 async fn works_without_compression() {
     let server = start_default().await;
-    let mut leader = HunterClient::connect(server.local_addr, "/connect", false).await.unwrap();
+    let mut leader = HunterClient::connect(server.local_addr, "/connect", false)
+        .await
+        .unwrap();
     assert!(!leader.deflate);
-    let mut follower = HunterClient::connect(server.local_addr, "/connect", false).await.unwrap();
+    let mut follower = HunterClient::connect(server.local_addr, "/connect", false)
+        .await
+        .unwrap();
     join(&mut leader, "L", "plain", true).await;
     state(&mut leader).await;
     join(&mut follower, "F", "plain", false).await;
@@ -111,7 +143,11 @@ async fn pushes_reach_only_the_followers_of_the_leaders_session() {
     assert!(servermsg(&mut leader).await.contains("not your session"));
     // A follower's push is refused.
     mine.send_text(&push("A", 9)).await.unwrap();
-    assert!(servermsg(&mut mine).await.contains("only the session leader"));
+    assert!(
+        servermsg(&mut mine)
+            .await
+            .contains("only the session leader")
+    );
     // Proof that B received nothing: its next message is the answer to its own ping.
     other.send_text("ping").await.unwrap();
     assert_eq!(recv(&mut other).await, "pong");
@@ -144,7 +180,10 @@ async fn membership_changes_are_announced_to_every_member() {
     assert_eq!(state(&mut leader).await, (2, true));
 
     // The leader leaves (LeaveSession): its socket is closed, the follower is told.
-    leader.send_text(r#"{"type":"LeaveSession"}"#).await.unwrap();
+    leader
+        .send_text(r#"{"type":"LeaveSession"}"#)
+        .await
+        .unwrap();
     assert_eq!(close_code(&mut leader).await, Some(1000));
     assert_eq!(state(&mut f1).await, (1, false));
 
@@ -157,12 +196,16 @@ async fn membership_changes_are_announced_to_every_member() {
     join(&mut f3, "F3", "S", false).await;
     assert_eq!(state(&mut f3).await, (2, false));
     assert_eq!(state(&mut f1).await, (2, false));
-    f3.send_text(r#"{"type":"SetSession","sessionId":"","isLeader":false}"#).await.unwrap();
+    f3.send_text(r#"{"type":"SetSession","sessionId":"","isLeader":false}"#)
+        .await
+        .unwrap();
     assert_eq!(servermsg(&mut f3).await, "Session id cannot be empty!");
     assert_eq!(state(&mut f1).await, (1, false));
 
     // A vanished socket (no close frame) counts as a leave.
-    f3.send_text(r#"{"type":"SetSession","sessionId":"S","isLeader":true}"#).await.unwrap();
+    f3.send_text(r#"{"type":"SetSession","sessionId":"S","isLeader":true}"#)
+        .await
+        .unwrap();
     assert_eq!(state(&mut f3).await, (2, true));
     assert_eq!(state(&mut f1).await, (2, true));
     drop(f3);
@@ -173,8 +216,12 @@ async fn membership_changes_are_announced_to_every_member() {
 async fn type_is_case_insensitive_and_ping_text_gets_pong() {
     let server = start_default().await;
     let mut c = plugin(server.local_addr).await;
-    c.send_text(r#"{"type":"setname","name":"x"}"#).await.unwrap();
-    c.send_text(r#"{"type":"SETSESSION","sessionId":"q","isLeader":true}"#).await.unwrap();
+    c.send_text(r#"{"type":"setname","name":"x"}"#)
+        .await
+        .unwrap();
+    c.send_text(r#"{"type":"SETSESSION","sessionId":"q","isLeader":true}"#)
+        .await
+        .unwrap();
     assert_eq!(state(&mut c).await, (1, true));
     c.send_text("ping").await.unwrap();
     assert_eq!(recv(&mut c).await, "pong");
@@ -184,8 +231,14 @@ async fn type_is_case_insensitive_and_ping_text_gets_pong() {
 async fn ping_frames_are_answered() {
     let server = start_default().await;
     let mut c = plugin(server.local_addr).await;
-    c.ws.send(Message::Ping(vec![1, 2, 3, 4, 5, 6, 7, 8].into())).await.unwrap();
-    let got = tokio::time::timeout(WAIT, c.ws.next()).await.unwrap().unwrap().unwrap();
+    c.ws.send(Message::Ping(vec![1, 2, 3, 4, 5, 6, 7, 8].into()))
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(WAIT, c.ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(got, Message::Pong(vec![1, 2, 3, 4, 5, 6, 7, 8].into()));
 }
 
@@ -210,23 +263,51 @@ async fn bad_input_gets_an_answer_and_the_connection_carries_on() {
         ("{}", "Missing \"type\""),
         (r#"{"type":12}"#, "\"type\" must be a string"),
         (r#"{"type":"Dance"}"#, "Unknown message type \"Dance\""),
-        (r#"{"type":"SetSession","sessionId":5}"#, "\"sessionId\" must be a string"),
-        (r#"{"type":"SetSession","sessionId":"x","isLeader":"yes"}"#, "\"isLeader\" must be true or false"),
-        (r#"{"type":"SetName","name":["a"]}"#, "\"name\" must be a string"),
-        (r#"{"type":"Push","sessionId":"healthy"}"#, "Push needs \"data\""),
-        (r#"{"type":"Push","sessionId":"healthy","data":[]}"#, "join a session first"),
+        (
+            r#"{"type":"SetSession","sessionId":5}"#,
+            "\"sessionId\" must be a string",
+        ),
+        (
+            r#"{"type":"SetSession","sessionId":"x","isLeader":"yes"}"#,
+            "\"isLeader\" must be true or false",
+        ),
+        (
+            r#"{"type":"SetName","name":["a"]}"#,
+            "\"name\" must be a string",
+        ),
+        (
+            r#"{"type":"Push","sessionId":"healthy"}"#,
+            "Push needs \"data\"",
+        ),
+        (
+            r#"{"type":"Push","sessionId":"healthy","data":[]}"#,
+            "join a session first",
+        ),
         (r#"{"type":"type","type":"Push"}"#, "Invalid JSON"),
     ];
     for (input, expected) in cases {
         bad.send_text(input).await.unwrap();
         let text = servermsg(&mut bad).await;
-        assert!(text.contains(expected), "{input:?} answered {text:?}, expected {expected:?}");
+        assert!(
+            text.contains(expected),
+            "{input:?} answered {text:?}, expected {expected:?}"
+        );
     }
-    let long = format!(r#"{{"type":"SetSession","sessionId":"{}"}}"#, "x".repeat(300));
+    let long = format!(
+        r#"{{"type":"SetSession","sessionId":"{}"}}"#,
+        "x".repeat(300)
+    );
     bad.send_text(&long).await.unwrap();
     assert!(servermsg(&mut bad).await.contains("too long"));
-    bad.ws.send(Message::Binary(vec![1, 2, 3].into())).await.unwrap();
-    assert!(servermsg(&mut bad).await.contains("Binary messages are not supported"));
+    bad.ws
+        .send(Message::Binary(vec![1, 2, 3].into()))
+        .await
+        .unwrap();
+    assert!(
+        servermsg(&mut bad)
+            .await
+            .contains("Binary messages are not supported")
+    );
     // Still usable.
     bad.send_text("ping").await.unwrap();
     assert_eq!(recv(&mut bad).await, "pong");
@@ -239,7 +320,11 @@ async fn bad_input_gets_an_answer_and_the_connection_carries_on() {
 
 #[tokio::test]
 async fn broken_and_oversized_frames_close_with_the_documented_codes() {
-    let server = start(Settings { max_message_bytes: Some(4096), ..Default::default() }).await;
+    let server = start(Settings {
+        max_message_bytes: Some(4096),
+        ..Default::default()
+    })
+    .await;
     let addr = server.local_addr;
     let mut bystander = plugin(addr).await;
     join(&mut bystander, "B", "calm", true).await;
@@ -265,13 +350,19 @@ async fn broken_and_oversized_frames_close_with_the_documented_codes() {
     assert_eq!(close_code(&mut c).await, Some(1009));
 
     // An uncompressed message over the limit.
-    let mut c = HunterClient::connect(addr, "/connect", false).await.unwrap();
+    let mut c = HunterClient::connect(addr, "/connect", false)
+        .await
+        .unwrap();
     c.send_text(&"x".repeat(5000)).await.unwrap();
     assert_eq!(close_code(&mut c).await, Some(1009));
 
     // RSV1 without having agreed to compression is a protocol error.
-    let mut c = HunterClient::connect(addr, "/connect", false).await.unwrap();
-    c.ws.send(supersynk::client::text_message("{}", true)).await.unwrap();
+    let mut c = HunterClient::connect(addr, "/connect", false)
+        .await
+        .unwrap();
+    c.ws.send(supersynk::client::text_message("{}", true))
+        .await
+        .unwrap();
     assert_eq!(close_code(&mut c).await, Some(1002));
 
     // Invalid UTF-8 in a text frame (compressed, so it passes our inflater first).
@@ -311,7 +402,11 @@ async fn idle_sockets_are_closed_and_their_session_told() {
     // The chatty one keeps sending pings (any frame is activity); the quiet one does not.
     let keepalive = tokio::spawn(async move {
         for _ in 0..30 {
-            chatty.ws.send(Message::Ping(vec![0; 8].into())).await.unwrap();
+            chatty
+                .ws
+                .send(Message::Ping(vec![0; 8].into()))
+                .await
+                .unwrap();
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
         chatty

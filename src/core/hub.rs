@@ -81,7 +81,10 @@ impl Session {
 
     /// The role of `conn` in this session, if it is a member.
     pub fn role_of(&self, conn: ConnId) -> Option<Role> {
-        self.members().iter().find(|m| m.conn == conn).map(|m| m.role)
+        self.members()
+            .iter()
+            .find(|m| m.conn == conn)
+            .map(|m| m.role)
     }
 
     /// Current presence.
@@ -108,7 +111,10 @@ impl Session {
 }
 
 fn presence(members: &[Member]) -> Presence {
-    Presence { members: members.len(), leaders: members.iter().filter(|m| m.role == Role::Leader).count() }
+    Presence {
+        members: members.len(),
+        leaders: members.iter().filter(|m| m.role == Role::Leader).count(),
+    }
 }
 
 fn announce_to(members: &[Member], announce: Announce) {
@@ -129,7 +135,10 @@ pub struct Hub {
 
 impl Hub {
     pub fn new(metrics: Arc<Metrics>) -> Hub {
-        Hub { sessions: Mutex::new(HashMap::new()), metrics }
+        Hub {
+            sessions: Mutex::new(HashMap::new()),
+            metrics,
+        }
     }
 
     fn sessions(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<Session>>> {
@@ -143,7 +152,10 @@ impl Hub {
         let session = match sessions.get(id) {
             Some(s) => s.clone(),
             None => {
-                let s = Arc::new(Session { id: Arc::from(id), members: Mutex::new(Vec::new()) });
+                let s = Arc::new(Session {
+                    id: Arc::from(id),
+                    members: Mutex::new(Vec::new()),
+                });
                 sessions.insert(s.id.clone(), s.clone());
                 self.metrics.sessions.set(sessions.len() as i64);
                 s
@@ -179,7 +191,9 @@ impl Hub {
             let mut sessions = self.sessions();
             // Someone may have joined between the two locks: check again under both.
             if session.members().is_empty()
-                && sessions.get(&session.id).is_some_and(|s| Arc::ptr_eq(s, session))
+                && sessions
+                    .get(&session.id)
+                    .is_some_and(|s| Arc::ptr_eq(s, session))
             {
                 sessions.remove(&session.id);
                 self.metrics.sessions.set(sessions.len() as i64);
@@ -212,25 +226,39 @@ mod tests {
     }
 
     fn member(role: Role) -> Member {
-        Member { conn: ConnId::next(), role, outbound: Outbound::new(1 << 20) }
+        Member {
+            conn: ConnId::next(),
+            role,
+            outbound: Outbound::new(1 << 20),
+        }
     }
 
     async fn drain(m: &Member) -> Vec<String> {
         let mut batch = Vec::new();
         m.outbound.next_batch(&mut batch).await;
-        batch.iter().map(|p| String::from_utf8(p.data().to_vec()).unwrap()).collect()
+        batch
+            .iter()
+            .map(|p| String::from_utf8(p.data().to_vec()).unwrap())
+            .collect()
     }
 
     #[tokio::test]
     async fn join_announces_to_everyone_and_publish_reaches_followers_only() {
         let hub = Hub::new(Arc::new(Metrics::new()));
-        let (leader, a, b) = (member(Role::Leader), member(Role::Follower), member(Role::Follower));
+        let (leader, a, b) = (
+            member(Role::Leader),
+            member(Role::Follower),
+            member(Role::Follower),
+        );
         let s = hub.join("s", leader.clone(), announce);
         hub.join("s", a.clone(), announce);
         hub.join("s", b.clone(), announce);
         assert_eq!(drain(&leader).await, ["1/1", "2/1", "3/1"]);
         assert_eq!(drain(&a).await, ["2/1", "3/1"]);
-        assert_eq!(s.publish(leader.conn, &Payload::text("push"), Audience::Followers), 2);
+        assert_eq!(
+            s.publish(leader.conn, &Payload::text("push"), Audience::Followers),
+            2
+        );
         assert_eq!(drain(&a).await, ["push"]);
         assert_eq!(drain(&b).await, ["3/1", "push"]);
         hub.leave(&s, leader.conn, announce);
@@ -246,8 +274,21 @@ mod tests {
         let hub = Hub::new(Arc::new(Metrics::new()));
         let m = member(Role::Follower);
         hub.join("s", m.clone(), announce);
-        let s = hub.join("s", Member { role: Role::Leader, ..m.clone() }, announce);
-        assert_eq!(s.presence(), Presence { members: 1, leaders: 1 });
+        let s = hub.join(
+            "s",
+            Member {
+                role: Role::Leader,
+                ..m.clone()
+            },
+            announce,
+        );
+        assert_eq!(
+            s.presence(),
+            Presence {
+                members: 1,
+                leaders: 1
+            }
+        );
         assert_eq!(drain(&m).await, ["1/0", "1/1"]);
     }
 }

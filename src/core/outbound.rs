@@ -29,12 +29,20 @@ pub struct Payload {
 impl Payload {
     /// A text message; `data` must be UTF-8 (it comes from a `&str` or a validated frame).
     pub fn text(data: impl Into<Bytes>) -> Arc<Payload> {
-        Arc::new(Payload { data: data.into(), binary: false, deflated: OnceLock::new() })
+        Arc::new(Payload {
+            data: data.into(),
+            binary: false,
+            deflated: OnceLock::new(),
+        })
     }
 
     /// A binary message.
     pub fn binary(data: impl Into<Bytes>) -> Arc<Payload> {
-        Arc::new(Payload { data: data.into(), binary: true, deflated: OnceLock::new() })
+        Arc::new(Payload {
+            data: data.into(),
+            binary: true,
+            deflated: OnceLock::new(),
+        })
     }
 
     /// The uncompressed bytes.
@@ -49,7 +57,8 @@ impl Payload {
 
     /// The compressed form, computed once for all receivers.
     pub fn deflated(&self, level: u32) -> &Bytes {
-        self.deflated.get_or_init(|| deflate_message(&self.data, level))
+        self.deflated
+            .get_or_init(|| deflate_message(&self.data, level))
     }
 
     /// Whether the compressed form has been computed (for tests and metrics).
@@ -77,7 +86,10 @@ pub enum SendError {
 }
 
 /// The close sent to a receiver whose queue overflowed (documented in protocol/hunterpie.md).
-pub const SLOW_CONSUMER: Close = Close { code: 4008, reason: "slow consumer: outbound queue full" };
+pub const SLOW_CONSUMER: Close = Close {
+    code: 4008,
+    reason: "slow consumer: outbound queue full",
+};
 
 #[derive(Debug, Default)]
 struct State {
@@ -238,7 +250,10 @@ mod tests {
     async fn overflow_closes_as_slow_consumer_and_frees_the_queue() {
         let out = Outbound::new(10);
         out.send(Payload::text("123456")).unwrap();
-        assert_eq!(out.send(Payload::text("123456")), Err(SendError::SlowConsumer));
+        assert_eq!(
+            out.send(Payload::text("123456")),
+            Err(SendError::SlowConsumer)
+        );
         assert_eq!(out.send(Payload::text("1")), Err(SendError::Closed));
         let mut batch = Vec::new();
         assert_eq!(out.next_batch(&mut batch).await, Some(SLOW_CONSUMER));
@@ -256,7 +271,10 @@ mod tests {
     async fn close_drains_first() {
         let out = Outbound::new(100);
         out.send(Payload::text("bye")).unwrap();
-        out.close(Close { code: 1001, reason: "going away" });
+        out.close(Close {
+            code: 1001,
+            reason: "going away",
+        });
         let mut batch = Vec::new();
         assert_eq!(out.next_batch(&mut batch).await, None);
         assert_eq!(batch.len(), 1);

@@ -22,9 +22,14 @@ pub enum Command {
     SetName(String),
     /// `SetSession` with an empty id is `session_id: ""` (the client is then removed from its
     /// session, as the original server does).
-    SetSession { session_id: String, leader: bool },
+    SetSession {
+        session_id: String,
+        leader: bool,
+    },
     /// A push; the frame itself is what gets relayed.
-    Push { session_id: String },
+    Push {
+        session_id: String,
+    },
     /// `LeaveSession`, or `Close` as the seed README calls it.
     Leave,
 }
@@ -53,9 +58,10 @@ impl ParseError {
     pub fn kind(&self) -> &'static str {
         match self {
             ParseError::Json(_) => "invalid_json",
-            ParseError::NotObject | ParseError::MissingType | ParseError::WrongType(..) | ParseError::MissingData => {
-                "invalid_message"
-            }
+            ParseError::NotObject
+            | ParseError::MissingType
+            | ParseError::WrongType(..)
+            | ParseError::MissingData => "invalid_message",
             ParseError::UnknownType(_) => "unknown_type",
             ParseError::TooLong(..) => "field_too_long",
         }
@@ -80,7 +86,9 @@ struct Raw<'a> {
 fn string_field(v: Option<&RawValue>, field: &'static str) -> Result<Option<String>, ParseError> {
     match v.map(RawValue::get) {
         None | Some("null") => Ok(None),
-        Some(raw) => serde_json::from_str::<String>(raw).map(Some).map_err(|_| ParseError::WrongType(field, "a string")),
+        Some(raw) => serde_json::from_str::<String>(raw)
+            .map(Some)
+            .map_err(|_| ParseError::WrongType(field, "a string")),
     }
 }
 
@@ -151,8 +159,11 @@ pub fn server_msg(level: Level, text: &str) -> Arc<Payload> {
         Level::Warn => "warn",
         Level::Error => "error",
     };
-    let value = serde_json::json!({ "type": "servermsg", "level": level, "text": text });
-    Payload::text(value.to_string())
+    // Serializing a &str cannot fail.
+    let text = serde_json::to_string(text).unwrap_or_default();
+    Payload::text(format!(
+        r#"{{"type":"servermsg","level":"{level}","text":{text}}}"#
+    ))
 }
 
 #[cfg(test)]
@@ -161,18 +172,34 @@ mod tests {
 
     #[test]
     fn plugin_messages() {
-        assert_eq!(parse(r#"{"type":"SetName","name":"Hunter"}"#), Ok(Command::SetName("Hunter".into())));
         assert_eq!(
-            parse(r#"{"sessionId":"c3@uTKeQR3Mp:Hunter","type":"SetSession","isLeader":true}"#),
-            Ok(Command::SetSession { session_id: "c3@uTKeQR3Mp:Hunter".into(), leader: true })
+            parse(r#"{"type":"SetName","name":"Hunter"}"#),
+            Ok(Command::SetName("Hunter".into()))
         );
         assert_eq!(
-            parse(r#"{"sessionId":"s","type":"Push","data":[["em_001",[[0,32.42]],[[42,41.23]]]]}"#),
-            Ok(Command::Push { session_id: "s".into() })
+            parse(r#"{"sessionId":"c3@uTKeQR3Mp:Hunter","type":"SetSession","isLeader":true}"#),
+            Ok(Command::SetSession {
+                session_id: "c3@uTKeQR3Mp:Hunter".into(),
+                leader: true
+            })
+        );
+        assert_eq!(
+            parse(
+                r#"{"sessionId":"s","type":"Push","data":[["em_001",[[0,32.42]],[[42,41.23]]]]}"#
+            ),
+            Ok(Command::Push {
+                session_id: "s".into()
+            })
         );
         assert_eq!(parse(r#"{"type":"LeaveSession"}"#), Ok(Command::Leave));
         assert_eq!(parse(r#"{"type":"close"}"#), Ok(Command::Leave));
-        assert_eq!(parse(r#"{"type":"SETSESSION","sessionId":"x"}"#), Ok(Command::SetSession { session_id: "x".into(), leader: false }));
+        assert_eq!(
+            parse(r#"{"type":"SETSESSION","sessionId":"x"}"#),
+            Ok(Command::SetSession {
+                session_id: "x".into(),
+                leader: false
+            })
+        );
     }
 
     #[test]
@@ -180,18 +207,42 @@ mod tests {
         assert!(matches!(parse("{nope"), Err(ParseError::Json(_))));
         assert_eq!(parse("[1,2]"), Err(ParseError::NotObject));
         assert_eq!(parse("{}"), Err(ParseError::MissingType));
-        assert_eq!(parse(r#"{"type":5}"#), Err(ParseError::WrongType("type", "a string")));
-        assert_eq!(parse(r#"{"type":"SetSession","sessionId":1}"#), Err(ParseError::WrongType("sessionId", "a string")));
-        assert_eq!(parse(r#"{"type":"SetSession","sessionId":"a","isLeader":"yes"}"#), Err(ParseError::WrongType("isLeader", "true or false")));
-        assert_eq!(parse(r#"{"type":"Dance"}"#), Err(ParseError::UnknownType("Dance".into())));
-        assert_eq!(parse(r#"{"type":"Push","sessionId":"s"}"#), Err(ParseError::MissingData));
-        assert_eq!(parse(r#"{"type":"SetName","name":7}"#), Err(ParseError::WrongType("name", "a string")));
+        assert_eq!(
+            parse(r#"{"type":5}"#),
+            Err(ParseError::WrongType("type", "a string"))
+        );
+        assert_eq!(
+            parse(r#"{"type":"SetSession","sessionId":1}"#),
+            Err(ParseError::WrongType("sessionId", "a string"))
+        );
+        assert_eq!(
+            parse(r#"{"type":"SetSession","sessionId":"a","isLeader":"yes"}"#),
+            Err(ParseError::WrongType("isLeader", "true or false"))
+        );
+        assert_eq!(
+            parse(r#"{"type":"Dance"}"#),
+            Err(ParseError::UnknownType("Dance".into()))
+        );
+        assert_eq!(
+            parse(r#"{"type":"Push","sessionId":"s"}"#),
+            Err(ParseError::MissingData)
+        );
+        assert_eq!(
+            parse(r#"{"type":"SetName","name":7}"#),
+            Err(ParseError::WrongType("name", "a string"))
+        );
     }
 
     #[test]
     fn outgoing_shapes() {
-        let s = session_state(Presence { members: 3, leaders: 1 });
-        assert_eq!(&s.data()[..], br#"{"type":"sessionstate","leaderConnected":true,"playersCount":3}"#);
+        let s = session_state(Presence {
+            members: 3,
+            leaders: 1,
+        });
+        assert_eq!(
+            &s.data()[..],
+            br#"{"type":"sessionstate","leaderConnected":true,"playersCount":3}"#
+        );
         let m = server_msg(Level::Warn, "say \"hi\"");
         let v: serde_json::Value = serde_json::from_slice(m.data()).unwrap();
         assert_eq!(v["text"], "say \"hi\"");

@@ -31,14 +31,20 @@ struct Client {
 /// Serves one upgraded `/connect` socket until it closes.
 pub async fn serve(upgraded: Upgraded, deflate: Option<Deflate>, app: App) {
     let mut conn = Connection::start(upgraded, deflate, app.conn_context()).await;
-    let mut client = Client { name: String::new(), session: None };
+    let mut client = Client {
+        name: String::new(),
+        session: None,
+    };
     loop {
         match conn.next().await {
             Event::Text(text) => on_text(&conn, &mut client, text, &app),
             Event::Binary(_) => {
                 app.metrics.error("binary_frame");
                 debug!(conn = conn.id.0, "binary frame refused");
-                conn.send(server_msg(Level::Warn, "Binary messages are not supported: send JSON text"));
+                conn.send(server_msg(
+                    Level::Warn,
+                    "Binary messages are not supported: send JSON text",
+                ));
             }
             Event::Shutdown => {
                 conn.send(server_msg(Level::Warn, SHUTDOWN_TEXT));
@@ -66,7 +72,9 @@ fn on_text(conn: &Connection, client: &mut Client, text: bytes::Bytes, app: &App
         return;
     }
     // Text frames are valid UTF-8: tungstenite checked them.
-    let Ok(s) = std::str::from_utf8(&text) else { return };
+    let Ok(s) = std::str::from_utf8(&text) else {
+        return;
+    };
     let command = match message::parse(s) {
         Ok(c) => c,
         Err(e) => {
@@ -85,11 +93,19 @@ fn on_text(conn: &Connection, client: &mut Client, text: bytes::Bytes, app: &App
                 conn.send(server_msg(Level::Warn, "Session id cannot be empty!"));
                 return;
             }
-            if client.session.as_ref().is_some_and(|(s, _)| s.id() != session_id) {
+            if client
+                .session
+                .as_ref()
+                .is_some_and(|(s, _)| s.id() != session_id)
+            {
                 leave(app, conn, client);
             }
             let role = if leader { Role::Leader } else { Role::Follower };
-            let member = Member { conn: conn.id, role, outbound: conn.outbound.clone() };
+            let member = Member {
+                conn: conn.id,
+                role,
+                outbound: conn.outbound.clone(),
+            };
             let session = app.hub.join(&session_id, member, session_state);
             debug!(conn = conn.id.0, name = %client.name, session = %session_id, leader, "joined");
             client.session = Some((session, role));
@@ -97,12 +113,20 @@ fn on_text(conn: &Connection, client: &mut Client, text: bytes::Bytes, app: &App
         Command::Push { session_id } => {
             let refusal = match &client.session {
                 None => Some("Push refused: join a session first"),
-                Some((s, _)) if s.id() != session_id => Some("Push refused: sessionId is not your session"),
+                Some((s, _)) if s.id() != session_id => {
+                    Some("Push refused: sessionId is not your session")
+                }
                 Some((_, Role::Follower)) => Some("Push refused: only the session leader can push"),
                 Some((session, Role::Leader)) => {
-                    let delivered = session.publish(conn.id, &crate::core::outbound::Payload::text(text.clone()), Audience::Followers);
+                    let delivered = session.publish(
+                        conn.id,
+                        &crate::core::outbound::Payload::text(text.clone()),
+                        Audience::Followers,
+                    );
                     app.metrics.pushes_relayed.inc();
-                    app.metrics.bytes_relayed.inc_by((text.len() * delivered) as u64);
+                    app.metrics
+                        .bytes_relayed
+                        .inc_by((text.len() * delivered) as u64);
                     None
                 }
             };

@@ -37,14 +37,35 @@ type Ws = WebSocketStream<Io>;
 /// Close codes the server sends (documented in protocol/hunterpie.md).
 pub mod codes {
     use crate::core::outbound::Close;
-    pub const NORMAL: Close = Close { code: 1000, reason: "bye" };
-    pub const SHUTDOWN: Close = Close { code: 1001, reason: "server shutting down" };
-    pub const PROTOCOL: Close = Close { code: 1002, reason: "protocol error" };
-    pub const BAD_DATA: Close = Close { code: 1007, reason: "invalid message data" };
-    pub const TOO_BIG: Close = Close { code: 1009, reason: "message too big" };
-    pub const IDLE: Close = Close { code: 4000, reason: "idle timeout" };
+    pub const NORMAL: Close = Close {
+        code: 1000,
+        reason: "bye",
+    };
+    pub const SHUTDOWN: Close = Close {
+        code: 1001,
+        reason: "server shutting down",
+    };
+    pub const PROTOCOL: Close = Close {
+        code: 1002,
+        reason: "protocol error",
+    };
+    pub const BAD_DATA: Close = Close {
+        code: 1007,
+        reason: "invalid message data",
+    };
+    pub const TOO_BIG: Close = Close {
+        code: 1009,
+        reason: "message too big",
+    };
+    pub const IDLE: Close = Close {
+        code: 4000,
+        reason: "idle timeout",
+    };
     /// What the writer records when the socket broke; nothing can be sent.
-    pub const GONE: Close = Close { code: 1006, reason: "connection lost" };
+    pub const GONE: Close = Close {
+        code: 1006,
+        reason: "connection lost",
+    };
 }
 
 /// Settings of every WebSocket connection.
@@ -98,9 +119,19 @@ pub struct Connection {
 
 impl Connection {
     /// Wraps an upgraded socket, spawning its writer.
-    pub async fn start(upgraded: Upgraded, deflate: Option<Deflate>, ctx: ConnContext) -> Connection {
+    pub async fn start(
+        upgraded: Upgraded,
+        deflate: Option<Deflate>,
+        ctx: ConnContext,
+    ) -> Connection {
         let s = &ctx.settings;
-        let io = InflateLayer::new(TokioIo::new(upgraded), Side::Server, deflate.is_some(), s.max_message_bytes, Default::default());
+        let io = InflateLayer::new(
+            TokioIo::new(upgraded),
+            Side::Server,
+            deflate.is_some(),
+            s.max_message_bytes,
+            Default::default(),
+        );
         let config = WebSocketConfig::default()
             // Small buffers keep idle connections cheap; they grow for large frames.
             .read_buffer_size(2048)
@@ -110,8 +141,13 @@ impl Connection {
         let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
         let (sink, stream) = ws.split();
         let outbound = Outbound::new(s.outbound_queue_bytes);
-        let writer = ctx.tracker.spawn(write_loop(sink, outbound.clone(), deflate, ctx.clone()));
-        let mut idle = tokio::time::interval_at(Instant::now() + s.idle_check_interval, s.idle_check_interval);
+        let writer = ctx
+            .tracker
+            .spawn(write_loop(sink, outbound.clone(), deflate, ctx.clone()));
+        let mut idle = tokio::time::interval_at(
+            Instant::now() + s.idle_check_interval,
+            s.idle_check_interval,
+        );
         idle.set_missed_tick_behavior(MissedTickBehavior::Delay);
         ctx.metrics.connections_open.inc();
         ctx.metrics.connections_total.inc();
@@ -197,15 +233,29 @@ impl Connection {
     /// Waits (within the close timeout) for the writer to send what is queued and the close
     /// frame, then drops the socket.
     pub async fn finish(self) {
-        let Connection { outbound, stream, mut writer, ctx, .. } = self;
+        let Connection {
+            outbound,
+            stream,
+            mut writer,
+            ctx,
+            ..
+        } = self;
         if outbound.closing().is_none() {
             outbound.close(codes::NORMAL);
         }
-        if tokio::time::timeout(ctx.settings.close_timeout, &mut writer).await.is_err() {
+        if tokio::time::timeout(ctx.settings.close_timeout, &mut writer)
+            .await
+            .is_err()
+        {
             writer.abort();
         }
         let close = outbound.closing().unwrap_or(codes::GONE);
-        ctx.metrics.closes.get_or_create(&crate::metrics::KindLabel { kind: close_kind(close.code) }).inc();
+        ctx.metrics
+            .closes
+            .get_or_create(&crate::metrics::KindLabel {
+                kind: close_kind(close.code),
+            })
+            .inc();
         if close == SLOW_CONSUMER {
             ctx.metrics.slow_consumer_disconnects.inc();
         }
@@ -248,7 +298,11 @@ fn classify(e: &WsError) -> (&'static str, Close) {
 /// Builds the frame for one payload: compressed (RSV1) when deflate was negotiated and the
 /// message is long enough, else plain. The payload bytes are shared, never copied here.
 fn frame_for(p: &Payload, deflate: Option<Deflate>, s: &WsSettings) -> Frame {
-    let opcode = OpCode::Data(if p.is_binary() { Data::Binary } else { Data::Text });
+    let opcode = OpCode::Data(if p.is_binary() {
+        Data::Binary
+    } else {
+        Data::Text
+    });
     let len = p.data().len();
     match deflate {
         Some(d) if len >= s.deflate_threshold && len <= d.max_compressed_len() => {
@@ -261,7 +315,12 @@ fn frame_for(p: &Payload, deflate: Option<Deflate>, s: &WsSettings) -> Frame {
 }
 
 /// The writer: the only code that writes to the socket.
-async fn write_loop(mut sink: SplitSink<Ws, Message>, outbound: Outbound, deflate: Option<Deflate>, ctx: ConnContext) {
+async fn write_loop(
+    mut sink: SplitSink<Ws, Message>,
+    outbound: Outbound,
+    deflate: Option<Deflate>,
+    ctx: ConnContext,
+) {
     let s = &ctx.settings;
     let mut batch = Vec::new();
     loop {
@@ -299,9 +358,14 @@ async fn write_loop(mut sink: SplitSink<Ws, Message>, outbound: Outbound, deflat
         }
         if let Some(close) = close {
             if close != codes::GONE {
-                let frame = CloseFrame { code: CloseCode::from(close.code), reason: close.reason.into() };
+                let frame = CloseFrame {
+                    code: CloseCode::from(close.code),
+                    reason: close.reason.into(),
+                };
                 // The peer may be gone or stuck; either way the socket is dropped next.
-                let _ = tokio::time::timeout(s.close_timeout, sink.send(Message::Close(Some(frame)))).await;
+                let _ =
+                    tokio::time::timeout(s.close_timeout, sink.send(Message::Close(Some(frame))))
+                        .await;
             }
             outbound.writer_gone(close);
             return;

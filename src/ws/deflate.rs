@@ -72,7 +72,12 @@ enum Scan {
     /// Passing `remaining` payload bytes of an ordinary frame through.
     Pass { remaining: u64 },
     /// Collecting `remaining` payload bytes of a compressed message's frame.
-    Collect { remaining: u64, mask: [u8; 4], offset: usize, fin: bool },
+    Collect {
+        remaining: u64,
+        mask: [u8; 4],
+        offset: usize,
+        fin: bool,
+    },
 }
 
 /// A compressed message being collected across fragments.
@@ -160,7 +165,12 @@ impl<S> InflateLayer<S> {
                         self.scan = Scan::Header;
                     }
                 }
-                Scan::Collect { remaining, mask, offset, fin } => {
+                Scan::Collect {
+                    remaining,
+                    mask,
+                    offset,
+                    fin,
+                } => {
                     let n = (*remaining).min(data.len() as u64) as usize;
                     let pending = self.pending.as_mut().ok_or(InflateError::BadData)?;
                     let start = pending.payload.len();
@@ -182,7 +192,10 @@ impl<S> InflateLayer<S> {
             }
         }
         // A zero-length payload ends a frame without any payload byte.
-        if let Scan::Collect { remaining: 0, fin, .. } = self.scan {
+        if let Scan::Collect {
+            remaining: 0, fin, ..
+        } = self.scan
+        {
             self.scan = Scan::Header;
             if fin {
                 self.finish_message()?;
@@ -200,7 +213,11 @@ impl<S> InflateLayer<S> {
                 0x0 if h.rsv1 => return Err(InflateError::Protocol("RSV1 set on a continuation")),
                 0x0 => true,
                 _ if is_control => false,
-                _ => return Err(InflateError::Protocol("new data frame inside a fragmented message")),
+                _ => {
+                    return Err(InflateError::Protocol(
+                        "new data frame inside a fragmented message",
+                    ));
+                }
             }
         } else {
             h.rsv1 && (h.opcode == 0x1 || h.opcode == 0x2)
@@ -208,10 +225,17 @@ impl<S> InflateLayer<S> {
         if !collect {
             // Ordinary frame (or one tungstenite will reject): pass it on unchanged.
             self.output.extend_from_slice(&h.raw[..h.size]);
-            self.scan = if h.len == 0 { Scan::Header } else { Scan::Pass { remaining: h.len } };
+            self.scan = if h.len == 0 {
+                Scan::Header
+            } else {
+                Scan::Pass { remaining: h.len }
+            };
             return Ok(());
         }
-        let pending = self.pending.get_or_insert_with(|| Pending { opcode: h.opcode, payload: Vec::new() });
+        let pending = self.pending.get_or_insert_with(|| Pending {
+            opcode: h.opcode,
+            payload: Vec::new(),
+        });
         if pending.payload.len() as u64 + h.len > self.max_message as u64 {
             return Err(InflateError::TooBig(self.max_message));
         }
@@ -227,10 +251,17 @@ impl<S> InflateLayer<S> {
 
     /// Inflates the collected message and emits it as one uncompressed frame.
     fn finish_message(&mut self) -> Result<(), InflateError> {
-        let Some(pending) = self.pending.take() else { return Ok(()) };
+        let Some(pending) = self.pending.take() else {
+            return Ok(());
+        };
         let plain = inflate_message(&pending.payload, self.max_message)?;
         self.inflated += 1;
-        write_frame_header(&mut self.output, pending.opcode, plain.len(), self.side == Side::Server);
+        write_frame_header(
+            &mut self.output,
+            pending.opcode,
+            plain.len(),
+            self.side == Side::Server,
+        );
         self.output.extend_from_slice(&plain);
         Ok(())
     }
@@ -269,7 +300,15 @@ fn parse_header(b: &[u8]) -> Option<Header> {
     let mask = masked.then(|| [b[size - 4], b[size - 3], b[size - 2], b[size - 1]]);
     let mut raw = [0u8; 14];
     raw[..size].copy_from_slice(&b[..size]);
-    Some(Header { fin: b[0] & 0x80 != 0, rsv1: b[0] & 0x40 != 0, opcode: b[0] & 0x0f, mask, len, size, raw })
+    Some(Header {
+        fin: b[0] & 0x80 != 0,
+        rsv1: b[0] & 0x40 != 0,
+        opcode: b[0] & 0x0f,
+        mask,
+        len,
+        size,
+        raw,
+    })
 }
 
 /// Writes a final frame header for a payload of `len` bytes; `zero_mask` adds a mask key of
@@ -294,7 +333,19 @@ fn write_frame_header(out: &mut BytesMut, opcode: u8, len: usize, zero_mask: boo
 /// Inflates one message payload (a raw deflate stream without its sync tail), refusing to
 /// produce more than `max` bytes. Data after the end of a finished stream is ignored.
 pub fn inflate_message(payload: &[u8], max: usize) -> Result<Vec<u8>, InflateError> {
-    let mut inflater = Decompress::new(false);
+    INFLATER.with(|cell| {
+        let mut inflater = cell.borrow_mut();
+        // A reset inflater is a fresh one: no context carries over between messages.
+        inflater.reset(false);
+        inflate_with(&mut inflater, payload, max)
+    })
+}
+
+fn inflate_with(
+    inflater: &mut Decompress,
+    payload: &[u8],
+    max: usize,
+) -> Result<Vec<u8>, InflateError> {
     let mut out: Vec<u8> = Vec::with_capacity((payload.len() * 4).clamp(64, max.max(64)));
     for chunk in [payload, &SYNC_TAIL[..]] {
         let mut input = chunk;
@@ -341,6 +392,9 @@ pub fn inflate_message(payload: &[u8], max: usize) -> Result<Vec<u8>, InflateErr
 }
 
 thread_local! {
+    /// One inflater per thread, reset for every message (allocating its window per message
+    /// costs more than inflating a push).
+    static INFLATER: RefCell<Decompress> = RefCell::new(Decompress::new(false));
     /// One compressor per thread, reset for every message: allocating deflate state per
     /// message would cost more than compressing a few hundred bytes.
     static DEFLATER: RefCell<Option<(u32, Compress)>> = const { RefCell::new(None) };
@@ -349,6 +403,16 @@ thread_local! {
 /// Compresses one message as a fresh raw deflate stream, sync-flushed, with the four-byte
 /// tail removed (RFC 7692 section 7.2.1): the payload of an RSV1 frame.
 pub fn deflate_message(data: &[u8], level: u32) -> Bytes {
+    let mut out = compress_with(data, level, FlushCompress::Sync);
+    if out.ends_with(&SYNC_TAIL) {
+        out.truncate(out.len() - 4);
+    }
+    Bytes::from(out)
+}
+
+/// Compresses `data` as one fresh raw deflate stream ended by `flush` (Sync for RFC 7692,
+/// Finish for a finished stream as the HunterPie client sends).
+pub fn compress_with(data: &[u8], level: u32, flush: FlushCompress) -> Vec<u8> {
     DEFLATER.with(|cell| {
         let mut slot = cell.borrow_mut();
         let compress = match &mut *slot {
@@ -366,22 +430,27 @@ pub fn deflate_message(data: &[u8], level: u32) -> Bytes {
         loop {
             let before = compress.total_in();
             // Status and errors: compressing from memory into a growing Vec cannot fail.
-            let _ = compress.compress_vec(input, &mut out, FlushCompress::Sync);
+            let status = compress.compress_vec(input, &mut out, flush);
             input = &input[(compress.total_in() - before) as usize..];
-            if input.is_empty() && out.len() < out.capacity() {
+            let done = match flush {
+                FlushCompress::Finish => matches!(status, Ok(Status::StreamEnd)),
+                _ => input.is_empty() && out.len() < out.capacity(),
+            };
+            if done || status.is_err() {
                 break;
             }
             out.reserve(out.capacity().max(64));
         }
-        if out.ends_with(&SYNC_TAIL) {
-            out.truncate(out.len() - 4);
-        }
-        Bytes::from(out)
+        out
     })
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for InflateLayer<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if !this.enabled {
             if !this.input.is_empty() {
@@ -436,7 +505,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for InflateLayer<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for InflateLayer<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -495,24 +568,36 @@ mod tests {
         let zeros = vec![0u8; 10 << 20];
         let packed = deflate_message(&zeros, 9);
         assert!(packed.len() < 20_000);
-        assert_eq!(inflate_message(&packed, 64 * 1024), Err(InflateError::TooBig(64 * 1024)));
+        assert_eq!(
+            inflate_message(&packed, 64 * 1024),
+            Err(InflateError::TooBig(64 * 1024))
+        );
     }
 
     #[test]
     fn exact_limit_is_accepted() {
         let data = vec![b'a'; 4096];
-        assert_eq!(inflate_message(&deflate_message(&data, 6), 4096).unwrap(), data);
+        assert_eq!(
+            inflate_message(&deflate_message(&data, 6), 4096).unwrap(),
+            data
+        );
         assert_eq!(inflate_message(&client_deflate(&data), 4096).unwrap(), data);
     }
 
     #[test]
     fn refuses_garbage() {
-        assert_eq!(inflate_message(&[0xff, 0xff, 0xff, 0x12], 1024), Err(InflateError::BadData));
+        assert_eq!(
+            inflate_message(&[0xff, 0xff, 0xff, 0x12], 1024),
+            Err(InflateError::BadData)
+        );
     }
 
     #[test]
     fn empty_message() {
-        assert_eq!(inflate_message(&deflate_message(b"", 6), 1024).unwrap(), b"");
+        assert_eq!(
+            inflate_message(&deflate_message(b"", 6), 1024).unwrap(),
+            b""
+        );
         assert_eq!(inflate_message(&[0x00], 1024).unwrap(), b"");
     }
 

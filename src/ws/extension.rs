@@ -16,14 +16,23 @@ impl Deflate {
     /// The longest message this connection may receive compressed. With no context
     /// takeover, a message no longer than the window cannot reference outside it.
     pub fn max_compressed_len(&self) -> usize {
-        if self.server_max_window_bits >= 15 { usize::MAX } else { 1 << self.server_max_window_bits }
+        if self.server_max_window_bits >= 15 {
+            usize::MAX
+        } else {
+            1 << self.server_max_window_bits
+        }
     }
 
     /// The `Sec-WebSocket-Extensions` value of the 101 answer.
     pub fn response_header(&self) -> String {
-        let mut s = String::from("permessage-deflate; server_no_context_takeover; client_no_context_takeover");
+        let mut s = String::from(
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+        );
         if self.server_max_window_bits < 15 {
-            s.push_str(&format!("; server_max_window_bits={}", self.server_max_window_bits));
+            s.push_str(&format!(
+                "; server_max_window_bits={}",
+                self.server_max_window_bits
+            ));
         }
         s
     }
@@ -50,7 +59,10 @@ fn accept_offer(offer: &str) -> Option<Deflate> {
             continue;
         }
         let (name, value) = match param.split_once('=') {
-            Some((n, v)) => (n.trim().to_ascii_lowercase(), Some(v.trim().trim_matches('"'))),
+            Some((n, v)) => (
+                n.trim().to_ascii_lowercase(),
+                Some(v.trim().trim_matches('"')),
+            ),
             None => (param.to_ascii_lowercase(), None),
         };
         if seen.contains(&name) {
@@ -67,7 +79,9 @@ fn accept_offer(offer: &str) -> Option<Deflate> {
         }
         seen.push(name);
     }
-    Some(Deflate { server_max_window_bits: server_bits })
+    Some(Deflate {
+        server_max_window_bits: server_bits,
+    })
 }
 
 fn window_bits(v: &str) -> Option<u8> {
@@ -106,12 +120,25 @@ mod tests {
 
     #[test]
     fn declines_bad_offers_and_takes_the_next() {
-        assert_eq!(negotiate(["permessage-deflate; server_max_window_bits=16"]), None);
+        assert_eq!(
+            negotiate(["permessage-deflate; server_max_window_bits=16"]),
+            None
+        );
         assert_eq!(negotiate(["permessage-deflate; foo"]), None);
-        assert_eq!(negotiate(["permessage-deflate; server_max_window_bits"]), None);
-        assert_eq!(negotiate(["permessage-deflate; client_no_context_takeover; client_no_context_takeover"]), None);
+        assert_eq!(
+            negotiate(["permessage-deflate; server_max_window_bits"]),
+            None
+        );
+        assert_eq!(
+            negotiate([
+                "permessage-deflate; client_no_context_takeover; client_no_context_takeover"
+            ]),
+            None
+        );
         assert_eq!(negotiate(["x-webkit-deflate-frame"]), None);
-        let d = negotiate(["permessage-deflate; bogus, permessage-deflate; server_max_window_bits=10"]).unwrap();
+        let d =
+            negotiate(["permessage-deflate; bogus, permessage-deflate; server_max_window_bits=10"])
+                .unwrap();
         assert_eq!(d.server_max_window_bits, 10);
     }
 }

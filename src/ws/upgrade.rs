@@ -44,7 +44,10 @@ impl UpgradeError {
         let mut res = Response::new(Body::from(format!("{self}\n")));
         *res.status_mut() = status;
         if status == StatusCode::UPGRADE_REQUIRED {
-            res.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            res.headers_mut().insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
         }
         res
     }
@@ -71,33 +74,50 @@ pub fn accept(req: &mut Request<Body>, offer_deflate: bool) -> Result<Accepted, 
     {
         return Err(UpgradeError::NotUpgrade);
     }
-    if headers.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
         return Err(UpgradeError::Version);
     }
-    let key = headers.get(header::SEC_WEBSOCKET_KEY).ok_or(UpgradeError::Key)?;
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or(UpgradeError::Key)?;
     if key.as_bytes().len() != 24 {
         return Err(UpgradeError::Key);
     }
     let accept_key = derive_accept_key(key.as_bytes());
     let deflate = if offer_deflate {
         extension::negotiate(
-            headers.get_all(header::SEC_WEBSOCKET_EXTENSIONS).iter().filter_map(|v| v.to_str().ok()),
+            headers
+                .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+                .iter()
+                .filter_map(|v| v.to_str().ok()),
         )
     } else {
         None
     };
-    let on_upgrade = req.extensions_mut().remove::<OnUpgrade>().ok_or(UpgradeError::NoUpgrade)?;
+    let on_upgrade = req
+        .extensions_mut()
+        .remove::<OnUpgrade>()
+        .ok_or(UpgradeError::NoUpgrade)?;
     let mut response = Response::new(Body::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = response.headers_mut();
     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     // The accept key is base64: always a valid header value.
-    h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept_key).map_err(|_| UpgradeError::Key)?);
-    if let Some(d) = deflate {
-        if let Ok(v) = HeaderValue::from_str(&d.response_header()) {
-            h.insert(header::SEC_WEBSOCKET_EXTENSIONS, v);
-        }
+    h.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept_key).map_err(|_| UpgradeError::Key)?,
+    );
+    if let Some(v) = deflate.and_then(|d| HeaderValue::from_str(&d.response_header()).ok()) {
+        h.insert(header::SEC_WEBSOCKET_EXTENSIONS, v);
     }
-    Ok(Accepted { response, on_upgrade, deflate })
+    Ok(Accepted {
+        response,
+        on_upgrade,
+        deflate,
+    })
 }

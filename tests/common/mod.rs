@@ -5,9 +5,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::Value;
+use supersynk::Server;
 use supersynk::client::HunterClient;
 use supersynk::config::{Config, Settings};
-use supersynk::Server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -16,7 +16,11 @@ pub const WAIT: Duration = Duration::from_secs(5);
 
 /// Starts a server on 127.0.0.1:0 with `settings` over the defaults.
 pub async fn start(settings: Settings) -> Server {
-    let base = Settings { bind: Some([127, 0, 0, 1].into()), port: Some(0), ..Settings::default() };
+    let base = Settings {
+        bind: Some([127, 0, 0, 1].into()),
+        port: Some(0),
+        ..Settings::default()
+    };
     let config = Config::resolve(settings.over(base)).expect("valid test config");
     Server::start(config).await.expect("server starts")
 }
@@ -35,11 +39,25 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u1
     );
     tcp.write_all(req.as_bytes()).await.unwrap();
     let mut out = Vec::new();
-    tokio::time::timeout(WAIT, tcp.read_to_end(&mut out)).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
     let text = String::from_utf8_lossy(&out).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
     (status, head.to_string(), body)
 }
 
@@ -58,7 +76,9 @@ fn dechunk(mut body: &str) -> String {
 
 /// A plugin-like client on `/connect`.
 pub async fn plugin(addr: SocketAddr) -> HunterClient {
-    HunterClient::connect(addr, "/connect", true).await.expect("plugin connects")
+    HunterClient::connect(addr, "/connect", true)
+        .await
+        .expect("plugin connects")
 }
 
 /// The next JSON message, within [`WAIT`].
@@ -68,14 +88,20 @@ pub async fn recv(c: &mut HunterClient) -> Value {
         .expect("a message in time")
         .expect("socket open")
         .expect("no socket error");
-    serde_json::from_str(&text).unwrap_or_else(|_| Value::String(text))
+    match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(_) => Value::String(text),
+    }
 }
 
 /// The next message, which must be a sessionstate; returns (playersCount, leaderConnected).
 pub async fn state(c: &mut HunterClient) -> (u64, bool) {
     let v = recv(c).await;
     assert_eq!(v["type"], "sessionstate", "expected sessionstate, got {v}");
-    (v["playersCount"].as_u64().unwrap(), v["leaderConnected"].as_bool().unwrap())
+    (
+        v["playersCount"].as_u64().unwrap(),
+        v["leaderConnected"].as_bool().unwrap(),
+    )
 }
 
 /// The next message, which must be a servermsg; returns its text.
@@ -88,8 +114,14 @@ pub async fn servermsg(c: &mut HunterClient) -> String {
 
 /// Sends SetName and SetSession the way the plugin does.
 pub async fn join(c: &mut HunterClient, name: &str, session: &str, leader: bool) {
-    c.send_text(&format!(r#"{{"type":"SetName","name":"{name}"}}"#)).await.unwrap();
-    c.send_text(&format!(r#"{{"sessionId":"{session}","type":"SetSession","isLeader":{leader}}}"#)).await.unwrap();
+    c.send_text(&format!(r#"{{"type":"SetName","name":"{name}"}}"#))
+        .await
+        .unwrap();
+    c.send_text(&format!(
+        r#"{{"sessionId":"{session}","type":"SetSession","isLeader":{leader}}}"#
+    ))
+    .await
+    .unwrap();
 }
 
 /// A realistic push of a full monster, as the plugin sends it.

@@ -1,0 +1,188 @@
+//! The `supersynk` binary as a process: legacy environment variables, graceful shutdown on
+//! SIGTERM, and memory held steady when a follower stops reading.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use tokio::io::AsyncWriteExt;
+
+/// The server process; killed if a test fails before it stops it.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // Already exited in the tests that stop it themselves.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the binary with `args` and `env`; returns the child and its address (read from
+/// the "listening" log line).
+fn spawn(args: &[&str], env: &[(&str, &str)]) -> (Proc, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_supersynk"))
+        .args(["--bind", "127.0.0.1"])
+        .args(args)
+        .envs(env.iter().copied())
+        .env("SUPERSYNK_LOG_FORMAT", "json")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("binary starts");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines.next().expect("log line").expect("readable");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("json log");
+        if v["fields"]["message"] == "listening" {
+            break v["fields"]["local_addr"].as_str().unwrap().parse().unwrap();
+        }
+    };
+    // Keep draining the log so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (Proc(child), addr)
+}
+
+fn sigterm(child: &Proc) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits for the process to exit and returns whether it exited with success.
+async fn exits_cleanly(mut child: Proc) -> bool {
+    tokio::task::spawn_blocking(move || child.0.wait().map(|s| s.success()).unwrap_or(false))
+        .await
+        .unwrap()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn legacy_port_variable_and_graceful_shutdown() {
+    // PORT=0 (the original server's name) picks a free port; SOCKET_TIMEOUT is accepted.
+    let (child, addr) = spawn(
+        &[],
+        &[
+            ("PORT", "0"),
+            ("SOCKET_TIMEOUT", "300000"),
+            ("SOCKET_TIMEOUT_CHECK_INTERVAL", "80000"),
+        ],
+    );
+    assert_ne!(addr.port(), 5001);
+    let (status, _, body) = http(addr, "GET", "/version", "").await;
+    assert_eq!((status, body.as_str()), (200, "0.1"));
+
+    let mut a = plugin(addr).await;
+    join(&mut a, "A", "bye", true).await;
+    state(&mut a).await;
+    sigterm(&child);
+    // Every client is told, then closed with 1001.
+    assert!(servermsg(&mut a).await.contains("shutting down"));
+    assert_eq!(close_code(&mut a).await, Some(1001));
+    assert!(exits_cleanly(child).await, "clean exit");
+}
+
+#[tokio::test]
+async fn shutdown_waits_no_longer_than_the_grace_period() {
+    let (child, addr) = spawn(&["--port", "0", "--shutdown-grace-ms", "500"], &[]);
+    // A raw TCP client that upgrades and then never reads nor answers the close.
+    let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
+    raw.write_all(
+        b"GET /connect HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    sigterm(&child);
+    assert!(exits_cleanly(child).await);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "exited within the grace period"
+    );
+}
+
+#[tokio::test]
+async fn a_follower_that_stops_reading_is_cut_off_and_memory_stays_bounded() {
+    let (child, addr) = spawn(&["--port", "0", "--outbound-queue-bytes", "131072"], &[]);
+    let mut leader = plugin(addr).await;
+    join(&mut leader, "L", "slow", true).await;
+    state(&mut leader).await;
+    let mut good = plugin(addr).await;
+    join(&mut good, "G", "slow", false).await;
+    state(&mut good).await;
+    state(&mut leader).await;
+    // The stuck follower joins without compression and then never reads again.
+    let mut stuck = supersynk::client::HunterClient::connect(addr, "/connect", false)
+        .await
+        .unwrap();
+    join(&mut stuck, "S", "slow", false).await;
+    state(&mut good).await;
+    state(&mut leader).await;
+
+    let before = rss_kib(child.0.id());
+    // 40 MB of pushes: far more than the stuck follower's socket buffers and queue hold.
+    // The leader paces itself on the reading follower (8 pushes in flight, 64 KB, under its
+    // 128 KiB queue), as a real session would; the stuck follower falls behind for good.
+    let filler = "9".repeat(8000);
+    let total = 5000;
+    for n in 0..total {
+        let p = format!(r#"{{"sessionId":"slow","type":"Push","data":[["em_{n}","{filler}"]]}}"#);
+        leader.send_text(&p).await.unwrap();
+        if n % 8 == 7 {
+            let mut pushes = 0;
+            while pushes < 8 {
+                let text = tokio::time::timeout(WAIT, good.next_text())
+                    .await
+                    .expect("in time")
+                    .unwrap()
+                    .unwrap();
+                if text.contains("\"Push\"") {
+                    assert!(
+                        text.contains(&format!("em_{}\"", n - 7 + pushes)),
+                        "pushes in order"
+                    );
+                    pushes += 1;
+                } else {
+                    assert_eq!(
+                        text,
+                        r#"{"type":"sessionstate","leaderConnected":true,"playersCount":2}"#
+                    );
+                }
+            }
+        }
+    }
+    assert!(metric(addr, "supersynk_slow_consumer_disconnects_total").await >= 1.0);
+    // The leader was told the stuck follower is gone.
+    let mut saw = false;
+    for _ in 0..5 {
+        let v = recv(&mut leader).await;
+        if v["type"] == "sessionstate" && v["playersCount"] == 2 {
+            saw = true;
+            break;
+        }
+    }
+    assert!(saw, "leader saw playersCount drop to 2");
+    let after = rss_kib(child.0.id());
+    assert!(
+        after < before + 32 * 1024,
+        "RSS grew from {before} KiB to {after} KiB"
+    );
+    drop(stuck);
+    // The reading follower is still in the session.
+    leader.send_text(&push("slow", 1)).await.unwrap();
+    assert_eq!(recv(&mut good).await["data"][0][0], "em_001");
+}
