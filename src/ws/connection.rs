@@ -61,6 +61,12 @@ pub mod codes {
         code: 4000,
         reason: "idle timeout",
     };
+    /// The peer sent a close frame: tungstenite has queued the echo of its code, which the
+    /// writer only has to flush.
+    pub const PEER_CLOSED: Close = Close {
+        code: 1000,
+        reason: "",
+    };
     /// What the writer records when the socket broke; nothing can be sent.
     pub const GONE: Close = Close {
         code: 1006,
@@ -210,7 +216,7 @@ impl Connection {
                         Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
                         Some(Ok(Message::Close(frame))) => {
                             debug!(conn = self.id.0, ?frame, "peer closed");
-                            self.outbound.close(codes::NORMAL);
+                            self.outbound.close(codes::PEER_CLOSED);
                         }
                         None => self.outbound.close(codes::GONE),
                         Some(Err(e)) => {
@@ -357,7 +363,10 @@ async fn write_loop(
             }
         }
         if let Some(close) = close {
-            if close != codes::GONE {
+            if close == codes::PEER_CLOSED {
+                // Flushes the echo tungstenite queued; the sink refuses new frames now.
+                let _ = tokio::time::timeout(s.close_timeout, sink.close()).await;
+            } else if close != codes::GONE {
                 let frame = CloseFrame {
                     code: CloseCode::from(close.code),
                     reason: close.reason.into(),
