@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs every test of the project on this machine, installing what the tests need.
+#   scripts/test.sh            all tests, then the Autobahn conformance suite when Python 2.7 exists
+#   SKIP_AUTOBAHN=1 scripts/test.sh   only the Rust tests
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo test --all-targets
+
+if [[ -n ${SKIP_AUTOBAHN:-} ]]; then
+  echo "autobahn: skipped (SKIP_AUTOBAHN set)"
+elif wstest=$(bash ../shared/tools/autobahn-setup.sh 2>/tmp/autobahn-setup.log); then
+  scripts/autobahn.sh "$wstest"
+else
+  echo "autobahn: skipped, no CPython 2.7 on this machine (see /tmp/autobahn-setup.log)"
+fi
