@@ -36,6 +36,8 @@ pub struct Metrics {
     /// Uncompressed minus compressed payload bytes of compressed messages written.
     pub deflate_saved_bytes: Counter,
     pub deflate_messages: Counter,
+    /// Compressions performed: one per distinct message, however many receive it.
+    pub deflate_compressions: Counter,
     pub slow_consumer_disconnects: Counter,
     pub idle_timeouts: Counter,
     /// Peer errors and refusals by kind (invalid_json, binary_frame, too_big, ...).
@@ -60,6 +62,7 @@ impl Metrics {
             pushes_relayed: Counter::default(),
             deflate_saved_bytes: Counter::default(),
             deflate_messages: Counter::default(),
+            deflate_compressions: Counter::default(),
             slow_consumer_disconnects: Counter::default(),
             idle_timeouts: Counter::default(),
             errors: Family::default(),
@@ -121,6 +124,11 @@ impl Metrics {
             "deflate_messages",
             "Messages written compressed",
             m.deflate_messages.clone(),
+        );
+        r.register(
+            "deflate_compressions",
+            "Messages compressed (once per message, shared by its receivers)",
+            m.deflate_compressions.clone(),
         );
         r.register(
             "slow_consumer_disconnects",

@@ -416,3 +416,38 @@ async fn idle_sockets_are_closed_and_their_session_told() {
     // The survivor was told the leader left (pongs are skipped by next_text).
     assert_eq!(state(&mut chatty).await, (1, false));
 }
+
+#[tokio::test]
+async fn a_relayed_push_is_compressed_once_whatever_the_number_of_followers() {
+    let server = start_default().await;
+    let addr = server.local_addr;
+    let mut leader = plugin(addr).await;
+    join(&mut leader, "L", "fan", true).await;
+    state(&mut leader).await;
+    let mut followers = Vec::new();
+    for i in 0..4 {
+        let mut f = plugin(addr).await;
+        join(&mut f, &format!("F{i}"), "fan", false).await;
+        followers.push(f);
+        // Every member hears about the join before the next one joins.
+        state(&mut leader).await;
+        for f in followers.iter_mut() {
+            state(f).await;
+        }
+    }
+    for n in 0..20 {
+        leader.send_text(&push("fan", n)).await.unwrap();
+    }
+    for f in followers.iter_mut() {
+        for n in 0..20 {
+            assert_eq!(recv(f).await["data"][0][0], format!("em_{n:03}"));
+        }
+    }
+    // 5 distinct sessionstates and 20 pushes were compressed, once each...
+    assert_eq!(
+        metric(addr, "supersynk_deflate_compressions_total").await,
+        25.0
+    );
+    // ...and written compressed 1+2+3+4+5 + 20*4 times.
+    assert_eq!(metric(addr, "supersynk_deflate_messages_total").await, 95.0);
+}

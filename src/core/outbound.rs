@@ -55,10 +55,15 @@ impl Payload {
         self.binary
     }
 
-    /// The compressed form, computed once for all receivers.
-    pub fn deflated(&self, level: u32) -> &Bytes {
-        self.deflated
-            .get_or_init(|| deflate_message(&self.data, level))
+    /// The compressed form, computed once for all receivers; the flag says whether this
+    /// call was the one that compressed.
+    pub fn deflated(&self, level: u32) -> (&Bytes, bool) {
+        let mut computed = false;
+        let bytes = self.deflated.get_or_init(|| {
+            computed = true;
+            deflate_message(&self.data, level)
+        });
+        (bytes, computed)
     }
 
     /// Whether the compressed form has been computed (for tests and metrics).
@@ -286,8 +291,9 @@ mod tests {
     fn payload_compresses_once() {
         let p = Payload::text("x".repeat(200));
         assert!(!p.is_deflated());
-        let a = p.deflated(6).clone();
-        let b = p.deflated(6).clone();
+        let (a, first) = p.deflated(6);
+        let (b, second) = p.deflated(6);
+        assert!(first && !second);
         assert!(p.is_deflated());
         assert_eq!(a.as_ptr(), b.as_ptr());
     }

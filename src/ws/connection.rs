@@ -141,7 +141,8 @@ impl Connection {
         let config = WebSocketConfig::default()
             // Small buffers keep idle connections cheap; they grow for large frames.
             .read_buffer_size(2048)
-            .write_buffer_size(0)
+            // Frames of a batch are gathered and written with one syscall at the flush.
+            .write_buffer_size(64 * 1024)
             .max_message_size(Some(s.max_message_bytes))
             .max_frame_size(Some(s.max_message_bytes));
         let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
@@ -303,7 +304,8 @@ fn classify(e: &WsError) -> (&'static str, Close) {
 
 /// Builds the frame for one payload: compressed (RSV1) when deflate was negotiated and the
 /// message is long enough, else plain. The payload bytes are shared, never copied here.
-fn frame_for(p: &Payload, deflate: Option<Deflate>, s: &WsSettings) -> Frame {
+/// The flag says whether this call compressed the payload (first receiver to need it).
+fn frame_for(p: &Payload, deflate: Option<Deflate>, s: &WsSettings) -> (Frame, bool) {
     let opcode = OpCode::Data(if p.is_binary() {
         Data::Binary
     } else {
@@ -312,11 +314,12 @@ fn frame_for(p: &Payload, deflate: Option<Deflate>, s: &WsSettings) -> Frame {
     let len = p.data().len();
     match deflate {
         Some(d) if len >= s.deflate_threshold && len <= d.max_compressed_len() => {
-            let mut frame = Frame::message(p.deflated(s.deflate_level).clone(), opcode, true);
+            let (bytes, computed) = p.deflated(s.deflate_level);
+            let mut frame = Frame::message(bytes.clone(), opcode, true);
             frame.header_mut().rsv1 = true;
-            frame
+            (frame, computed)
         }
-        _ => Frame::message(p.data().clone(), opcode, true),
+        _ => (Frame::message(p.data().clone(), opcode, true), false),
     }
 }
 
@@ -332,10 +335,12 @@ async fn write_loop(
     loop {
         let close = outbound.next_batch(&mut batch).await;
         if !batch.is_empty() {
-            let (mut plain, mut wire, mut saved, mut deflated) = (0usize, 0usize, 0usize, 0u64);
+            let (mut plain, mut wire, mut saved, mut deflated, mut compressions) =
+                (0usize, 0usize, 0usize, 0u64, 0u64);
             let count = batch.len();
             for p in batch.drain(..) {
-                let frame = frame_for(&p, deflate, s);
+                let (frame, computed) = frame_for(&p, deflate, s);
+                compressions += computed as u64;
                 plain += p.data().len();
                 wire += frame.payload().len();
                 if frame.header().rsv1 {
@@ -360,6 +365,7 @@ async fn write_loop(
             if deflated > 0 {
                 m.deflate_messages.inc_by(deflated);
                 m.deflate_saved_bytes.inc_by(saved as u64);
+                m.deflate_compressions.inc_by(compressions);
             }
         }
         if let Some(close) = close {
