@@ -451,3 +451,57 @@ async fn a_relayed_push_is_compressed_once_whatever_the_number_of_followers() {
     // ...and written compressed 1+2+3+4+5 + 20*4 times.
     assert_eq!(metric(addr, "supersynk_deflate_messages_total").await, 95.0);
 }
+
+#[tokio::test]
+async fn a_follower_vanishing_mid_write_does_not_disturb_the_session() {
+    let server = start_default().await;
+    let addr = server.local_addr;
+    let mut leader = plugin(addr).await;
+    join(&mut leader, "L", "rst", true).await;
+    state(&mut leader).await;
+    let mut good = plugin(addr).await;
+    join(&mut good, "G", "rst", false).await;
+    state(&mut good).await;
+    state(&mut leader).await;
+    let mut gone = HunterClient::connect(addr, "/connect", false)
+        .await
+        .unwrap();
+    join(&mut gone, "X", "rst", false).await;
+    state(&mut gone).await;
+    state(&mut good).await;
+    state(&mut leader).await;
+
+    let big = |n: usize| {
+        format!(
+            r#"{{"sessionId":"rst","type":"Push","data":[["em_{n}","{}"]]}}"#,
+            "7".repeat(8_000)
+        )
+    };
+    for n in 0..10 {
+        leader.send_text(&big(n)).await.unwrap();
+    }
+    // Reset the connection (linger 0) with pushes in flight towards it.
+    let tcp = gone.ws.get_ref().get_ref();
+    tcp.set_linger(Some(std::time::Duration::ZERO)).unwrap();
+    drop(gone);
+    for n in 10..20 {
+        leader.send_text(&big(n)).await.unwrap();
+    }
+    for n in 0..20 {
+        loop {
+            let v = recv(&mut good).await;
+            if v["type"] == "Push" {
+                assert_eq!(v["data"][0][0], format!("em_{n}"));
+                break;
+            }
+            assert_eq!(v["type"], "sessionstate");
+        }
+    }
+    // Both remaining members learn that the vanished follower left.
+    loop {
+        let (count, _) = state(&mut leader).await;
+        if count == 2 {
+            break;
+        }
+    }
+}

@@ -129,6 +129,11 @@ impl<S> InflateLayer<S> {
         }
     }
 
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
     /// How many compressed messages this layer has inflated.
     pub fn inflated_messages(&self) -> u64 {
         self.inflated
