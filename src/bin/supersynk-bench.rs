@@ -14,7 +14,6 @@
 //! --interval-ms 30 --duration-s 20 --server-pid $(pgrep -x supersynk)`
 #![forbid(unsafe_code)]
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -28,7 +27,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
-use flate2::{Compress, Compression, FlushCompress, Status};
 use futures::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -36,8 +34,6 @@ use supersynk::client::{ClientError, HunterClient};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::{Interval, MissedTickBehavior, interval_at, sleep_until, timeout};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::frame::Frame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 
 /// Highest latency the histograms hold (1 hour, in µs); anything above is clamped.
 const MAX_LATENCY_US: u64 = 3_600_000_000;
@@ -855,41 +851,10 @@ impl<'a> ConnState<'a> {
     }
 }
 
-thread_local! {
-    /// One compressor per thread, reset for every message.
-    static COMPRESSOR: RefCell<Option<Compress>> = const { RefCell::new(None) };
-}
-
 /// A text message compressed the plugin's way (a finished raw deflate stream plus one `0x00`
-/// byte, RSV1 set: the same bytes as `supersynk::client::text_message(_, true)`), but with
-/// a reused compressor: a fresh one per message costs a ~300 KB allocation, which at tens of
-/// thousands of pushes a second dominates the generator's CPU and bloats its heap.
+/// byte, RSV1 set), with the library's per-thread reused compressor.
 fn compressed_text(data: &[u8]) -> Message {
-    let mut out = Vec::with_capacity(data.len() / 2 + 64);
-    COMPRESSOR.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        let compress = slot.get_or_insert_with(|| Compress::new(Compression::default(), false));
-        compress.reset();
-        let start = compress.total_in();
-        loop {
-            let consumed = (compress.total_in() - start) as usize;
-            match compress.compress_vec(&data[consumed..], &mut out, FlushCompress::Finish) {
-                Ok(Status::StreamEnd) => break,
-                // Out of room: grow and go on.
-                Ok(_) => out.reserve(out.capacity().max(64)),
-                // Cannot happen when compressing from memory into a Vec; fall back.
-                Err(_) => {
-                    out = supersynk::client::plugin_deflate(data);
-                    out.pop();
-                    break;
-                }
-            }
-        }
-    });
-    out.push(0);
-    let mut frame = Frame::message(out, OpCode::Data(Data::Text), true);
-    frame.header_mut().rsv1 = true;
-    Message::Frame(frame)
+    supersynk::client::text_message(std::str::from_utf8(data).unwrap_or_default(), true)
 }
 
 /// Parses the `,"ts":<n>,"seq":<n>}` tail of a push from the end: (ts, seq, where the tail

@@ -15,6 +15,7 @@
 
 use std::cell::RefCell;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -498,8 +499,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for InflateLayer<S> {
                 }
                 return Poll::Ready(Ok(()));
             }
-            let mut chunk = [0u8; 4096];
-            let mut read = ReadBuf::new(&mut chunk);
+            // A stack buffer, left uninitialized (no memset per poll), so that an idle
+            // connection parked here holds no heap buffer.
+            let mut chunk = [const { MaybeUninit::<u8>::uninit() }; 4096];
+            let mut read = ReadBuf::uninit(&mut chunk);
             ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
             if read.filled().is_empty() {
                 return Poll::Ready(Ok(()));
