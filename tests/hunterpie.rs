@@ -482,7 +482,7 @@ async fn a_follower_vanishing_mid_write_does_not_disturb_the_session() {
     }
     // Reset the connection (linger 0) with pushes in flight towards it.
     let tcp = gone.ws.get_ref().get_ref();
-    tcp.set_linger(Some(std::time::Duration::ZERO)).unwrap();
+    tcp.set_zero_linger().unwrap();
     drop(gone);
     for n in 10..20 {
         leader.send_text(&big(n)).await.unwrap();
