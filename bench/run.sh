@@ -45,7 +45,7 @@ scenario() {
       start_server; bench wide-deflate --sessions 1 --followers 1000 --interval-ms 10 --duration-s 20 --deflate "${@:2}"; stop_server ;;
     saturation) # rising offered load on 20 sessions x 100 followers until p99 passes 50 ms
       for deflate in "" "--deflate"; do
-        for interval in 20 10 6 4 3 2; do
+        for interval in ${SAT_INTERVALS:-20 15 10 6 4 3 2}; do
           start_server
           bench "saturation${deflate:+-deflate}-$interval" --sessions 20 --followers 100 --interval-ms "$interval" \
             --duration-s 10 $deflate "${@:2}"

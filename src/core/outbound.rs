@@ -156,9 +156,14 @@ impl Outbound {
             return Err(SendError::SlowConsumer);
         }
         state.bytes += len;
+        let was_empty = state.queue.is_empty();
         state.queue.push_back(payload);
         drop(state);
-        self.0.writer_wake.notify_one();
+        // A non-empty queue was already signalled and the writer drains it whole: one wake
+        // per batch, not per message.
+        if was_empty {
+            self.0.writer_wake.notify_one();
+        }
         Ok(())
     }
 
