@@ -11,7 +11,10 @@ port=${BENCH_PORT:-5301}
 server_pid=
 
 start_server() {
-  ./target/release/supersynk --bind 127.0.0.1 --port "$port" --log warn "$@" &
+  # Leaders in the saturation runs push up to 500 times a second: above the default
+  # per-connection message rate (200/s), which is sized for real clients.
+  ./target/release/supersynk --bind 127.0.0.1 --port "$port" --log warn \
+    --messages-per-second 100000 --message-burst 100000 "$@" &
   server_pid=$!
   for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && return; sleep 0.05; done
   echo "server did not start" >&2; exit 1

@@ -78,6 +78,53 @@ pub struct Settings {
     /// Log format [default: text]
     #[arg(long, env = "SUPERSYNK_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// WebSocket connections the server holds at most [default: 100000]
+    #[arg(long, env = "SUPERSYNK_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// WebSocket connections per client address (loopback and trusted proxies exempt)
+    /// [default: 200]
+    #[arg(long, env = "SUPERSYNK_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
+    /// Messages (and pings) a connection may send per second, sustained [default: 200]
+    #[arg(long, env = "SUPERSYNK_MESSAGES_PER_SECOND")]
+    pub messages_per_second: Option<u32>,
+    /// Messages a connection may send in a burst above the sustained rate [default: 400]
+    #[arg(long, env = "SUPERSYNK_MESSAGE_BURST")]
+    pub message_burst: Option<u32>,
+    /// Session switches (SetSession to another session) per connection per minute
+    /// [default: 30]
+    #[arg(long, env = "SUPERSYNK_SESSION_SWITCHES_PER_MINUTE")]
+    pub session_switches_per_minute: Option<u32>,
+    /// Members a session may have [default: 256]
+    #[arg(long, env = "SUPERSYNK_MAX_SESSION_MEMBERS")]
+    pub max_session_members: Option<usize>,
+    /// Largest HTTP request body, in bytes [default: 1048576]
+    #[arg(long, env = "SUPERSYNK_MAX_HTTP_BODY_BYTES")]
+    pub max_http_body_bytes: Option<usize>,
+    /// HTTP requests per second per client address (loopback and trusted proxies exempt)
+    /// [default: 50]
+    #[arg(long, env = "SUPERSYNK_HTTP_REQUESTS_PER_SECOND")]
+    pub http_requests_per_second: Option<u32>,
+    /// Proxies whose X-Forwarded-For is believed, as addresses or CIDR ranges, comma-separated
+    /// [default: none]
+    #[arg(long, env = "SUPERSYNK_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Option<Vec<ipnet::IpNet>>,
+    /// Origins allowed to open WebSockets from a browser, comma-separated; requests without
+    /// an Origin (the plugin) are always allowed [default: any]
+    #[arg(long, env = "SUPERSYNK_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Option<Vec<String>>,
+    /// Secret for HMAC-signed leader tokens (see protocol/hunterpie.md) [default: none]
+    #[arg(long, env = "SUPERSYNK_LEADER_TOKEN_SECRET")]
+    pub leader_token_secret: Option<String>,
+    /// Bearer token of the admin API under /admin; the API is off without it [default: none]
+    #[arg(long, env = "SUPERSYNK_ADMIN_TOKEN")]
+    pub admin_token: Option<String>,
+    /// PEM certificate chain: serve TLS (wss/https) instead of plain TCP [default: none]
+    #[arg(long, env = "SUPERSYNK_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert [default: none]
+    #[arg(long, env = "SUPERSYNK_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Why the settings could not be read.
@@ -110,6 +157,25 @@ pub struct Config {
     pub echo_endpoint: bool,
     pub log: String,
     pub log_format: LogFormat,
+    pub limits: Limits,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub allowed_origins: Vec<String>,
+    pub leader_token_secret: Option<String>,
+    pub admin_token: Option<String>,
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+/// Every limit on what clients may do.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub messages_per_second: u32,
+    pub message_burst: u32,
+    pub session_switches_per_minute: u32,
+    pub max_session_members: usize,
+    pub max_http_body_bytes: usize,
+    pub http_requests_per_second: u32,
 }
 
 impl Default for Config {
@@ -143,7 +209,21 @@ impl Settings {
             shutdown_grace_ms,
             echo_endpoint,
             log,
-            log_format
+            log_format,
+            max_connections,
+            max_connections_per_ip,
+            messages_per_second,
+            message_burst,
+            session_switches_per_minute,
+            max_session_members,
+            max_http_body_bytes,
+            http_requests_per_second,
+            trusted_proxies,
+            allowed_origins,
+            leader_token_secret,
+            admin_token,
+            tls_cert,
+            tls_key
         )
     }
 
@@ -204,7 +284,38 @@ impl Config {
             echo_endpoint: s.echo_endpoint.unwrap_or(false),
             log: s.log.unwrap_or_else(|| "info".into()),
             log_format: s.log_format.unwrap_or(LogFormat::Text),
+            limits: Limits {
+                max_connections: s.max_connections.unwrap_or(100_000),
+                max_connections_per_ip: s.max_connections_per_ip.unwrap_or(200),
+                messages_per_second: s.messages_per_second.unwrap_or(200),
+                message_burst: s.message_burst.unwrap_or(400),
+                session_switches_per_minute: s.session_switches_per_minute.unwrap_or(30),
+                max_session_members: s.max_session_members.unwrap_or(256),
+                max_http_body_bytes: s.max_http_body_bytes.unwrap_or(1 << 20),
+                http_requests_per_second: s.http_requests_per_second.unwrap_or(50),
+            },
+            trusted_proxies: s.trusted_proxies.unwrap_or_default(),
+            allowed_origins: s.allowed_origins.unwrap_or_default(),
+            leader_token_secret: s.leader_token_secret.filter(|v| !v.is_empty()),
+            admin_token: s.admin_token.filter(|v| !v.is_empty()),
+            tls: match (s.tls_cert, s.tls_key) {
+                (Some(c), Some(k)) => Some((c, k)),
+                (None, None) => None,
+                _ => {
+                    return Err(ConfigError::Invalid(
+                        "--tls-cert and --tls-key go together".into(),
+                    ));
+                }
+            },
         };
+        let l = &config.limits;
+        if l.messages_per_second == 0
+            || l.message_burst == 0
+            || l.session_switches_per_minute == 0
+            || l.http_requests_per_second == 0
+        {
+            return Err(ConfigError::Invalid("rate limits must be above 0".into()));
+        }
         if config.socket_timeout_check_interval.is_zero() || config.socket_timeout.is_zero() {
             return Err(ConfigError::Invalid(
                 "socket timeouts must be above 0".into(),

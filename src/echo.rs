@@ -7,7 +7,7 @@ use axum::response::Response;
 use hyper::upgrade::Upgraded;
 
 use crate::core::outbound::Payload;
-use crate::server::{App, upgrade_with};
+use crate::server::{App, Peer, upgrade_with};
 use crate::ws::connection::codes;
 use crate::ws::extension::Deflate;
 use crate::ws::{Connection, Event};
@@ -16,8 +16,8 @@ pub async fn connect(State(app): State<App>, mut req: Request) -> Response {
     upgrade_with(&app, &mut req, serve)
 }
 
-async fn serve(upgraded: Upgraded, deflate: Option<Deflate>, app: App) {
-    let mut conn = Connection::start(upgraded, deflate, app.conn_context()).await;
+async fn serve(upgraded: Upgraded, deflate: Option<Deflate>, app: App, peer: Peer) {
+    let mut conn = Connection::start(upgraded, deflate, app.conn_context(), peer).await;
     loop {
         match conn.next().await {
             Event::Text(t) => conn.send(Payload::text(t)),

@@ -18,6 +18,7 @@ pub mod config;
 pub mod core;
 pub mod echo;
 pub mod hunterpie;
+pub mod limits;
 pub mod metrics;
 pub mod server;
 pub mod ws;

@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::core::hub::Hub;
+use crate::limits::{ConnectionPermit, Guard};
 use crate::metrics::Metrics;
 use crate::ws::connection::ConnContext;
 use crate::ws::{WsSettings, upgrade};
@@ -47,6 +48,8 @@ pub struct AppInner {
     pub shutdown: CancellationToken,
     /// Every upgraded connection's tasks, so shutdown can wait for them.
     pub tracker: TaskTracker,
+    /// Connection caps, rates, client addresses.
+    pub guard: Arc<Guard>,
 }
 
 impl std::ops::Deref for App {
@@ -69,7 +72,8 @@ impl App {
             close_timeout: Duration::from_secs(2),
         });
         App(Arc::new(AppInner {
-            hub: Hub::new(metrics.clone()),
+            hub: Hub::new(metrics.clone(), config.limits.max_session_members),
+            guard: Arc::new(Guard::new(&config, metrics.clone())),
             metrics,
             ws,
             config,
@@ -85,6 +89,7 @@ impl App {
             metrics: self.metrics.clone(),
             shutdown: self.shutdown.clone(),
             tracker: self.tracker.clone(),
+            guard: self.guard.clone(),
         }
     }
 }
@@ -100,7 +105,40 @@ pub fn router(app: App) -> Router {
     if app.config.echo_endpoint {
         r = r.route("/echo", get(crate::echo::connect));
     }
-    r.with_state(app)
+    if app.config.admin_token.is_some() {
+        r = r.nest("/admin", crate::hunterpie::admin::routes(app.clone()));
+    }
+    r.layer(axum::extract::DefaultBodyLimit::max(
+        app.config.limits.max_http_body_bytes,
+    ))
+    .layer(axum::middleware::from_fn_with_state(
+        app.clone(),
+        http_rate_limit,
+    ))
+    .with_state(app)
+}
+
+/// Counts every HTTP request (upgrades included) against its address's rate.
+async fn http_rate_limit(
+    State(app): State<App>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let ip = client_ip(&app, &req);
+    match app.guard.check_http(ip) {
+        Ok(()) => next.run(req).await,
+        Err(refusal) => (refusal.status(), format!("{refusal}\n")).into_response(),
+    }
+}
+
+/// The client's address for a request (see [`Guard::client_ip`]).
+pub fn client_ip(app: &App, req: &Request) -> std::net::IpAddr {
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+    app.guard.client_ip(peer, req.headers())
 }
 
 async fn connect(State(app): State<App>, mut req: Request) -> Response {
@@ -111,7 +149,7 @@ async fn connect(State(app): State<App>, mut req: Request) -> Response {
 /// shutdown.
 pub fn upgrade_with<F, Fut>(app: &App, req: &mut Request, serve: F) -> Response
 where
-    F: FnOnce(hyper::upgrade::Upgraded, Option<crate::ws::extension::Deflate>, App) -> Fut
+    F: FnOnce(hyper::upgrade::Upgraded, Option<crate::ws::extension::Deflate>, App, Peer) -> Fut
         + Send
         + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -119,6 +157,18 @@ where
     if app.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
+    let addr = client_ip(app, req);
+    let admitted = app
+        .guard
+        .check_origin(req.headers())
+        .and_then(|()| app.guard.admit(addr));
+    let permit = match admitted {
+        Ok(p) => p,
+        Err(refusal) => {
+            debug!(%addr, %refusal, "upgrade refused");
+            return (refusal.status(), format!("{refusal}\n")).into_response();
+        }
+    };
     let accepted = match upgrade::accept(req, app.config.deflate) {
         Ok(a) => a,
         Err(e) => {
@@ -131,7 +181,7 @@ where
     let deflate = accepted.deflate;
     app.tracker.spawn(async move {
         match accepted.on_upgrade.await {
-            Ok(upgraded) => serve(upgraded, deflate, app2).await,
+            Ok(upgraded) => serve(upgraded, deflate, app2, Peer { addr, permit }).await,
             Err(e) => debug!(error = %e, "upgrade failed"),
         }
     });
@@ -173,6 +223,14 @@ async fn status_page(State(app): State<App>) -> Html<String> {
         up / 60 % 60,
         up % 60
     ))
+}
+
+/// Who is on the other end of an upgraded connection; holds its place under the
+/// connection limits until dropped.
+#[derive(Debug)]
+pub struct Peer {
+    pub addr: std::net::IpAddr,
+    pub permit: ConnectionPermit,
 }
 
 /// A running server.
@@ -226,9 +284,14 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 async fn accept_loop(listener: TcpListener, app: App) {
     let router = router(app.clone());
     let mut backoff = Duration::from_millis(5);
+    let mut housekeeping = tokio::time::interval(Duration::from_secs(60));
     loop {
         let accepted = tokio::select! {
             _ = app.shutdown.cancelled() => break,
+            _ = housekeeping.tick() => {
+                app.guard.forget_idle();
+                continue;
+            }
             accepted = listener.accept() => accepted,
         };
         let (tcp, peer) = match accepted {

@@ -38,6 +38,42 @@ pub struct Member {
     pub conn: ConnId,
     pub role: Role,
     pub outbound: Outbound,
+    /// The name the client gave (for operators), and its address.
+    pub name: Arc<str>,
+    pub addr: std::net::IpAddr,
+}
+
+/// Why a join was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum JoinError {
+    #[error("session is full: at most {0} members")]
+    Full(usize),
+}
+
+/// The result of a join.
+#[derive(Debug, Clone)]
+pub struct Joined {
+    pub session: Arc<Session>,
+    /// The role granted: a leader without the session's leader key joins as a follower.
+    pub role: Role,
+    pub leadership_refused: bool,
+}
+
+/// One member as operators see it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MemberInfo {
+    pub conn: u64,
+    pub name: String,
+    pub leader: bool,
+    pub addr: String,
+}
+
+/// One session as operators see it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SessionInfo {
+    pub id: String,
+    pub protected: bool,
+    pub members: Vec<MemberInfo>,
 }
 
 /// What a presence announcement reports.
@@ -65,7 +101,14 @@ pub struct Session {
     id: Arc<str>,
     /// A `std` mutex: held while pushing to members' queues (which never wait), never across
     /// `.await`. Lock order: the hub's map first, then a session.
-    members: Mutex<Vec<Member>>,
+    state: Mutex<SessionState>,
+}
+
+#[derive(Debug, Default)]
+struct SessionState {
+    members: Vec<Member>,
+    /// Set by the first leader that presents one; from then on only it makes a leader.
+    leader_key: Option<Box<str>>,
 }
 
 impl Session {
@@ -74,14 +117,43 @@ impl Session {
         &self.id
     }
 
-    fn members(&self) -> MutexGuard<'_, Vec<Member>> {
-        // Every mutation is one step on the Vec; a poisoned lock still holds a valid list.
-        self.members.lock().unwrap_or_else(|e| e.into_inner())
+    fn state(&self) -> MutexGuard<'_, SessionState> {
+        // Every mutation is one step; a poisoned lock still holds a valid state.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What operators see of this session.
+    pub fn info(&self) -> SessionInfo {
+        let state = self.state();
+        SessionInfo {
+            id: self.id.to_string(),
+            protected: state.leader_key.is_some(),
+            members: state
+                .members
+                .iter()
+                .map(|m| MemberInfo {
+                    conn: m.conn.0,
+                    name: m.name.to_string(),
+                    leader: m.role == Role::Leader,
+                    addr: m.addr.to_string(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Sends `payload` to every member.
+    pub fn broadcast(&self, payload: &Arc<Payload>) -> usize {
+        self.state()
+            .members
+            .iter()
+            .filter(|m| m.outbound.send(payload.clone()).is_ok())
+            .count()
     }
 
     /// The role of `conn` in this session, if it is a member.
     pub fn role_of(&self, conn: ConnId) -> Option<Role> {
-        self.members()
+        self.state()
+            .members
             .iter()
             .find(|m| m.conn == conn)
             .map(|m| m.role)
@@ -89,13 +161,14 @@ impl Session {
 
     /// Current presence.
     pub fn presence(&self) -> Presence {
-        presence(&self.members())
+        presence(&self.state().members)
     }
 
     /// Queues `payload` for the audience; returns how many receivers accepted it. A receiver
     /// whose queue is full is closed by its queue (slow consumer), never waited for.
     pub fn publish(&self, from: ConnId, payload: &Arc<Payload>, audience: Audience) -> usize {
-        let members = self.members();
+        let state = self.state();
+        let members = &state.members;
         let mut delivered = 0;
         for m in members.iter() {
             let wanted = match audience {
@@ -108,6 +181,12 @@ impl Session {
         }
         delivered
     }
+}
+
+/// Compares secrets without leaking, through timing, how much of them matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    a.len() == b.len() && bool::from(a.ct_eq(b))
 }
 
 fn presence(members: &[Member]) -> Presence {
@@ -130,15 +209,57 @@ fn announce_to(members: &[Member], announce: Announce) {
 pub struct Hub {
     /// A `std` mutex over the map: held for a lookup, an insert or a removal only.
     sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
+    /// Every connection of a front-end that registers, for operator broadcasts and kicks.
+    /// A `std` mutex held for one map operation.
+    connections: Mutex<HashMap<ConnId, Outbound>>,
+    max_members: usize,
     metrics: Arc<Metrics>,
 }
 
 impl Hub {
-    pub fn new(metrics: Arc<Metrics>) -> Hub {
+    pub fn new(metrics: Arc<Metrics>, max_members: usize) -> Hub {
         Hub {
             sessions: Mutex::new(HashMap::new()),
+            connections: Mutex::new(HashMap::new()),
+            max_members,
             metrics,
         }
+    }
+
+    fn connections(&self) -> MutexGuard<'_, HashMap<ConnId, Outbound>> {
+        self.connections.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes a connection reachable by [`Hub::broadcast_all`] and [`Hub::close_connection`].
+    pub fn register(&self, conn: ConnId, outbound: Outbound) {
+        self.connections().insert(conn, outbound);
+    }
+
+    /// Forgets a registered connection.
+    pub fn unregister(&self, conn: ConnId) {
+        self.connections().remove(&conn);
+    }
+
+    /// Sends `payload` to every registered connection; returns how many took it.
+    pub fn broadcast_all(&self, payload: &Arc<Payload>) -> usize {
+        let all: Vec<Outbound> = self.connections().values().cloned().collect();
+        all.iter()
+            .filter(|o| o.send(payload.clone()).is_ok())
+            .count()
+    }
+
+    /// Closes a registered connection; false if there is none with that id.
+    pub fn close_connection(&self, conn: ConnId, close: crate::core::outbound::Close) -> bool {
+        let outbound = self.connections().get(&conn).cloned();
+        outbound.map(|o| o.close(close)).is_some()
+    }
+
+    /// What operators see of every session, by id.
+    pub fn snapshot(&self) -> Vec<SessionInfo> {
+        let sessions: Vec<Arc<Session>> = self.sessions().values().cloned().collect();
+        let mut out: Vec<SessionInfo> = sessions.iter().map(|s| s.info()).collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
     }
 
     fn sessions(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<Session>>> {
@@ -146,58 +267,94 @@ impl Hub {
     }
 
     /// Adds `member` to session `id` (creating it), or updates its role if it is already a
-    /// member, then announces the new presence to every member.
-    pub fn join(&self, id: &str, member: Member, announce: Announce) -> Arc<Session> {
+    /// member, then announces the new presence to every member. A leader must present the
+    /// session's leader key once one is set (`key`); the first leader presenting a key sets
+    /// it. A leader without the right key joins as a follower.
+    pub fn join(
+        &self,
+        id: &str,
+        mut member: Member,
+        key: Option<&str>,
+        announce: Announce,
+    ) -> Result<Joined, JoinError> {
         let mut sessions = self.sessions();
         let session = match sessions.get(id) {
             Some(s) => s.clone(),
             None => {
                 let s = Arc::new(Session {
                     id: Arc::from(id),
-                    members: Mutex::new(Vec::new()),
+                    state: Mutex::new(SessionState::default()),
                 });
                 sessions.insert(s.id.clone(), s.clone());
                 self.metrics.sessions.set(sessions.len() as i64);
                 s
             }
         };
-        let mut members = session.members();
+        let mut state = session.state();
         drop(sessions);
-        match members.iter_mut().find(|m| m.conn == member.conn) {
-            Some(m) => m.role = member.role,
-            None => members.push(member),
+        let existing = state.members.iter().position(|m| m.conn == member.conn);
+        if existing.is_none() && state.members.len() >= self.max_members {
+            drop(state);
+            self.remove_if_empty(&session);
+            return Err(JoinError::Full(self.max_members));
         }
-        announce_to(&members, announce);
-        drop(members);
-        session
+        let mut leadership_refused = false;
+        if member.role == Role::Leader {
+            match (&state.leader_key, key) {
+                (Some(k), Some(given)) if constant_time_eq(k.as_bytes(), given.as_bytes()) => {}
+                (Some(_), _) => {
+                    member.role = Role::Follower;
+                    leadership_refused = true;
+                }
+                (None, Some(given)) => state.leader_key = Some(given.into()),
+                (None, None) => {}
+            }
+        }
+        let role = member.role;
+        match existing {
+            Some(i) => {
+                state.members[i].role = role;
+                state.members[i].name = member.name;
+            }
+            None => state.members.push(member),
+        }
+        announce_to(&state.members, announce);
+        drop(state);
+        Ok(Joined {
+            session,
+            role,
+            leadership_refused,
+        })
     }
 
     /// Removes `conn` from `session`, announces the new presence to the others, and removes
     /// the session once it is empty.
     pub fn leave(&self, session: &Arc<Session>, conn: ConnId, announce: Announce) {
-        let empty = {
-            let mut members = session.members();
-            let before = members.len();
-            members.retain(|m| m.conn != conn);
-            if members.len() == before {
+        {
+            let mut state = session.state();
+            let before = state.members.len();
+            state.members.retain(|m| m.conn != conn);
+            if state.members.len() == before {
                 return;
             }
-            if !members.is_empty() {
-                announce_to(&members, announce);
+            if !state.members.is_empty() {
+                announce_to(&state.members, announce);
+                return;
             }
-            members.is_empty()
-        };
-        if empty {
-            let mut sessions = self.sessions();
-            // Someone may have joined between the two locks: check again under both.
-            if session.members().is_empty()
-                && sessions
-                    .get(&session.id)
-                    .is_some_and(|s| Arc::ptr_eq(s, session))
-            {
-                sessions.remove(&session.id);
-                self.metrics.sessions.set(sessions.len() as i64);
-            }
+        }
+        self.remove_if_empty(session);
+    }
+
+    fn remove_if_empty(&self, session: &Arc<Session>) {
+        let mut sessions = self.sessions();
+        // Someone may have joined between the two locks: check again under both.
+        if session.state().members.is_empty()
+            && sessions
+                .get(&session.id)
+                .is_some_and(|s| Arc::ptr_eq(s, session))
+        {
+            sessions.remove(&session.id);
+            self.metrics.sessions.set(sessions.len() as i64);
         }
     }
 
@@ -230,6 +387,8 @@ mod tests {
             conn: ConnId::next(),
             role,
             outbound: Outbound::new(1 << 20),
+            name: Arc::from("n"),
+            addr: [127, 0, 0, 1].into(),
         }
     }
 
@@ -244,15 +403,18 @@ mod tests {
 
     #[tokio::test]
     async fn join_announces_to_everyone_and_publish_reaches_followers_only() {
-        let hub = Hub::new(Arc::new(Metrics::new()));
+        let hub = Hub::new(Arc::new(Metrics::new()), 16);
         let (leader, a, b) = (
             member(Role::Leader),
             member(Role::Follower),
             member(Role::Follower),
         );
-        let s = hub.join("s", leader.clone(), announce);
-        hub.join("s", a.clone(), announce);
-        hub.join("s", b.clone(), announce);
+        let s = hub
+            .join("s", leader.clone(), None, announce)
+            .unwrap()
+            .session;
+        hub.join("s", a.clone(), None, announce).unwrap();
+        hub.join("s", b.clone(), None, announce).unwrap();
         assert_eq!(drain(&leader).await, ["1/1", "2/1", "3/1"]);
         assert_eq!(drain(&a).await, ["2/1", "3/1"]);
         assert_eq!(
@@ -271,17 +433,14 @@ mod tests {
 
     #[tokio::test]
     async fn rejoin_updates_role_without_duplicating() {
-        let hub = Hub::new(Arc::new(Metrics::new()));
+        let hub = Hub::new(Arc::new(Metrics::new()), 16);
         let m = member(Role::Follower);
-        hub.join("s", m.clone(), announce);
-        let s = hub.join(
-            "s",
-            Member {
-                role: Role::Leader,
-                ..m.clone()
-            },
-            announce,
-        );
+        hub.join("s", m.clone(), None, announce).unwrap();
+        let leader = Member {
+            role: Role::Leader,
+            ..m.clone()
+        };
+        let s = hub.join("s", leader, None, announce).unwrap().session;
         assert_eq!(
             s.presence(),
             Presence {
@@ -290,5 +449,38 @@ mod tests {
             }
         );
         assert_eq!(drain(&m).await, ["1/0", "1/1"]);
+    }
+
+    #[tokio::test]
+    async fn leader_key_and_member_cap() {
+        let hub = Hub::new(Arc::new(Metrics::new()), 3);
+        let first = hub
+            .join("p", member(Role::Leader), Some("k1"), announce)
+            .unwrap();
+        assert_eq!(
+            (first.role, first.leadership_refused),
+            (Role::Leader, false)
+        );
+        let thief = hub.join("p", member(Role::Leader), None, announce).unwrap();
+        assert_eq!(
+            (thief.role, thief.leadership_refused),
+            (Role::Follower, true)
+        );
+        let wrong = hub.join("p", member(Role::Leader), Some("k2"), announce);
+        assert!(wrong.unwrap().leadership_refused);
+        assert_eq!(
+            hub.join("p", member(Role::Follower), None, announce)
+                .unwrap_err(),
+            JoinError::Full(3)
+        );
+        assert_eq!(
+            first.session.presence(),
+            Presence {
+                members: 3,
+                leaders: 1
+            }
+        );
+        let unprotected = hub.join("q", member(Role::Leader), None, announce).unwrap();
+        assert!(!unprotected.session.info().protected);
     }
 }

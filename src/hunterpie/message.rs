@@ -25,6 +25,10 @@ pub enum Command {
     SetSession {
         session_id: String,
         leader: bool,
+        /// A session secret chosen by the first leader, and an HMAC-signed leader token: both
+        /// optional, the deployed plugin sends neither.
+        secret: Option<String>,
+        token: Option<String>,
     },
     /// A push; the frame itself is what gets relayed.
     Push {
@@ -80,6 +84,10 @@ struct Raw<'a> {
     name: Option<&'a RawValue>,
     #[serde(borrow, default)]
     data: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    secret: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    token: Option<&'a RawValue>,
 }
 
 /// A string field: `None` if absent or null.
@@ -121,7 +129,19 @@ pub fn parse(text: &str) -> Result<Command, ParseError> {
                 Some("true") => true,
                 Some(_) => return Err(ParseError::WrongType("isLeader", "true or false")),
             };
-            Ok(Command::SetSession { session_id, leader })
+            let secret = string_field(raw.secret, "secret")?.filter(|s| !s.is_empty());
+            let token = string_field(raw.token, "token")?.filter(|s| !s.is_empty());
+            for (field, value) in [("secret", &secret), ("token", &token)] {
+                if value.as_ref().is_some_and(|v| v.len() > MAX_SESSION_ID) {
+                    return Err(ParseError::TooLong(field, MAX_SESSION_ID));
+                }
+            }
+            Ok(Command::SetSession {
+                session_id,
+                leader,
+                secret,
+                token,
+            })
         }
         "push" => {
             if raw.data.is_none() {
@@ -180,7 +200,9 @@ mod tests {
             parse(r#"{"sessionId":"c3@uTKeQR3Mp:Hunter","type":"SetSession","isLeader":true}"#),
             Ok(Command::SetSession {
                 session_id: "c3@uTKeQR3Mp:Hunter".into(),
-                leader: true
+                leader: true,
+                secret: None,
+                token: None
             })
         );
         assert_eq!(
@@ -197,7 +219,9 @@ mod tests {
             parse(r#"{"type":"SETSESSION","sessionId":"x"}"#),
             Ok(Command::SetSession {
                 session_id: "x".into(),
-                leader: false
+                leader: false,
+                secret: None,
+                token: None
             })
         );
     }

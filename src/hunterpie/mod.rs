@@ -5,6 +5,7 @@
 //! input is answered with) over the core's hub; owns no socket and no session state of its
 //! own beyond each connection's name and current session.
 
+pub mod admin;
 pub mod message;
 
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use hyper::upgrade::Upgraded;
 use tracing::debug;
 
 use crate::core::hub::{Audience, Member, Role, Session};
-use crate::server::App;
+use crate::server::{App, Peer};
 use crate::ws::connection::codes;
 use crate::ws::extension::Deflate;
 use crate::ws::{Connection, Event};
@@ -24,16 +25,20 @@ pub const SHUTDOWN_TEXT: &str = "Server is shutting down for maintenance; reconn
 
 /// What the server knows of one client.
 struct Client {
-    name: String,
+    name: Arc<str>,
     session: Option<(Arc<Session>, Role)>,
+    /// Session switches this connection may still make (per-minute rate).
+    switches: governor::DefaultDirectRateLimiter,
 }
 
 /// Serves one upgraded `/connect` socket until it closes.
-pub async fn serve(upgraded: Upgraded, deflate: Option<Deflate>, app: App) {
-    let mut conn = Connection::start(upgraded, deflate, app.conn_context()).await;
+pub async fn serve(upgraded: Upgraded, deflate: Option<Deflate>, app: App, peer: Peer) {
+    let mut conn = Connection::start(upgraded, deflate, app.conn_context(), peer).await;
+    app.hub.register(conn.id, conn.outbound.clone());
     let mut client = Client {
-        name: String::new(),
+        name: Arc::from(""),
         session: None,
+        switches: app.guard.switch_limiter(),
     };
     loop {
         match conn.next().await {
@@ -57,6 +62,7 @@ pub async fn serve(upgraded: Upgraded, deflate: Option<Deflate>, app: App) {
         }
     }
     leave(&app, &conn, &mut client);
+    app.hub.unregister(conn.id);
     conn.finish().await;
 }
 
@@ -85,30 +91,68 @@ fn on_text(conn: &Connection, client: &mut Client, text: bytes::Bytes, app: &App
         }
     };
     match command {
-        Command::SetName(name) => client.name = name,
-        Command::SetSession { session_id, leader } => {
+        Command::SetName(name) => client.name = Arc::from(name),
+        Command::SetSession {
+            session_id,
+            leader,
+            secret,
+            token,
+        } => {
             if session_id.is_empty() {
                 app.metrics.error("empty_session_id");
                 leave(app, conn, client);
                 conn.send(server_msg(Level::Warn, "Session id cannot be empty!"));
                 return;
             }
-            if client
+            let switching = client
                 .session
                 .as_ref()
-                .is_some_and(|(s, _)| s.id() != session_id)
-            {
+                .is_none_or(|(s, _)| s.id() != session_id);
+            if switching && client.switches.check().is_err() {
+                app.metrics.error("limit_session_switch_rate");
+                let per_minute = app.config.limits.session_switches_per_minute;
+                let text = format!(
+                    "Rate limit: at most {per_minute} session changes per minute; try again later"
+                );
+                conn.send(server_msg(Level::Warn, &text));
+                return;
+            }
+            if switching {
                 leave(app, conn, client);
             }
-            let role = if leader { Role::Leader } else { Role::Follower };
+            let (key, bad_token) = leader_key(app, &session_id, secret, token);
+            let role = if leader && !bad_token {
+                Role::Leader
+            } else {
+                Role::Follower
+            };
             let member = Member {
                 conn: conn.id,
                 role,
                 outbound: conn.outbound.clone(),
+                name: client.name.clone(),
+                addr: conn.peer.addr,
             };
-            let session = app.hub.join(&session_id, member, session_state);
-            debug!(conn = conn.id.0, name = %client.name, session = %session_id, leader, "joined");
-            client.session = Some((session, role));
+            match app
+                .hub
+                .join(&session_id, member, key.as_deref(), session_state)
+            {
+                Ok(joined) => {
+                    debug!(conn = conn.id.0, name = %client.name, session = %session_id, role = ?joined.role, "joined");
+                    if leader && (bad_token || joined.leadership_refused) {
+                        app.metrics.error("leadership_refused");
+                        conn.send(server_msg(
+                            Level::Error,
+                            "This session is protected: only a leader with its secret can lead. Joined as a follower.",
+                        ));
+                    }
+                    client.session = Some((joined.session, joined.role));
+                }
+                Err(e) => {
+                    app.metrics.error("limit_session_members");
+                    conn.send(server_msg(Level::Warn, &format!("Cannot join: {e}")));
+                }
+            }
         }
         Command::Push { session_id } => {
             let refusal = match &client.session {
@@ -141,4 +185,41 @@ fn on_text(conn: &Connection, client: &mut Client, text: bytes::Bytes, app: &App
             conn.close(codes::NORMAL);
         }
     }
+}
+
+/// The leader key a SetSession presents, and whether it presented a token that is not valid.
+/// A session secret is taken as it is; an HMAC token must be the hex HMAC-SHA256 of the
+/// session id under the operator's secret (protocol/hunterpie.md).
+fn leader_key(
+    app: &App,
+    session_id: &str,
+    secret: Option<String>,
+    token: Option<String>,
+) -> (Option<String>, bool) {
+    match (token, secret) {
+        (Some(token), _) => match &app.config.leader_token_secret {
+            Some(key) if token_is_valid(key, session_id, &token) => {
+                (Some(format!("token:{token}")), false)
+            }
+            _ => (None, true),
+        },
+        (None, Some(secret)) => (Some(format!("secret:{secret}")), false),
+        (None, None) => (None, false),
+    }
+}
+
+/// The HMAC token for `session_id` under `key`, as lowercase hex.
+pub fn leader_token(key: &str, session_id: &str) -> String {
+    use hmac::{Hmac, Mac};
+    // HMAC accepts keys of any length.
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).expect("any key length");
+    mac.update(session_id.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+fn token_is_valid(key: &str, session_id: &str, token: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    let expected = leader_token(key, session_id);
+    let token = token.to_ascii_lowercase();
+    expected.len() == token.len() && bool::from(expected.as_bytes().ct_eq(token.as_bytes()))
 }

@@ -61,6 +61,15 @@ pub mod codes {
         code: 4000,
         reason: "idle timeout",
     };
+    pub const RATE_LIMITED: Close = Close {
+        code: 1008,
+        reason: "rate limit: too many messages per second",
+    };
+    /// Closed by an operator through the admin API.
+    pub const KICKED: Close = Close {
+        code: 4003,
+        reason: "removed by an administrator",
+    };
     /// The peer sent a close frame: tungstenite has queued the echo of its code, which the
     /// writer only has to flush.
     pub const PEER_CLOSED: Close = Close {
@@ -94,6 +103,7 @@ pub struct ConnContext {
     pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
+    pub guard: Arc<crate::limits::Guard>,
 }
 
 /// What the reader saw.
@@ -113,6 +123,10 @@ pub enum Event {
 /// One WebSocket connection, from the front-end's side.
 pub struct Connection {
     pub id: ConnId,
+    /// The client's address and its place under the connection limits.
+    pub peer: crate::server::Peer,
+    /// Messages per second this connection may send.
+    rate: governor::DefaultDirectRateLimiter,
     /// The queue every message to this peer goes through.
     pub outbound: Outbound,
     stream: SplitStream<Ws>,
@@ -129,6 +143,7 @@ impl Connection {
         upgraded: Upgraded,
         deflate: Option<Deflate>,
         ctx: ConnContext,
+        peer: crate::server::Peer,
     ) -> Connection {
         let s = &ctx.settings;
         let io = InflateLayer::new(
@@ -160,6 +175,8 @@ impl Connection {
         ctx.metrics.connections_total.inc();
         Connection {
             id: ConnId::next(),
+            peer,
+            rate: ctx.guard.message_limiter(),
             outbound,
             stream,
             writer,
@@ -204,6 +221,12 @@ impl Connection {
                 }
                 msg = self.stream.next() => {
                     self.last_activity = Instant::now();
+                    if matches!(msg, Some(Ok(Message::Text(_) | Message::Binary(_) | Message::Ping(_)))) && self.rate.check().is_err() {
+                        debug!(conn = self.id.0, addr = %self.peer.addr, "message rate limit");
+                        self.ctx.metrics.error("limit_message_rate");
+                        self.outbound.close(codes::RATE_LIMITED);
+                        continue;
+                    }
                     match msg {
                         Some(Ok(Message::Text(text))) => {
                             self.count_in(text.len());
@@ -279,7 +302,9 @@ fn close_kind(code: u16) -> &'static str {
         1006 => "connection_lost",
         1007 => "invalid_data",
         1009 => "too_big",
+        1008 => "rate_limited",
         4000 => "idle_timeout",
+        4003 => "kicked",
         4008 => "slow_consumer",
         _ => "other",
     }
