@@ -59,6 +59,16 @@ impl HunterClient {
         path: &str,
         offer_deflate: bool,
     ) -> Result<HunterClient, ClientError> {
+        Self::connect_with_headers(addr, path, offer_deflate, &[]).await
+    }
+
+    /// [`HunterClient::connect`] with extra request headers (`X-Forwarded-For`, `Origin`...).
+    pub async fn connect_with_headers(
+        addr: SocketAddr,
+        path: &str,
+        offer_deflate: bool,
+        headers: &[(&str, &str)],
+    ) -> Result<HunterClient, ClientError> {
         let mut tcp = TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
         let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
@@ -67,9 +77,13 @@ impl HunterClient {
         } else {
             ""
         };
+        let extra: String = headers
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}\r\n"))
+            .collect();
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: keep-alive, Upgrade\r\nCache-Control: no-cache\r\n\
-             Pragma: no-cache\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n{ext}\r\n",
+             Pragma: no-cache\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n{ext}{extra}\r\n",
             addr.ip()
         );
         tcp.write_all(request.as_bytes()).await?;
@@ -92,7 +106,17 @@ impl HunterClient {
         };
         let handshake = String::from_utf8_lossy(&buf[..end]).into_owned();
         if !handshake.starts_with("HTTP/1.1 101") {
-            return Err(ClientError::Handshake(handshake));
+            // Read the (short) body too: it says why.
+            let mut body = buf[end..].to_vec();
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                tcp.read_to_end(&mut body),
+            )
+            .await;
+            return Err(ClientError::Handshake(format!(
+                "{handshake}{}",
+                String::from_utf8_lossy(&body)
+            )));
         }
         let deflate = handshake.lines().any(|l| {
             let l = l.to_ascii_lowercase();

@@ -118,7 +118,16 @@ async fn shutdown_waits_no_longer_than_the_grace_period() {
 #[tokio::test]
 async fn a_follower_that_stops_reading_is_cut_off_and_memory_stays_bounded() {
     // The leader pushes as fast as it can: lift the message rate limit for this test.
-    let args = ["--port", "0", "--outbound-queue-bytes", "131072", "--messages-per-second", "1000000", "--message-burst", "1000000"];
+    let args = [
+        "--port",
+        "0",
+        "--outbound-queue-bytes",
+        "131072",
+        "--messages-per-second",
+        "1000000",
+        "--message-burst",
+        "1000000",
+    ];
     let (child, addr) = spawn(&args, &[]);
     let mut leader = plugin(addr).await;
     join(&mut leader, "L", "slow", true).await;

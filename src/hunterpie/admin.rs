@@ -50,6 +50,15 @@ async fn require_token(State(app): State<App>, req: Request, next: Next) -> Resp
     }
 }
 
+/// The answer to a body that is not the expected JSON: 413 when it was too large.
+fn bad_body(rejection: axum::extract::rejection::JsonRejection, expected: &str) -> Response {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
+    } else {
+        error(StatusCode::BAD_REQUEST, expected)
+    }
+}
+
 fn error(status: StatusCode, text: &str) -> Response {
     (status, Json(json!({ "error": text }))).into_response()
 }
@@ -73,11 +82,14 @@ async fn message(
     State(app): State<App>,
     body: Result<Json<MessageBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let Ok(Json(body)) = body else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "expected JSON {\"text\": ..., \"level\"?: info|warn|error, \"session\"?: id}",
-        );
+    let body = match body {
+        Ok(Json(body)) => body,
+        Err(r) => {
+            return bad_body(
+                r,
+                "expected JSON {\"text\": ..., \"level\"?: info|warn|error, \"session\"?: id}",
+            );
+        }
     };
     let level = match body.level.as_deref().unwrap_or("warn") {
         "info" => Level::Info,
@@ -106,11 +118,14 @@ async fn kick(
     State(app): State<App>,
     body: Result<Json<KickBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let Ok(Json(body)) = body else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "expected JSON {\"conn\": <connection id from /admin/sessions>}",
-        );
+    let body = match body {
+        Ok(Json(body)) => body,
+        Err(r) => {
+            return bad_body(
+                r,
+                "expected JSON {\"conn\": <connection id from /admin/sessions>}",
+            );
+        }
     };
     if app.hub.close_connection(ConnId(body.conn), codes::KICKED) {
         Json(json!({ "kicked": body.conn })).into_response()
