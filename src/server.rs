@@ -19,6 +19,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -243,11 +244,16 @@ pub struct Server {
 impl Server {
     /// Binds and starts serving.
     pub async fn start(config: Config) -> std::io::Result<Server> {
+        let tls = match &config.tls {
+            Some((cert, key)) => Some(tls_acceptor(cert, key)?),
+            None => None,
+        };
         let listener = listen(SocketAddr::new(config.bind, config.port))?;
         let local_addr = listener.local_addr()?;
         let app = App::new(config);
-        let task = tokio::spawn(accept_loop(listener, app.clone()));
-        info!(%local_addr, "listening");
+        let tls_on = tls.is_some();
+        let task = tokio::spawn(accept_loop(listener, app.clone(), tls));
+        info!(%local_addr, tls = tls_on, "listening");
         Ok(Server {
             local_addr,
             app,
@@ -281,7 +287,7 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(4096)
 }
 
-async fn accept_loop(listener: TcpListener, app: App) {
+async fn accept_loop(listener: TcpListener, app: App, tls: Option<TlsAcceptor>) {
     let router = router(app.clone());
     let mut backoff = Duration::from_millis(5);
     let mut housekeeping = tokio::time::interval(Duration::from_secs(60));
@@ -307,7 +313,7 @@ async fn accept_loop(listener: TcpListener, app: App) {
                 continue;
             }
         };
-        serve_http(tcp, peer, &router, &app);
+        serve_http(tcp, peer, &router, &app, tls.as_ref());
     }
     drop(listener);
     info!("shutting down: closing connections");
@@ -325,12 +331,48 @@ async fn accept_loop(listener: TcpListener, app: App) {
     info!("stopped");
 }
 
-fn serve_http(tcp: TcpStream, peer: SocketAddr, router: &Router, app: &App) {
+fn serve_http(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    router: &Router,
+    app: &App,
+    tls: Option<&TlsAcceptor>,
+) {
     // Small messages must leave at once; Nagle would add up to 40 ms.
     if let Err(e) = tcp.set_nodelay(true) {
         debug!(error = %e, "set_nodelay failed");
     }
     let router = router.clone();
+    let app2 = app.clone();
+    let tls = tls.cloned();
+    // Tracked like WebSocket tasks, so shutdown waits for requests in flight.
+    app.tracker.spawn(async move {
+        match tls {
+            None => serve_io(tcp, peer, router, app2).await,
+            Some(acceptor) => {
+                match tokio::time::timeout(app2.config.handshake_timeout, acceptor.accept(tcp))
+                    .await
+                {
+                    Ok(Ok(stream)) => serve_io(stream, peer, router, app2).await,
+                    Ok(Err(e)) => {
+                        app2.metrics.error("tls_handshake");
+                        debug!(error = %e, %peer, "TLS handshake failed");
+                    }
+                    Err(_) => {
+                        app2.metrics.error("tls_handshake");
+                        debug!(%peer, "TLS handshake timed out");
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Serves HTTP/1.1 (and upgrades) on one accepted stream, plain or TLS.
+async fn serve_io<I>(io: I, peer: SocketAddr, router: Router, app: App)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         req.extensions_mut()
             .insert(axum::extract::ConnectInfo(peer));
@@ -339,21 +381,39 @@ fn serve_http(tcp: TcpStream, peer: SocketAddr, router: &Router, app: &App) {
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(app.config.handshake_timeout)
-        .serve_connection(TokioIo::new(tcp), service)
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
-    let shutdown = app.shutdown.clone();
-    // Tracked like WebSocket tasks, so shutdown waits for requests in flight.
-    app.tracker.spawn(async move {
-        let mut conn = std::pin::pin!(conn);
-        let result = tokio::select! {
-            r = conn.as_mut() => r,
-            _ = shutdown.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        };
-        if let Err(e) = result {
-            debug!(error = %e, %peer, "http connection error");
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = app.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
         }
-    });
+    };
+    if let Err(e) = result {
+        debug!(error = %e, %peer, "http connection error");
+    }
+}
+
+/// Loads the PEM certificate chain and key into a TLS acceptor.
+pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> std::io::Result<TlsAcceptor> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let invalid = |what: &str, e: &dyn std::fmt::Display| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{what}: {e}"))
+    };
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| invalid(&format!("TLS certificate {}", cert.display()), &e))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| invalid(&format!("TLS key {}", key.display()), &e))?;
+    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid("TLS", &e))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| invalid("TLS certificate and key", &e))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }
