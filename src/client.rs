@@ -106,13 +106,28 @@ impl HunterClient {
         };
         let handshake = String::from_utf8_lossy(&buf[..end]).into_owned();
         if !handshake.starts_with("HTTP/1.1 101") {
-            // Read the (short) body too: it says why.
+            // Read the (short) body too: it says why. The connection may stay open
+            // (keep-alive), so read Content-Length bytes, not to the end.
+            let length = handshake
+                .lines()
+                .find_map(|l| {
+                    let l = l.to_ascii_lowercase();
+                    l.strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                })
+                .unwrap_or(0)
+                .min(4096);
             let mut body = buf[end..].to_vec();
-            let _ = tokio::time::timeout(
-                std::time::Duration::from_secs(1),
-                tcp.read_to_end(&mut body),
-            )
-            .await;
+            let read_body = async {
+                let mut chunk = [0u8; 512];
+                while body.len() < length {
+                    match tcp.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => body.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), read_body).await;
             return Err(ClientError::Handshake(format!(
                 "{handshake}{}",
                 String::from_utf8_lossy(&body)

@@ -197,3 +197,98 @@ async fn a_follower_that_stops_reading_is_cut_off_and_memory_stays_bounded() {
     leader.send_text(&push("slow", 1)).await.unwrap();
     assert_eq!(recv(&mut good).await["data"][0][0], "em_001");
 }
+
+#[tokio::test]
+async fn floods_do_not_starve_a_well_behaved_session() {
+    // Loopback is a trusted proxy here, so X-Forwarded-For makes every flood client come from
+    // one public address, as it would behind nginx.
+    let args = [
+        "--port",
+        "0",
+        "--trusted-proxies",
+        "127.0.0.1/32",
+        "--max-connections-per-ip",
+        "50",
+    ];
+    let (child, addr) = spawn(&args, &[]);
+    let mut leader = plugin(addr).await;
+    join(&mut leader, "L", "calm", true).await;
+    state(&mut leader).await;
+    let mut follower = plugin(addr).await;
+    join(&mut follower, "F", "calm", false).await;
+    state(&mut follower).await;
+    state(&mut leader).await;
+    let before = rss_kib(child.0.id());
+
+    let flood_address = [("X-Forwarded-For", "198.51.100.66")];
+    // 1. Many connections from one address: 50 admitted, the rest refused with 429.
+    let many = tokio::spawn(async move {
+        let (mut held, mut refused) = (Vec::new(), 0);
+        for _ in 0..200 {
+            match supersynk::client::HunterClient::connect_with_headers(
+                addr,
+                "/connect",
+                true,
+                &flood_address,
+            )
+            .await
+            {
+                Ok(c) => held.push(c),
+                Err(e) => {
+                    assert!(e.to_string().contains("429"), "{e}");
+                    refused += 1;
+                }
+            }
+        }
+        (held, refused)
+    });
+    // 2. A client sending as fast as it can: cut off by the message rate limit.
+    let blaster = tokio::spawn(async move {
+        let mut c = supersynk::client::HunterClient::connect(addr, "/connect", true)
+            .await
+            .unwrap();
+        let mut sent = 0;
+        while sent < 100_000
+            && c.send_text(r#"{"type":"SetName","name":"spam"}"#)
+                .await
+                .is_ok()
+        {
+            sent += 1;
+        }
+        sent
+    });
+    // 3. A client opening and closing sockets in a loop.
+    let churn = tokio::spawn(async move {
+        for i in 0..300 {
+            let mut c = supersynk::client::HunterClient::connect(addr, "/connect", i % 2 == 0)
+                .await
+                .unwrap();
+            join(&mut c, "C", &format!("churn{}", i % 7), i % 3 == 0).await;
+            drop(c);
+        }
+    });
+    // Meanwhile the calm session keeps pushing and every push arrives, in order.
+    for n in 0..100 {
+        leader.send_text(&push("calm", n)).await.unwrap();
+        assert_eq!(
+            recv(&mut follower).await["data"][0][0],
+            format!("em_{n:03}")
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (held, refused) = many.await.unwrap();
+    assert_eq!((held.len(), refused), (50, 150));
+    let sent = blaster.await.unwrap();
+    assert!(
+        sent < 100_000,
+        "the blaster was cut off after {sent} messages"
+    );
+    churn.await.unwrap();
+    assert_eq!(http(addr, "GET", "/healthz", "").await.0, 200);
+    assert!(metric(addr, "supersynk_errors_total{kind=\"limit_message_rate\"}").await >= 1.0);
+    let after = rss_kib(child.0.id());
+    assert!(
+        after < before + 64 * 1024,
+        "RSS grew from {before} KiB to {after} KiB"
+    );
+}
