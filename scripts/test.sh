@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # Runs every test of the project on this machine, installing what the tests need.
 #   scripts/test.sh            all tests, then the Autobahn conformance suite when Python 2.7 exists
-#   SKIP_AUTOBAHN=1 scripts/test.sh   only the Rust tests
+#   SKIP_AUTOBAHN=1 SKIP_FUZZ=1 scripts/test.sh   only the Rust tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo test --all-targets
+
+# Fuzz targets, bounded (FUZZ_SECONDS each); SKIP_FUZZ=1 skips them.
+if [[ -z ${SKIP_FUZZ:-} ]]; then
+  FUZZ_SECONDS=${FUZZ_SECONDS:-20} scripts/fuzz.sh
+fi
 
 if [[ -n ${SKIP_AUTOBAHN:-} ]]; then
   echo "autobahn: skipped (SKIP_AUTOBAHN set)"

@@ -505,3 +505,20 @@ async fn a_follower_vanishing_mid_write_does_not_disturb_the_session() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_compressed_frame_claiming_an_absurd_length_is_refused() {
+    // Found by the frames fuzz target: a 64-bit length near u64::MAX overflowed the size check.
+    use tokio::io::AsyncWriteExt;
+    let server = start_default().await;
+    let mut c = plugin(server.local_addr).await;
+    let mut frame = vec![0xc1, 0xff];
+    frame.extend_from_slice(&[0xff; 8]);
+    frame.extend_from_slice(&[0, 0, 0, 0]);
+    c.ws.get_mut().get_mut().write_all(&frame).await.unwrap();
+    assert_eq!(close_code(&mut c).await, Some(1009));
+    // The server is fine.
+    let mut other = plugin(server.local_addr).await;
+    other.send_text("ping").await.unwrap();
+    assert_eq!(recv(&mut other).await, "pong");
+}

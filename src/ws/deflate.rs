@@ -135,6 +135,11 @@ impl<S> InflateLayer<S> {
         &self.inner
     }
 
+    /// The wrapped stream, mutably (to write raw bytes under the WebSocket layer).
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
     /// How many compressed messages this layer has inflated.
     pub fn inflated_messages(&self) -> u64 {
         self.inflated
@@ -242,7 +247,8 @@ impl<S> InflateLayer<S> {
             opcode: h.opcode,
             payload: Vec::new(),
         });
-        if pending.payload.len() as u64 + h.len > self.max_message as u64 {
+        // Saturating: a 64-bit length from the peer can be anything (found by fuzzing).
+        if (pending.payload.len() as u64).saturating_add(h.len) > self.max_message as u64 {
             return Err(InflateError::TooBig(self.max_message));
         }
         pending.payload.reserve(h.len as usize);
@@ -271,6 +277,22 @@ impl<S> InflateLayer<S> {
         self.output.extend_from_slice(&plain);
         Ok(())
     }
+}
+
+/// Runs the inbound frame scanner over `data`, fed in chunks of `chunk` bytes, as a server
+/// with permessage-deflate agreed; returns the bytes tungstenite would see. For the fuzz
+/// targets and their regression tests.
+#[doc(hidden)]
+pub fn scan_for_fuzzing(
+    data: &[u8],
+    chunk: usize,
+    max_message: usize,
+) -> Result<Vec<u8>, InflateError> {
+    let mut layer = InflateLayer::new((), Side::Server, true, max_message, Bytes::new());
+    for piece in data.chunks(chunk.max(1)) {
+        layer.scan(piece)?;
+    }
+    Ok(layer.output.to_vec())
 }
 
 /// A parsed frame header.
