@@ -7,9 +7,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 wstest=${1:-$(bash ../shared/tools/autobahn-setup.sh)}
 cargo build --release --bin supersynk
+# The suite sends 1,000 messages back to back per case: lift the per-connection rate limits
+# (sized for real clients) for this run.
 rm -rf autobahn/reports
 ./target/release/supersynk --bind 127.0.0.1 --port 9001 --echo-endpoint true \
-  --max-message-bytes 16777216 --outbound-queue-bytes 67108864 --log warn &
+  --max-message-bytes 16777216 --outbound-queue-bytes 67108864 --log warn \
+  --messages-per-second 1000000 --message-burst 1000000 --http-requests-per-second 100000 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 for _ in $(seq 50); do curl -sf http://127.0.0.1:9001/healthz >/dev/null && break; sleep 0.1; done

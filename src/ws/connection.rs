@@ -261,11 +261,11 @@ impl Connection {
     }
 
     /// Waits (within the close timeout) for the writer to send what is queued and the close
-    /// frame, then drops the socket.
+    /// frame, and for the peer's answering close, then drops the socket.
     pub async fn finish(self) {
         let Connection {
             outbound,
-            stream,
+            mut stream,
             mut writer,
             ctx,
             ..
@@ -273,11 +273,24 @@ impl Connection {
         if outbound.closing().is_none() {
             outbound.close(codes::NORMAL);
         }
-        if tokio::time::timeout(ctx.settings.close_timeout, &mut writer)
+        let deadline = Instant::now() + ctx.settings.close_timeout;
+        if tokio::time::timeout_at(deadline, &mut writer)
             .await
             .is_err()
         {
             writer.abort();
+        } else if !matches!(outbound.closing(), Some(codes::GONE | codes::PEER_CLOSED)) {
+            // We sent the close: the handshake ends with the peer's answer (RFC 6455 7.1.1),
+            // so the socket is not reset under data still in flight. Anything else the peer
+            // sends meanwhile is dropped.
+            let answer = async {
+                while let Some(Ok(m)) = stream.next().await {
+                    if m.is_close() {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout_at(deadline, answer).await;
         }
         let close = outbound.closing().unwrap_or(codes::GONE);
         ctx.metrics
