@@ -122,6 +122,15 @@ pub struct Settings {
     /// PEM certificate chain: serve TLS (wss/https) instead of plain TCP [default: none]
     #[arg(long, env = "SUPERSYNK_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
+    /// HTTP channel API: clients silent this long are removed, in ms [default: 1000]
+    #[arg(long, env = "SUPERSYNK_CHANNEL_TIMEOUT_MS")]
+    pub channel_timeout_ms: Option<u64>,
+    /// HTTP channel API: watchers get at most one snapshot per this many ms [default: 50]
+    #[arg(long, env = "SUPERSYNK_CHANNEL_WATCH_INTERVAL_MS")]
+    pub channel_watch_interval_ms: Option<u64>,
+    /// HTTP channel API: largest posted body, in bytes [default: 65536]
+    #[arg(long, env = "SUPERSYNK_MAX_CHANNEL_BODY_BYTES")]
+    pub max_channel_body_bytes: Option<usize>,
     /// PEM private key for --tls-cert [default: none]
     #[arg(long, env = "SUPERSYNK_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
@@ -163,6 +172,9 @@ pub struct Config {
     pub leader_token_secret: Option<String>,
     pub admin_token: Option<String>,
     pub tls: Option<(PathBuf, PathBuf)>,
+    pub channel_timeout: Duration,
+    pub channel_watch_interval: Duration,
+    pub max_channel_body_bytes: usize,
 }
 
 /// Every limit on what clients may do.
@@ -223,7 +235,10 @@ impl Settings {
             leader_token_secret,
             admin_token,
             tls_cert,
-            tls_key
+            tls_key,
+            channel_timeout_ms,
+            channel_watch_interval_ms,
+            max_channel_body_bytes
         )
     }
 
@@ -298,6 +313,9 @@ impl Config {
             allowed_origins: s.allowed_origins.unwrap_or_default(),
             leader_token_secret: s.leader_token_secret.filter(|v| !v.is_empty()),
             admin_token: s.admin_token.filter(|v| !v.is_empty()),
+            channel_timeout: ms(s.channel_timeout_ms.unwrap_or(1000)),
+            channel_watch_interval: ms(s.channel_watch_interval_ms.unwrap_or(50)),
+            max_channel_body_bytes: s.max_channel_body_bytes.unwrap_or(64 * 1024),
             tls: match (s.tls_cert, s.tls_key) {
                 (Some(c), Some(k)) => Some((c, k)),
                 (None, None) => None,

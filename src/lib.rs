@@ -6,13 +6,14 @@
 //! - [`ws`]: WebSocket plumbing for every WebSocket front-end: handshake, permessage-deflate
 //!   under tungstenite, and one connection's reader and writer.
 //! - Front-ends, each speaking one protocol over the core and never importing each other:
-//!   [`hunterpie`] (the HunterPie SyncPlugin protocol on `/connect`) and [`echo`] (for
-//!   conformance testing).
+//!   [`hunterpie`] (the HunterPie SyncPlugin protocol on `/connect`), [`channels`] (the HTTP
+//!   channel API under `/api`) and [`echo`] (for conformance testing).
 //! - [`client`]: a client that behaves like the deployed plugin, for tests and benchmarks.
 //! - [`server`]: listener, routes, shared state and graceful shutdown; [`config`];
 //!   [`metrics`].
 #![forbid(unsafe_code)]
 
+pub mod channels;
 pub mod client;
 pub mod config;
 pub mod core;

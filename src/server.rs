@@ -51,6 +51,8 @@ pub struct AppInner {
     pub tracker: TaskTracker,
     /// Connection caps, rates, client addresses.
     pub guard: Arc<Guard>,
+    /// The HTTP channel API's state.
+    pub channels: crate::channels::store::Store,
 }
 
 impl std::ops::Deref for App {
@@ -75,6 +77,7 @@ impl App {
         App(Arc::new(AppInner {
             hub: Hub::new(metrics.clone(), config.limits.max_session_members),
             guard: Arc::new(Guard::new(&config, metrics.clone())),
+            channels: crate::channels::store::Store::new(config.channel_timeout),
             metrics,
             ws,
             config,
@@ -102,7 +105,8 @@ pub fn router(app: App) -> Router {
         .route("/version", get(|| async { PROTOCOL_VERSION }))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
-        .route("/connect", get(connect));
+        .route("/connect", get(connect))
+        .merge(crate::channels::routes());
     if app.config.echo_endpoint {
         r = r.route("/echo", get(crate::echo::connect));
     }
@@ -253,6 +257,7 @@ impl Server {
         let app = App::new(config);
         let tls_on = tls.is_some();
         let task = tokio::spawn(accept_loop(listener, app.clone(), tls));
+        tokio::spawn(crate::channels::sweep_until_shutdown(app.clone()));
         info!(%local_addr, tls = tls_on, "listening");
         Ok(Server {
             local_addr,
