@@ -77,3 +77,60 @@ fn hunterpie_examples_are_what_the_server_accepts_and_renders() {
         "examples found: {client} client, {server} server"
     );
 }
+
+/// Replays the request/answer pairs of protocol/channels.md against a fresh server.
+#[tokio::test]
+async fn channel_api_examples_replay_against_the_server() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/protocol/channels.md"))
+        .unwrap();
+    let config = supersynk::Config::resolve(supersynk::config::Settings {
+        bind: Some([127, 0, 0, 1].into()),
+        port: Some(0),
+        ..Default::default()
+    })
+    .unwrap();
+    let server = supersynk::Server::start(config).await.unwrap();
+    let mut request: Option<String> = None;
+    let mut pairs = 0;
+    for (info, body) in blocks(&doc) {
+        match info.as_str() {
+            "http request" => request = Some(body),
+            "http answer" => {
+                let req = request.take().expect("an answer follows a request");
+                let (head, req_body) = req.split_once("\n\n").unwrap_or((req.trim_end(), ""));
+                let req_body = req_body.trim_end();
+                let mut lines = head.lines();
+                let request_line = lines.next().unwrap();
+                let headers: String = lines.map(|l| format!("{l}\r\n")).collect();
+                let raw = format!(
+                    "{request_line} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{headers}Content-Length: {}\r\n\r\n{req_body}",
+                    req_body.len()
+                );
+                let mut tcp = tokio::net::TcpStream::connect(server.local_addr)
+                    .await
+                    .unwrap();
+                tcp.write_all(raw.as_bytes()).await.unwrap();
+                let mut out = String::new();
+                tcp.read_to_string(&mut out).await.unwrap();
+                let (got_head, got_body) = out.split_once("\r\n\r\n").unwrap();
+                let status = got_head.split(' ').nth(1).unwrap();
+                let (want_status, want_body) = body
+                    .trim_end()
+                    .split_once('\n')
+                    .unwrap_or((body.trim_end(), ""));
+                assert_eq!(status, want_status, "{request_line}");
+                if want_body.is_empty() {
+                    assert!(got_body.is_empty(), "{request_line}: {got_body}");
+                } else {
+                    let got: serde_json::Value = serde_json::from_str(got_body).unwrap();
+                    let want: serde_json::Value = serde_json::from_str(want_body).unwrap();
+                    assert_eq!(got, want, "{request_line}");
+                }
+                pairs += 1;
+            }
+            _ => {}
+        }
+    }
+    assert!(pairs >= 7, "found {pairs} pairs");
+}
