@@ -247,13 +247,7 @@ async fn bad_input_gets_an_answer_and_the_connection_carries_on() {
     let server = start_default().await;
     let addr = server.local_addr;
     // A healthy session beside the misbehaving client.
-    let mut leader = plugin(addr).await;
-    let mut follower = plugin(addr).await;
-    join(&mut leader, "L", "healthy", true).await;
-    state(&mut leader).await;
-    join(&mut follower, "F", "healthy", false).await;
-    state(&mut follower).await;
-    state(&mut leader).await;
+    let (mut leader, mut follower) = pair(addr, "healthy").await;
 
     let mut bad = plugin(addr).await;
     let cases = [
@@ -456,13 +450,7 @@ async fn a_relayed_push_is_compressed_once_whatever_the_number_of_followers() {
 async fn a_follower_vanishing_mid_write_does_not_disturb_the_session() {
     let server = start_default().await;
     let addr = server.local_addr;
-    let mut leader = plugin(addr).await;
-    join(&mut leader, "L", "rst", true).await;
-    state(&mut leader).await;
-    let mut good = plugin(addr).await;
-    join(&mut good, "G", "rst", false).await;
-    state(&mut good).await;
-    state(&mut leader).await;
+    let (mut leader, mut good) = pair(addr, "rst").await;
     let mut gone = HunterClient::connect(addr, "/connect", false)
         .await
         .unwrap();

@@ -129,13 +129,7 @@ async fn a_follower_that_stops_reading_is_cut_off_and_memory_stays_bounded() {
         "1000000",
     ];
     let (child, addr) = spawn(&args, &[]);
-    let mut leader = plugin(addr).await;
-    join(&mut leader, "L", "slow", true).await;
-    state(&mut leader).await;
-    let mut good = plugin(addr).await;
-    join(&mut good, "G", "slow", false).await;
-    state(&mut good).await;
-    state(&mut leader).await;
+    let (mut leader, mut good) = pair(addr, "slow").await;
     // The stuck follower joins without compression and then never reads again.
     let mut stuck = supersynk::client::HunterClient::connect(addr, "/connect", false)
         .await
@@ -211,13 +205,7 @@ async fn floods_do_not_starve_a_well_behaved_session() {
         "50",
     ];
     let (child, addr) = spawn(&args, &[]);
-    let mut leader = plugin(addr).await;
-    join(&mut leader, "L", "calm", true).await;
-    state(&mut leader).await;
-    let mut follower = plugin(addr).await;
-    join(&mut follower, "F", "calm", false).await;
-    state(&mut follower).await;
-    state(&mut leader).await;
+    let (mut leader, mut follower) = pair(addr, "calm").await;
     let before = rss_kib(child.0.id());
 
     let flood_address = [("X-Forwarded-For", "198.51.100.66")];

@@ -171,3 +171,15 @@ pub async fn metric(addr: SocketAddr, name: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// A plugin leader and a plugin follower joined to `session`, their sessionstates read.
+pub async fn pair(addr: SocketAddr, session: &str) -> (HunterClient, HunterClient) {
+    let mut leader = plugin(addr).await;
+    join(&mut leader, "L", session, true).await;
+    assert_eq!(state(&mut leader).await, (1, true));
+    let mut follower = plugin(addr).await;
+    join(&mut follower, "F", session, false).await;
+    assert_eq!(state(&mut follower).await, (2, true));
+    assert_eq!(state(&mut leader).await, (2, true));
+    (leader, follower)
+}
