@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmark scenarios against a freshly started release server on this machine.
-#   bench/run.sh realistic|wide|saturation|idle|all [extra supersynk-bench flags]
+#   bench/run.sh realistic|wide|saturation|idle|http|all [extra supersynk-bench flags]
 # Each scenario starts its own server (so RSS figures start from a fresh process), prints
 # the bench tool's table, and keeps its JSON in bench/out/<scenario>*.json.
 set -euo pipefail
@@ -22,16 +22,18 @@ start_server() {
 stop_server() { kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; }
 trap stop_server EXIT
 
-bench() { # name, flags...
+bench() { # name, flags... (the URL is $bench_url if set, else the plugin endpoint)
   local name=$1; shift
-  ./target/release/supersynk-bench --url "ws://127.0.0.1:$port/connect" --server-pid "$server_pid" "$@" \
+  ./target/release/supersynk-bench --url "${bench_url:-ws://127.0.0.1:$port/connect}" --server-pid "$server_pid" "$@" \
     --json >"bench/out/$name.json"
   python3 - "bench/out/$name.json" "$name" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 keys = ["connections_made", "pushes_sent", "deliveries_expected", "deliveries_received",
         "deliveries_lost", "deliveries_per_sec", "latency_p50_ms", "latency_p99_ms", "latency_p999_ms",
-        "latency_max_ms", "server_cpu_pct", "server_rss_mib", "bench_cpu_pct", "server_rss_per_connection_kib"]
+        "latency_max_ms", "server_cpu_pct", "server_rss_mib", "bench_cpu_pct", "server_rss_per_connection_kib",
+        "requests_sent", "requests_answered", "requests_per_sec", "status_200", "status_204", "status_4xx",
+        "status_5xx", "errors", "unanswered", "reconnects", "self_in_answer", "incomplete_answers"]
 print(sys.argv[2] + ": " + ", ".join(f"{k}={r[k]}" for k in keys if k in r))
 PY
 }
@@ -58,7 +60,14 @@ scenario() {
     idle) # 19,500 idle sockets (the fd hard limit here is 20,000 per process)
       start_server; bench idle --sessions 4875 --followers 3 --idle --duration-s 5 "${@:2}"; stop_server
       start_server; bench idle-deflate --sessions 4875 --followers 3 --idle --duration-s 5 --deflate "${@:2}"; stop_server ;;
-    all) for s in realistic wide saturation idle; do scenario "$s" "${@:2}"; done ;;
+    http) # HTTP channel API: channels of 4 clients, each posting its state every 50 ms (20 Hz)
+      # over its own keep-alive connection: 250 channels = 20,000 requests/s, 500 = 40,000/s
+      local bench_url="http://127.0.0.1:$port"
+      start_server; bench http --http-channels --sessions 250 --followers 3 --interval-ms 50 --duration-s 15 \
+        "${@:2}"; stop_server
+      start_server; bench http-heavy --http-channels --sessions 500 --followers 3 --interval-ms 50 \
+        --duration-s 15 "${@:2}"; stop_server ;;
+    all) for s in realistic wide saturation idle http; do scenario "$s" "${@:2}"; done ;;
     *) echo "unknown scenario $1" >&2; exit 2 ;;
   esac
 }

@@ -10,9 +10,15 @@
 //! flight are awaited for at most `--drain-s`. `--idle` instead holds the connections silent and reports the server's memory
 //! per connection.
 //!
+//! `--http-channels` loads the HTTP channel API instead (protocol/channels.md, module
+//! [`http`]): `--sessions` channels of `--followers + 1` clients, each posting its state every
+//! `--interval-ms` over its own keep-alive connection.
+//!
 //! Example: `supersynk-bench --url ws://127.0.0.1:5001/connect --sessions 2500 --followers 3
 //! --interval-ms 30 --duration-s 20 --server-pid $(pgrep -x supersynk)`
 #![forbid(unsafe_code)]
+
+mod http;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -52,22 +58,22 @@ const SEQ_KEY: &[u8] = b",\"seq\":";
     about = "Load generator for a HunterPie-compatible sync server (supersynk)"
 )]
 struct Args {
-    /// WebSocket URL of the server's plugin endpoint (ws:// only)
-    #[arg(
-        long,
-        env = "SUPERSYNK_BENCH_URL",
-        default_value = "ws://127.0.0.1:5001/connect"
-    )]
-    url: String,
-    /// Sessions (one leader each)
+    /// WebSocket URL of the server's plugin endpoint (ws:// only); with --http-channels the
+    /// server's HTTP base, `http://host:port` (the API is under `/api/channels`)
+    /// [default: ws://127.0.0.1:5001/connect, with --http-channels http://127.0.0.1:5001]
+    #[arg(long, env = "SUPERSYNK_BENCH_URL")]
+    url: Option<String>,
+    /// Sessions (one leader each); with --http-channels: channels
     #[arg(long, default_value_t = 100)]
     sessions: usize,
-    /// Followers per session
+    /// Followers per session; with --http-channels: clients per channel minus one
     #[arg(long, default_value_t = 3)]
     followers: usize,
-    /// Each leader pushes every this many ms (fractions allowed, e.g. 0.5)
-    #[arg(long, default_value_t = 170.0)]
-    interval_ms: f64,
+    /// Each leader pushes every this many ms (fractions allowed, e.g. 0.5); with
+    /// --http-channels each client posts its state every this many ms
+    /// [default: 170, with --http-channels 50]
+    #[arg(long)]
+    interval_ms: Option<f64>,
     /// Measurement window in seconds, after everyone joined and the warm-up
     /// (with --idle: how long the silent connections are held)
     #[arg(long, default_value_t = 10.0)]
@@ -77,7 +83,8 @@ struct Args {
     warmup_s: f64,
     /// After the window (leaders stop pushing with it), how long at most followers keep
     /// reading for measured pushes still in flight; ends early once all have arrived.
-    /// Whatever has not arrived by then counts as lost
+    /// Whatever has not arrived by then counts as lost (with --http-channels: clients stop
+    /// posting with the window; requests unanswered by then count as unanswered)
     #[arg(long, default_value_t = 5.0)]
     drain_s: f64,
     /// Offer permessage-deflate, as the plugin does
@@ -100,7 +107,8 @@ struct Args {
     /// Connections being opened and joined at the same time
     #[arg(long, default_value_t = 200)]
     connect_concurrency: usize,
-    /// Time allowed for one connection to connect, upgrade and get its first sessionstate
+    /// Time allowed for one connection to connect, upgrade and get its first sessionstate;
+    /// with --http-channels: to connect, and for each request's full answer
     #[arg(long, default_value_t = 10.0)]
     connect_timeout_s: f64,
     /// Send a WebSocket ping every this many ms on every connection, like the plugin
@@ -116,6 +124,31 @@ struct Args {
     /// Runtime worker threads [default: the number of CPUs]
     #[arg(long)]
     threads: Option<usize>,
+    /// Load the HTTP channel API instead (POST /api/channels/{key}): --sessions channels of
+    /// --followers + 1 clients, each posting a ~200-byte state every --interval-ms over its
+    /// own keep-alive HTTP/1.1 connection, with Client-Id and Client-Time
+    #[arg(long, conflicts_with_all = ["idle", "deflate", "ping_ms", "payload_bytes"])]
+    http_channels: bool,
+}
+
+impl Args {
+    /// `--url`, or the default of the mode.
+    fn url(&self) -> &str {
+        match &self.url {
+            Some(url) => url,
+            None if self.http_channels => "http://127.0.0.1:5001",
+            None => "ws://127.0.0.1:5001/connect",
+        }
+    }
+
+    /// `--interval-ms`, or the default of the mode.
+    fn interval_ms(&self) -> f64 {
+        match self.interval_ms {
+            Some(ms) => ms,
+            None if self.http_channels => 50.0,
+            None => 170.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -223,7 +256,7 @@ fn run_main(args: Args) -> anyhow::Result<()> {
     if args.idle && args.server_pid.is_none() {
         bail!("--idle needs --server-pid (it reports the server's memory per connection)");
     }
-    if !(args.interval_ms.is_finite() && args.interval_ms > 0.0) {
+    if !(args.interval_ms().is_finite() && args.interval_ms() > 0.0) {
         bail!("--interval-ms must be > 0");
     }
     for (name, v) in [
@@ -253,6 +286,18 @@ fn run_main(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
+    if args.http_channels {
+        let report = runtime.block_on(http::run(args.clone(), threads))?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            print!("{}", report.table());
+        }
+        if report.connections_made == 0 {
+            bail!("no connection could be made");
+        }
+        return Ok(());
+    }
     let report = runtime.block_on(run(args.clone(), threads))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -276,9 +321,15 @@ fn parse_url(url: &str) -> anyhow::Result<(String, String)> {
     } else {
         url
     };
+    split_authority(url, rest, "/connect")
+}
+
+/// `host[:port][/path]` (`rest`, what follows the scheme of `url`) into (`host:port`,
+/// `/path`): port 80 and `default_path` when absent.
+fn split_authority(url: &str, rest: &str, default_path: &str) -> anyhow::Result<(String, String)> {
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/connect"),
+        None => (rest, default_path),
     };
     if authority.is_empty() {
         bail!("no host in {url:?}");
@@ -297,7 +348,7 @@ fn parse_url(url: &str) -> anyhow::Result<(String, String)> {
 }
 
 async fn run(args: Args, threads: usize) -> anyhow::Result<Report> {
-    let (authority, path) = parse_url(&args.url)?;
+    let (authority, path) = parse_url(args.url())?;
     let addr = tokio::net::lookup_host(&authority)
         .await
         .with_context(|| format!("cannot resolve {authority}"))?
@@ -570,7 +621,7 @@ async fn connection(shared: Arc<Shared>, index: usize) -> ConnResult {
                 let Some(p) = p else { break };
                 plan = Some(p);
                 if let (Some(plan), Some(_)) = (&plan, &body) {
-                    let period = Duration::from_secs_f64(args.interval_ms / 1000.0);
+                    let period = Duration::from_secs_f64(args.interval_ms() / 1000.0);
                     // Leaders start spread evenly over one interval, not all at once.
                     let offset = period.mul_f64(session as f64 / args.sessions as f64);
                     let mut i = interval_at(plan.start + offset, period);
@@ -711,21 +762,7 @@ impl Shared {
     /// A short, countable description of a connect failure.
     fn describe(&self, e: &ClientError) -> String {
         match e {
-            ClientError::Io(io) => match io.raw_os_error() {
-                Some(24) => {
-                    if !self.emfile_reported.swap(true, Ordering::Relaxed) {
-                        eprintln!(
-                            "error: too many open files (EMFILE): raise the limit with `ulimit -n` \
-                             (this tool needs one descriptor per connection, the server too)"
-                        );
-                    }
-                    "EMFILE: too many open files (raise ulimit -n)".into()
-                }
-                Some(99) => "EADDRNOTAVAIL: out of local ports".into(),
-                Some(111) => "ECONNREFUSED: connection refused".into(),
-                Some(104) => "ECONNRESET: connection reset".into(),
-                _ => format!("i/o: {io}"),
-            },
+            ClientError::Io(io) => describe_io(io, &self.emfile_reported),
             ClientError::Handshake(answer) => {
                 format!(
                     "handshake refused: {}",
@@ -734,6 +771,27 @@ impl Shared {
             }
             ClientError::Ws(e) => format!("websocket: {e}"),
         }
+    }
+}
+
+/// A short, countable description of a connect or socket failure; prints the EMFILE advice
+/// once (`reported` remembers).
+fn describe_io(io: &std::io::Error, reported: &AtomicBool) -> String {
+    match io.raw_os_error() {
+        Some(24) => {
+            if !reported.swap(true, Ordering::Relaxed) {
+                eprintln!(
+                    "error: too many open files (EMFILE): raise the limit with `ulimit -n` \
+                     (this tool needs one descriptor per connection, the server too)"
+                );
+            }
+            "EMFILE: too many open files (raise ulimit -n)".into()
+        }
+        Some(99) => "EADDRNOTAVAIL: out of local ports".into(),
+        Some(111) => "ECONNREFUSED: connection refused".into(),
+        Some(104) => "ECONNRESET: connection reset".into(),
+        Some(32) => "EPIPE: broken pipe".into(),
+        _ => format!("i/o: {io}"),
     }
 }
 
@@ -1208,7 +1266,7 @@ impl Report {
         let target = if args.idle {
             0.0
         } else {
-            round2(leaders as f64 * 1000.0 / args.interval_ms)
+            round2(leaders as f64 * 1000.0 / args.interval_ms())
         };
         let rate = per_sec(pushes_sent);
         let closed = made.iter().filter(|r| r.closed.is_some()).count();
@@ -1227,10 +1285,10 @@ impl Report {
         let first_server_message = made.iter().find_map(|r| r.first_server_msg.clone());
         Report {
             mode: if args.idle { "idle" } else { "load" },
-            url: args.url.clone(),
+            url: args.url().to_owned(),
             sessions: args.sessions,
             followers: args.followers,
-            interval_ms: args.interval_ms,
+            interval_ms: args.interval_ms(),
             duration_s: args.duration_s,
             warmup_s: args.warmup_s,
             drain_s: args.drain_s,
