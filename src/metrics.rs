@@ -4,7 +4,6 @@
 //! on the hot path are plain atomics (prometheus-client's), bumped once per batch, not per
 //! byte.
 
-use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -160,11 +159,6 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
-    }
-
-    /// Current value of a counter (for the status page).
-    pub fn get(c: &Counter<u64, AtomicU64>) -> u64 {
-        c.get()
     }
 }
 

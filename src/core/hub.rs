@@ -150,15 +150,6 @@ impl Session {
             .count()
     }
 
-    /// The role of `conn` in this session, if it is a member.
-    pub fn role_of(&self, conn: ConnId) -> Option<Role> {
-        self.state()
-            .members
-            .iter()
-            .find(|m| m.conn == conn)
-            .map(|m| m.role)
-    }
-
     /// Current presence.
     pub fn presence(&self) -> Presence {
         presence(&self.state().members)
