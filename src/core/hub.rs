@@ -174,12 +174,6 @@ impl Session {
     }
 }
 
-/// Compares secrets without leaking, through timing, how much of them matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    use subtle::ConstantTimeEq;
-    a.len() == b.len() && bool::from(a.ct_eq(b))
-}
-
 fn presence(members: &[Member]) -> Presence {
     Presence {
         members: members.len(),
@@ -292,7 +286,7 @@ impl Hub {
         let mut leadership_refused = false;
         if member.role == Role::Leader {
             match (&state.leader_key, key) {
-                (Some(k), Some(given)) if constant_time_eq(k.as_bytes(), given.as_bytes()) => {}
+                (Some(k), Some(given)) if crate::core::secret_eq(k, given) => {}
                 (Some(_), _) => {
                     member.role = Role::Follower;
                     leadership_refused = true;

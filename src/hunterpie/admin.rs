@@ -33,10 +33,7 @@ async fn require_token(State(app): State<App>, req: Request, next: Next) -> Resp
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     let ok = match (&app.config.admin_token, given) {
-        (Some(expected), Some(given)) => {
-            use subtle::ConstantTimeEq;
-            expected.len() == given.len() && bool::from(expected.as_bytes().ct_eq(given.as_bytes()))
-        }
+        (Some(expected), Some(given)) => crate::core::secret_eq(expected, given),
         _ => false,
     };
     if ok {

@@ -218,8 +218,5 @@ pub fn leader_token(key: &str, session_id: &str) -> String {
 }
 
 fn token_is_valid(key: &str, session_id: &str, token: &str) -> bool {
-    use subtle::ConstantTimeEq;
-    let expected = leader_token(key, session_id);
-    let token = token.to_ascii_lowercase();
-    expected.len() == token.len() && bool::from(expected.as_bytes().ct_eq(token.as_bytes()))
+    crate::core::secret_eq(&leader_token(key, session_id), &token.to_ascii_lowercase())
 }
