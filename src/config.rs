@@ -134,6 +134,18 @@ pub struct Settings {
     /// PEM private key for --tls-cert [default: none]
     #[arg(long, env = "SUPERSYNK_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// Redis URL (redis://host:port/db): run as one node of a cluster [default: none, a
+    /// single node] [env alias: REDIS_URL]
+    #[arg(long, env = "SUPERSYNK_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key and channel, so clusters can share a Redis
+    /// [default: supersynk:]
+    #[arg(long, env = "SUPERSYNK_REDIS_PREFIX")]
+    pub redis_prefix: Option<String>,
+    /// Cluster mode: a node silent this long is dead and its members are removed from every
+    /// session, in ms [default: 10000]
+    #[arg(long, env = "SUPERSYNK_NODE_TIMEOUT_MS")]
+    pub node_timeout_ms: Option<u64>,
 }
 
 /// Why the settings could not be read.
@@ -175,6 +187,15 @@ pub struct Config {
     pub channel_timeout: Duration,
     pub channel_watch_interval: Duration,
     pub max_channel_body_bytes: usize,
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// Cluster mode: where the backplane is and how it is used.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub redis_url: String,
+    pub prefix: String,
+    pub node_timeout: Duration,
 }
 
 /// Every limit on what clients may do.
@@ -238,13 +259,18 @@ impl Settings {
             tls_key,
             channel_timeout_ms,
             channel_watch_interval_ms,
-            max_channel_body_bytes
+            max_channel_body_bytes,
+            redis_url,
+            redis_prefix,
+            node_timeout_ms
         )
     }
 
-    /// The original server's variable names, honoured where the new names are not set.
+    /// The original server's variable names (and the conventional `REDIS_URL`), honoured
+    /// where the new names are not set.
     pub fn from_legacy_env() -> Result<Settings, ConfigError> {
         Ok(Settings {
+            redis_url: legacy("REDIS_URL")?,
             port: legacy("PORT")?,
             socket_timeout_ms: legacy("SOCKET_TIMEOUT")?,
             socket_timeout_check_interval_ms: legacy("SOCKET_TIMEOUT_CHECK_INTERVAL")?,
@@ -316,6 +342,14 @@ impl Config {
             channel_timeout: ms(s.channel_timeout_ms.unwrap_or(1000)),
             channel_watch_interval: ms(s.channel_watch_interval_ms.unwrap_or(50)),
             max_channel_body_bytes: s.max_channel_body_bytes.unwrap_or(64 * 1024),
+            cluster: s
+                .redis_url
+                .filter(|u| !u.is_empty())
+                .map(|redis_url| ClusterConfig {
+                    redis_url,
+                    prefix: s.redis_prefix.unwrap_or_else(|| "supersynk:".into()),
+                    node_timeout: ms(s.node_timeout_ms.unwrap_or(10_000)),
+                }),
             tls: match (s.tls_cert, s.tls_key) {
                 (Some(c), Some(k)) => Some((c, k)),
                 (None, None) => None,
@@ -343,6 +377,15 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "max-message-bytes must be at least 1024".into(),
             ));
+        }
+        if let Some(c) = &config.cluster {
+            redis::Client::open(c.redis_url.as_str())
+                .map_err(|e| ConfigError::Invalid(format!("invalid --redis-url: {e}")))?;
+            if c.node_timeout < Duration::from_millis(300) {
+                return Err(ConfigError::Invalid(
+                    "node-timeout-ms must be at least 300".into(),
+                ));
+            }
         }
         if config.deflate_level > 9 {
             return Err(ConfigError::Invalid("deflate-level must be 0-9".into()));

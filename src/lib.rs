@@ -15,6 +15,7 @@
 
 pub mod channels;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod echo;

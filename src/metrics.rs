@@ -43,6 +43,16 @@ pub struct Metrics {
     pub errors: Family<KindLabel, Counter>,
     /// Connections closed, by close code class.
     pub closes: Family<KindLabel, Counter>,
+    /// Cluster mode: 1 while the Redis backplane is connected.
+    pub redis_up: Gauge,
+    pub redis_outages: Counter,
+    /// Cluster mode: live nodes, this one included, as last seen.
+    pub cluster_nodes: Gauge,
+    pub cluster_nodes_reaped: Counter,
+    /// Cluster mode: payloads sent to, received from, and not sent to other nodes.
+    pub cluster_forwarded: Counter,
+    pub cluster_received: Counter,
+    pub cluster_dropped: Counter,
     registry: Registry,
 }
 
@@ -66,6 +76,13 @@ impl Metrics {
             idle_timeouts: Counter::default(),
             errors: Family::default(),
             closes: Family::default(),
+            redis_up: Gauge::default(),
+            redis_outages: Counter::default(),
+            cluster_nodes: Gauge::default(),
+            cluster_nodes_reaped: Counter::default(),
+            cluster_forwarded: Counter::default(),
+            cluster_received: Counter::default(),
+            cluster_dropped: Counter::default(),
             registry: Registry::with_prefix("supersynk"),
         };
         let r = &mut m.registry;
@@ -145,6 +162,41 @@ impl Metrics {
             m.errors.clone(),
         );
         r.register("closes", "Connections closed, by reason", m.closes.clone());
+        r.register(
+            "redis_up",
+            "Cluster mode: 1 while the Redis backplane is connected",
+            m.redis_up.clone(),
+        );
+        r.register(
+            "redis_outages",
+            "Cluster mode: connections to Redis lost or refused",
+            m.redis_outages.clone(),
+        );
+        r.register(
+            "cluster_nodes",
+            "Cluster mode: live nodes, this one included",
+            m.cluster_nodes.clone(),
+        );
+        r.register(
+            "cluster_nodes_reaped",
+            "Cluster mode: dead nodes this node removed from the cluster",
+            m.cluster_nodes_reaped.clone(),
+        );
+        r.register(
+            "cluster_forwarded",
+            "Cluster mode: payloads published for members on other nodes",
+            m.cluster_forwarded.clone(),
+        );
+        r.register(
+            "cluster_received",
+            "Cluster mode: payloads received from other nodes",
+            m.cluster_received.clone(),
+        );
+        r.register(
+            "cluster_dropped",
+            "Cluster mode: payloads for other nodes dropped (Redis down or too slow)",
+            m.cluster_dropped.clone(),
+        );
         m
     }
 

@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::core::hub::Hub;
+use crate::core::link::Link;
 use crate::limits::{ConnectionPermit, Guard};
 use crate::metrics::Metrics;
 use crate::ws::connection::ConnContext;
@@ -75,7 +76,15 @@ impl App {
             close_timeout: Duration::from_secs(2),
         });
         App(Arc::new(AppInner {
-            hub: Hub::new(metrics.clone(), config.limits.max_session_members),
+            hub: Hub::new(
+                metrics.clone(),
+                config.limits.max_session_members,
+                // Forwards wait for Redis in at most this many bytes; more are dropped.
+                config
+                    .cluster
+                    .as_ref()
+                    .map(|_| Arc::new(Link::new(64 << 20))),
+            ),
             guard: Arc::new(Guard::new(&config, metrics.clone())),
             channels: crate::channels::store::Store::new(config.channel_timeout),
             metrics,
@@ -193,8 +202,14 @@ where
     accepted.response
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+/// 200 while the server serves. In cluster mode with Redis unreachable the answer stays
+/// 200 (local delivery goes on, and a Redis outage must not take every node out of a load
+/// balancer) but says `degraded`.
+async fn healthz(State(app): State<App>) -> &'static str {
+    match app.hub.link() {
+        Some(link) if !link.is_up() => "degraded: Redis unreachable, serving local members only\n",
+        _ => "ok\n",
+    }
 }
 
 async fn metrics(State(app): State<App>) -> Response {
@@ -258,6 +273,10 @@ impl Server {
         let tls_on = tls.is_some();
         let task = tokio::spawn(accept_loop(listener, app.clone(), tls));
         tokio::spawn(crate::channels::sweep_until_shutdown(app.clone()));
+        if let Some(cluster) = app.config.cluster.clone() {
+            // Tracked, so that shutdown waits for the node to leave the cluster.
+            app.tracker.spawn(crate::cluster::run(app.clone(), cluster));
+        }
         info!(%local_addr, tls = tls_on, "listening");
         Ok(Server {
             local_addr,

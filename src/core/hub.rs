@@ -10,8 +10,20 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::core::link::{Forward, Link};
 use crate::core::outbound::{Outbound, Payload};
 use crate::metrics::Metrics;
+
+/// Identifies one node of a cluster (a fresh id each time a node connects to the backplane).
+pub type NodeId = u128;
+
+/// What another node reported of its members of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Remote {
+    pub presence: Presence,
+    /// Increases with every report of that node, so a late report never undoes a newer one.
+    pub version: u64,
+}
 
 /// Identifies one connection for the whole life of the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -77,7 +89,7 @@ pub struct SessionInfo {
 }
 
 /// What a presence announcement reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Presence {
     pub members: usize,
     pub leaders: usize,
@@ -102,6 +114,9 @@ pub struct Session {
     /// A `std` mutex: held while pushing to members' queues (which never wait), never across
     /// `.await`. Lock order: the hub's map first, then a session.
     state: Mutex<SessionState>,
+    announce: Announce,
+    /// Where pushes for members on other nodes go (cluster mode).
+    link: Option<Arc<Link>>,
 }
 
 #[derive(Debug, Default)]
@@ -109,6 +124,58 @@ struct SessionState {
     members: Vec<Member>,
     /// Set by the first leader that presents one; from then on only it makes a leader.
     leader_key: Option<Box<str>>,
+    /// Members on other nodes, by node (cluster mode). A node that left keeps an entry with
+    /// no members, so that a late report of it cannot bring it back.
+    remote: HashMap<NodeId, Remote>,
+    /// Nodes whose report predates the backplane's last reconnection and is not confirmed
+    /// yet: counted until [`Hub::drop_stale`], so that a Redis restart does not make members
+    /// vanish while their nodes reconnect.
+    stale: Vec<NodeId>,
+    /// False while a clustered session waits for its first view of the other nodes; its
+    /// announcements wait too, so that no member is told a count that is about to change.
+    synced: bool,
+    /// An announcement is owed (one was held while the session was not in sync).
+    held: bool,
+    /// The presence last announced.
+    announced: Option<Presence>,
+}
+
+impl SessionState {
+    fn local(&self) -> Presence {
+        presence(&self.members)
+    }
+
+    /// Members on every node.
+    fn presence(&self) -> Presence {
+        self.remote.values().fold(self.local(), |acc, r| Presence {
+            members: acc.members + r.presence.members,
+            leaders: acc.leaders + r.presence.leaders,
+        })
+    }
+
+    /// Sends the session-wide presence to every local member.
+    fn announce(&mut self, announce: Announce) {
+        if !self.synced {
+            self.held = true;
+            return;
+        }
+        self.held = false;
+        let now = self.presence();
+        self.announced = Some(now);
+        let payload = announce(now);
+        for m in &self.members {
+            // A member whose queue refuses is closing; its own leave will announce again.
+            let _ = m.outbound.send(payload.clone());
+        }
+    }
+
+    /// Announces if the session-wide presence differs from what was last announced, or if
+    /// an announcement is owed.
+    fn announce_if_changed(&mut self, announce: Announce) {
+        if self.held || self.announced != Some(self.presence()) {
+            self.announce(announce);
+        }
+    }
 }
 
 impl Session {
@@ -150,42 +217,51 @@ impl Session {
             .count()
     }
 
-    /// Current presence.
+    /// Current presence, on every node.
     pub fn presence(&self) -> Presence {
-        presence(&self.state().members)
+        self.state().presence()
     }
 
-    /// Queues `payload` for the audience; returns how many receivers accepted it. A receiver
-    /// whose queue is full is closed by its queue (slow consumer), never waited for.
+    /// Queues `payload` for the audience on this node, and forwards it to other nodes that
+    /// have members of that audience; returns how many receivers on this node accepted it.
+    /// A receiver whose queue is full is closed by its queue (slow consumer), never waited
+    /// for.
     pub fn publish(&self, from: ConnId, payload: &Arc<Payload>, audience: Audience) -> usize {
         let state = self.state();
-        let members = &state.members;
-        let mut delivered = 0;
-        for m in members.iter() {
-            let wanted = match audience {
-                Audience::Followers => m.role == Role::Follower,
-                Audience::Others => true,
-            };
-            if wanted && m.conn != from && m.outbound.send(payload.clone()).is_ok() {
-                delivered += 1;
+        if let Some(link) = &self.link {
+            let elsewhere = state.remote.values().any(|r| match audience {
+                Audience::Followers => r.presence.members > r.presence.leaders,
+                Audience::Others => r.presence.members > 0,
+            });
+            if elsewhere {
+                link.forward(Forward {
+                    session: self.id.clone(),
+                    payload: payload.clone(),
+                    audience,
+                });
             }
         }
-        delivered
+        deliver(&state.members, from, payload, audience)
     }
+}
+
+/// Queues `payload` for the members of `audience`, but `from`.
+fn deliver(members: &[Member], from: ConnId, payload: &Arc<Payload>, audience: Audience) -> usize {
+    let wanted = |m: &&Member| match audience {
+        Audience::Followers => m.role == Role::Follower,
+        Audience::Others => true,
+    };
+    members
+        .iter()
+        .filter(wanted)
+        .filter(|m| m.conn != from && m.outbound.send(payload.clone()).is_ok())
+        .count()
 }
 
 fn presence(members: &[Member]) -> Presence {
     Presence {
         members: members.len(),
         leaders: members.iter().filter(|m| m.role == Role::Leader).count(),
-    }
-}
-
-fn announce_to(members: &[Member], announce: Announce) {
-    let payload = announce(presence(members));
-    for m in members {
-        // A member whose queue refuses is closing; its own leave will announce again.
-        let _ = m.outbound.send(payload.clone());
     }
 }
 
@@ -199,15 +275,30 @@ pub struct Hub {
     connections: Mutex<HashMap<ConnId, Outbound>>,
     max_members: usize,
     metrics: Arc<Metrics>,
+    /// The outbox to other nodes, in cluster mode.
+    link: Option<Arc<Link>>,
 }
 
 impl Hub {
-    pub fn new(metrics: Arc<Metrics>, max_members: usize) -> Hub {
+    /// A hub; with a `link`, a node of a cluster.
+    pub fn new(metrics: Arc<Metrics>, max_members: usize, link: Option<Arc<Link>>) -> Hub {
         Hub {
             sessions: Mutex::new(HashMap::new()),
             connections: Mutex::new(HashMap::new()),
             max_members,
             metrics,
+            link,
+        }
+    }
+
+    /// The outbox to other nodes, in cluster mode.
+    pub fn link(&self) -> Option<&Arc<Link>> {
+        self.link.as_ref()
+    }
+
+    fn changed(&self, session: &Session) {
+        if let Some(link) = &self.link {
+            link.changed(&session.id);
         }
     }
 
@@ -266,9 +357,17 @@ impl Hub {
         let session = match sessions.get(id) {
             Some(s) => s.clone(),
             None => {
+                // A clustered session waits for its view of the other nodes before it
+                // announces, unless the backplane is down.
+                let synced = self.link.as_ref().is_none_or(|l| !l.is_up());
                 let s = Arc::new(Session {
                     id: Arc::from(id),
-                    state: Mutex::new(SessionState::default()),
+                    state: Mutex::new(SessionState {
+                        synced,
+                        ..SessionState::default()
+                    }),
+                    announce,
+                    link: self.link.clone(),
                 });
                 sessions.insert(s.id.clone(), s.clone());
                 self.metrics.sessions.set(sessions.len() as i64);
@@ -303,8 +402,9 @@ impl Hub {
             }
             None => state.members.push(member),
         }
-        announce_to(&state.members, announce);
+        state.announce(session.announce);
         drop(state);
+        self.changed(&session);
         Ok(Joined {
             session,
             role,
@@ -313,8 +413,8 @@ impl Hub {
     }
 
     /// Removes `conn` from `session`, announces the new presence to the others, and removes
-    /// the session once it is empty.
-    pub fn leave(&self, session: &Arc<Session>, conn: ConnId, announce: Announce) {
+    /// the session once it has no member on this node.
+    pub fn leave(&self, session: &Arc<Session>, conn: ConnId) {
         {
             let mut state = session.state();
             let before = state.members.len();
@@ -322,12 +422,15 @@ impl Hub {
             if state.members.len() == before {
                 return;
             }
+            state.announce(session.announce);
             if !state.members.is_empty() {
-                announce_to(&state.members, announce);
+                drop(state);
+                self.changed(session);
                 return;
             }
         }
         self.remove_if_empty(session);
+        self.changed(session);
     }
 
     fn remove_if_empty(&self, session: &Arc<Session>) {
@@ -346,6 +449,109 @@ impl Hub {
     /// The session `id`, if it exists.
     pub fn get(&self, id: &str) -> Option<Arc<Session>> {
         self.sessions().get(id).cloned()
+    }
+
+    /// The ids of every session.
+    pub fn ids(&self) -> Vec<Arc<str>> {
+        self.sessions().keys().cloned().collect()
+    }
+
+    /// The members of session `id` on this node (none if there is no such session).
+    pub fn local_presence(&self, id: &str) -> Presence {
+        self.get(id).map(|s| s.state().local()).unwrap_or_default()
+    }
+
+    /// Delivers a payload that a member on another node published; returns how many
+    /// receivers on this node took it.
+    pub fn deliver_remote(&self, id: &str, payload: &Arc<Payload>, audience: Audience) -> usize {
+        self.get(id).map_or(0, |s| {
+            deliver(&s.state().members, ConnId(0), payload, audience)
+        })
+    }
+
+    /// Records another node's report on session `id`, and announces the new presence if
+    /// it changed. A report older than the one held is ignored.
+    pub fn update_remote(&self, id: &str, node: NodeId, remote: Remote) {
+        if let Some(s) = self.get(id) {
+            let mut state = s.state();
+            if state
+                .remote
+                .get(&node)
+                .is_none_or(|r| r.version < remote.version)
+            {
+                state.remote.insert(node, remote);
+                state.stale.retain(|n| *n != node);
+                state.announce_if_changed(s.announce);
+            }
+        }
+    }
+
+    /// Holds session `id`'s announcements until [`Hub::sync_remote`] (the backplane is
+    /// about to read the other nodes' reports afresh), and marks what it knew of them as
+    /// stale.
+    pub fn unsync(&self, id: &str) {
+        if let Some(s) = self.get(id) {
+            let mut state = s.state();
+            state.stale = state.remote.keys().copied().collect();
+            state.synced = false;
+        }
+    }
+
+    /// Forgets the reports of session `id` that no node confirmed since [`Hub::unsync`].
+    pub fn drop_stale(&self, id: &str) {
+        if let Some(s) = self.get(id) {
+            let mut state = s.state();
+            for node in std::mem::take(&mut state.stale) {
+                state.remote.remove(&node);
+            }
+            state.announce_if_changed(s.announce);
+        }
+    }
+
+    /// Merges a full read of the other nodes' reports on session `id` (newer reports that
+    /// arrived meanwhile win), and announces: the session is in sync.
+    pub fn sync_remote(&self, id: &str, reports: &[(NodeId, Remote)]) {
+        if let Some(s) = self.get(id) {
+            let mut state = s.state();
+            for (node, remote) in reports {
+                if state
+                    .remote
+                    .get(node)
+                    .is_none_or(|r| r.version < remote.version)
+                {
+                    state.remote.insert(*node, *remote);
+                }
+                state.stale.retain(|n| n != node);
+            }
+            state.synced = true;
+            state.announce_if_changed(s.announce);
+        }
+    }
+
+    /// Forgets a node that is gone from every session, announcing where that changes the
+    /// presence.
+    pub fn node_gone(&self, node: NodeId) {
+        for id in self.ids() {
+            if let Some(s) = self.get(&id) {
+                let mut state = s.state();
+                state.stale.retain(|n| *n != node);
+                if state.remote.remove(&node).is_some() {
+                    state.announce_if_changed(s.announce);
+                }
+            }
+        }
+    }
+
+    /// Releases every held announcement with the presence known now (the backplane is down
+    /// and cannot complete a sync).
+    pub fn sync_all_local(&self) {
+        for id in self.ids() {
+            if let Some(s) = self.get(&id) {
+                let mut state = s.state();
+                state.synced = true;
+                state.announce_if_changed(s.announce);
+            }
+        }
     }
 
     /// Number of sessions.
@@ -388,7 +594,7 @@ mod tests {
 
     #[tokio::test]
     async fn join_announces_to_everyone_and_publish_reaches_followers_only() {
-        let hub = Hub::new(Arc::new(Metrics::new()), 16);
+        let hub = Hub::new(Arc::new(Metrics::new()), 16, None);
         let (leader, a, b) = (
             member(Role::Leader),
             member(Role::Follower),
@@ -408,17 +614,17 @@ mod tests {
         );
         assert_eq!(drain(&a).await, ["push"]);
         assert_eq!(drain(&b).await, ["3/1", "push"]);
-        hub.leave(&s, leader.conn, announce);
+        hub.leave(&s, leader.conn);
         assert_eq!(drain(&a).await, ["2/0"]);
-        hub.leave(&s, a.conn, announce);
+        hub.leave(&s, a.conn);
         assert_eq!(hub.len(), 1);
-        hub.leave(&s, b.conn, announce);
+        hub.leave(&s, b.conn);
         assert!(hub.is_empty());
     }
 
     #[tokio::test]
     async fn rejoin_updates_role_without_duplicating() {
-        let hub = Hub::new(Arc::new(Metrics::new()), 16);
+        let hub = Hub::new(Arc::new(Metrics::new()), 16, None);
         let m = member(Role::Follower);
         hub.join("s", m.clone(), None, announce).unwrap();
         let leader = Member {
@@ -438,7 +644,7 @@ mod tests {
 
     #[tokio::test]
     async fn leader_key_and_member_cap() {
-        let hub = Hub::new(Arc::new(Metrics::new()), 3);
+        let hub = Hub::new(Arc::new(Metrics::new()), 3, None);
         let first = hub
             .join("p", member(Role::Leader), Some("k1"), announce)
             .unwrap();
@@ -467,5 +673,45 @@ mod tests {
         );
         let unprotected = hub.join("q", member(Role::Leader), None, announce).unwrap();
         assert!(!unprotected.session.info().protected);
+    }
+
+    #[tokio::test]
+    async fn clustered_presence_waits_for_sync_then_follows_remote_reports() {
+        let link = Arc::new(Link::new(1 << 20));
+        link.set_up(true);
+        let hub = Hub::new(Arc::new(Metrics::new()), 16, Some(link.clone()));
+        let f = member(Role::Follower);
+        let s = hub.join("s", f.clone(), None, announce).unwrap().session;
+        let report = |members, leaders, version| Remote {
+            presence: Presence { members, leaders },
+            version,
+        };
+        // Held until the backplane's first read of the other nodes.
+        hub.update_remote("s", 7, report(1, 1, 5));
+        hub.sync_remote("s", &[(7, report(1, 1, 4)), (8, report(2, 0, 1))]);
+        assert_eq!(drain(&f).await, ["4/1"], "the newer report of node 7 wins");
+        // Pushes reach the link only while other nodes have members of the audience.
+        s.publish(ConnId(0), &Payload::text("p"), Audience::Followers);
+        assert_eq!(link.next(10).await.forwards.len(), 1);
+        hub.update_remote("s", 8, report(0, 0, 2));
+        hub.update_remote("s", 8, report(2, 0, 1));
+        assert_eq!(
+            drain(&f).await,
+            ["p", "2/1"],
+            "a stale report changes nothing"
+        );
+        hub.node_gone(7);
+        assert_eq!(drain(&f).await, ["1/0"]);
+        s.publish(ConnId(0), &Payload::text("p"), Audience::Followers);
+        let nothing = tokio::time::timeout(std::time::Duration::from_millis(50), link.next(10));
+        assert!(
+            nothing.await.is_err(),
+            "no member elsewhere: nothing forwarded"
+        );
+        assert_eq!(
+            hub.deliver_remote("s", &Payload::text("r"), Audience::Followers),
+            1
+        );
+        assert_eq!(drain(&f).await, ["p", "r"]);
     }
 }

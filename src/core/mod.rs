@@ -3,6 +3,7 @@
 //! render their own messages and hand the core shared payloads.
 
 pub mod hub;
+pub mod link;
 pub mod outbound;
 
 /// Compares two secrets without leaking, through timing, how much of them matched.

@@ -68,7 +68,7 @@ pub async fn serve(upgraded: Upgraded, deflate: Option<Deflate>, app: App, peer:
 
 fn leave(app: &App, conn: &Connection, client: &mut Client) {
     if let Some((session, _)) = client.session.take() {
-        app.hub.leave(&session, conn.id, session_state);
+        app.hub.leave(&session, conn.id);
     }
 }
 

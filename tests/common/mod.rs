@@ -1,7 +1,9 @@
 //! Shared test helpers: start the real server on port 0, talk HTTP and WebSocket to it.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -182,4 +184,56 @@ pub async fn pair(addr: SocketAddr, session: &str) -> (HunterClient, HunterClien
     assert_eq!(state(&mut follower).await, (2, true));
     assert_eq!(state(&mut leader).await, (2, true));
     (leader, follower)
+}
+
+/// The server process; killed if a test fails before it stops it.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // Already exited in the tests that stop it themselves.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the binary with `args` and `env`; returns the child and its address (read from
+/// the "listening" log line).
+pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> (Proc, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_supersynk"))
+        .args(["--bind", "127.0.0.1"])
+        .args(args)
+        .envs(env.iter().copied())
+        .env("SUPERSYNK_LOG_FORMAT", "json")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("binary starts");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines.next().expect("log line").expect("readable");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("json log");
+        if v["fields"]["message"] == "listening" {
+            break v["fields"]["local_addr"].as_str().unwrap().parse().unwrap();
+        }
+    };
+    // Keep draining the log so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (Proc(child), addr)
+}
+
+pub fn sigterm(child: &Proc) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits for the process to exit and returns whether it exited with success.
+pub async fn exits_cleanly(mut child: Proc) -> bool {
+    tokio::task::spawn_blocking(move || child.0.wait().map(|s| s.success()).unwrap_or(false))
+        .await
+        .unwrap()
 }

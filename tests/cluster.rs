@@ -1,0 +1,343 @@
+//! Cluster mode against a real Redis: nodes as separate processes, the plugin's clients on
+//! different nodes, nodes killed, Redis restarted. Each test uses its own key prefix, so
+//! tests share the machine's Redis (127.0.0.1:6379, or `SUPERSYNK_TEST_REDIS`) without
+//! seeing each other; the restart test runs a Redis of its own.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use supersynk::client::HunterClient;
+
+fn redis_url() -> String {
+    std::env::var("SUPERSYNK_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A key prefix of the test's own; its keys are deleted when the test ends (nodes killed
+/// by a test leave theirs behind).
+struct Prefix(String);
+
+impl std::ops::Deref for Prefix {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Drop for Prefix {
+    fn drop(&mut self) {
+        let redis = redis_url();
+        let Ok(out) = Command::new("redis-cli")
+            .args(["-u", &redis, "--scan", "--pattern", &format!("{}*", self.0)])
+            .output()
+        else {
+            return;
+        };
+        let keys: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(String::from)
+            .collect();
+        if !keys.is_empty() {
+            let _ = Command::new("redis-cli")
+                .args(["-u", &redis, "DEL"])
+                .args(&keys)
+                .stdout(Stdio::null())
+                .status();
+        }
+    }
+}
+
+fn unique_prefix() -> Prefix {
+    Prefix(format!("supersynk-test-{}:", uuid::Uuid::new_v4().simple()))
+}
+
+/// A node of the cluster `prefix`, once it is connected to Redis.
+async fn node(redis: &str, prefix: &str, args: &[&str]) -> (Proc, SocketAddr) {
+    let mut all = vec![
+        "--port",
+        "0",
+        "--redis-url",
+        redis,
+        "--redis-prefix",
+        prefix,
+    ];
+    all.extend_from_slice(args);
+    let (proc, addr) = spawn(&all, &[]);
+    wait_for_health(addr, "ok").await;
+    (proc, addr)
+}
+
+/// Waits until /healthz starts with `want`.
+async fn wait_for_health(addr: SocketAddr, want: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, _, body) = http(addr, "GET", "/healthz", "").await;
+        if body.starts_with(want) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "healthz never said {want:?}; last: {body:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads sessionstates until one says (players, leader); other messages must not come.
+async fn until_state(c: &mut HunterClient, want: (u64, bool)) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let got = tokio::time::timeout_at(deadline, state(c))
+            .await
+            .unwrap_or_else(|_| panic!("no sessionstate {want:?} in time"));
+        if got == want {
+            return;
+        }
+    }
+}
+
+async fn recv_text(c: &mut HunterClient) -> String {
+    tokio::time::timeout(WAIT, c.next_text())
+        .await
+        .expect("a message in time")
+        .expect("socket open")
+        .expect("no socket error")
+}
+
+async fn follower(addr: SocketAddr, name: &str, session: &str) -> HunterClient {
+    let mut c = plugin(addr).await;
+    join(&mut c, name, session, false).await;
+    c
+}
+
+/// The next message that is not a sessionstate.
+async fn next_push(c: &mut HunterClient) -> String {
+    loop {
+        let text = recv_text(c).await;
+        if !text.contains(r#""type":"sessionstate""#) {
+            return text;
+        }
+    }
+}
+
+/// Waits until `metric` on `addrs`, summed, equals `want`.
+async fn until_metric(addrs: &[SocketAddr], name: &str, want: f64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut sum = 0.0;
+        for a in addrs {
+            sum += metric(*a, name).await;
+        }
+        if sum == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} is {sum}, not {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_session_split_across_nodes_behaves_as_one() {
+    let (redis, prefix) = (redis_url(), unique_prefix());
+    let (_a_proc, a) = node(&redis, &prefix, &[]).await;
+    let (_b_proc, b) = node(&redis, &prefix, &[]).await;
+    let short_idle = [
+        "--socket-timeout-ms",
+        "1000",
+        "--socket-timeout-check-interval-ms",
+        "200",
+    ];
+    let (_c_proc, c) = node(&redis, &prefix, &short_idle).await;
+    let session = "c3@uTKeQR3Mp:Hunter";
+    let mut leader = plugin(a).await;
+    join(&mut leader, "L", session, true).await;
+    assert_eq!(state(&mut leader).await, (1, true));
+
+    // A follower on another node sees the leader, and the leader sees it.
+    let mut far = follower(b, "Far", session).await;
+    assert_eq!(state(&mut far).await, (2, true));
+    assert_eq!(state(&mut leader).await, (2, true));
+    let mut near = follower(a, "Near", session).await;
+    assert_eq!(state(&mut near).await, (3, true));
+    assert_eq!(state(&mut leader).await, (3, true));
+    assert_eq!(state(&mut far).await, (3, true));
+
+    // Pushes reach followers on both nodes, unchanged and in order.
+    for n in 0..20 {
+        leader.send_text(&push(session, n)).await.unwrap();
+    }
+    for n in 0..20 {
+        assert_eq!(recv_text(&mut far).await, push(session, n));
+        assert_eq!(recv_text(&mut near).await, push(session, n));
+    }
+
+    // A follower that goes silent on node C times out there; the other nodes see it go.
+    let mut sleepy = follower(c, "Sleepy", session).await;
+    assert_eq!(state(&mut sleepy).await, (4, true));
+    for member in [&mut leader, &mut near, &mut far] {
+        assert_eq!(state(member).await, (4, true));
+    }
+    assert_eq!(close_code(&mut sleepy).await, Some(4000));
+    for member in [&mut leader, &mut near, &mut far] {
+        assert_eq!(state(member).await, (3, true));
+    }
+
+    // LeaveSession on node B.
+    far.send_text(r#"{"type":"LeaveSession"}"#).await.unwrap();
+    assert_eq!(state(&mut leader).await, (2, true));
+    assert_eq!(state(&mut near).await, (2, true));
+
+    // A leader that disconnects from node A.
+    let mut far = follower(b, "Far2", session).await;
+    assert_eq!(state(&mut far).await, (3, true));
+    assert_eq!(state(&mut near).await, (3, true));
+    drop(leader);
+    assert_eq!(state(&mut far).await, (2, false));
+    assert_eq!(state(&mut near).await, (2, false));
+
+    // A session with no member on node B costs node B nothing.
+    let b_received = metric(b, "supersynk_cluster_received_total").await;
+    let a_forwarded = metric(a, "supersynk_cluster_forwarded_total").await;
+    let (mut solo_leader, mut solo_follower) = pair(a, "solo").await;
+    for n in 0..10 {
+        solo_leader.send_text(&push("solo", n)).await.unwrap();
+    }
+    for n in 0..10 {
+        assert_eq!(recv_text(&mut solo_follower).await, push("solo", n));
+    }
+    assert_eq!(
+        metric(b, "supersynk_cluster_received_total").await,
+        b_received
+    );
+    assert_eq!(
+        metric(a, "supersynk_cluster_forwarded_total").await,
+        a_forwarded
+    );
+}
+
+#[tokio::test]
+async fn a_killed_node_and_a_stopped_node_leave_their_sessions() {
+    let (redis, prefix) = (redis_url(), unique_prefix());
+    let fast = ["--node-timeout-ms", "1500"];
+    let (_a_proc, a) = node(&redis, &prefix, &fast).await;
+    let (b_proc, b) = node(&redis, &prefix, &fast).await;
+    let (mut c_proc, c) = node(&redis, &prefix, &fast).await;
+    let session = "3nodes:Hunter";
+    let mut leader = plugin(c).await;
+    join(&mut leader, "L", session, true).await;
+    assert_eq!(state(&mut leader).await, (1, true));
+    let mut on_a = follower(a, "A", session).await;
+    assert_eq!(state(&mut on_a).await, (2, true));
+    let mut on_b = follower(b, "B", session).await;
+    assert_eq!(state(&mut on_b).await, (3, true));
+    until_state(&mut on_a, (3, true)).await;
+    until_state(&mut leader, (3, true)).await;
+    leader.send_text(&push(session, 7)).await.unwrap();
+    assert_eq!(recv_text(&mut on_a).await, push(session, 7));
+    assert_eq!(recv_text(&mut on_b).await, push(session, 7));
+
+    // SIGKILL: the node says nothing; the others notice its key expire.
+    c_proc.0.kill().unwrap();
+    c_proc.0.wait().unwrap();
+    assert_eq!(state(&mut on_a).await, (2, false));
+    assert_eq!(state(&mut on_b).await, (2, false));
+    // One node removed the dead one, once.
+    until_metric(&[a, b], "supersynk_cluster_nodes_reaped_total", 1.0).await;
+
+    // SIGTERM: the node leaves the cluster as it stops, and node A is told at once.
+    sigterm(&b_proc);
+    assert_eq!(state(&mut on_a).await, (1, false));
+    assert!(exits_cleanly(b_proc).await);
+    until_metric(&[a], "supersynk_cluster_nodes", 1.0).await;
+}
+
+/// A Redis server of the test's own, on a free port, keeping nothing on disk.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "redis-server starts");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Redis { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn redis_restart_mid_session() {
+    let redis = Redis::start(free_port());
+    let (url, port, prefix) = (redis.url(), redis.port, unique_prefix());
+    let (a_proc, a) = node(&url, &prefix, &[]).await;
+    let (b_proc, b) = node(&url, &prefix, &[]).await;
+    let session = "outage:Hunter";
+    let mut leader = plugin(a).await;
+    join(&mut leader, "L", session, true).await;
+    assert_eq!(state(&mut leader).await, (1, true));
+    let mut far = follower(b, "Far", session).await;
+    assert_eq!(state(&mut far).await, (2, true));
+    assert_eq!(state(&mut leader).await, (2, true));
+
+    // Redis goes away (its data with it). Both nodes say so, and local delivery goes on.
+    drop(redis);
+    wait_for_health(a, "degraded").await;
+    wait_for_health(b, "degraded").await;
+    assert_eq!(metric(a, "supersynk_redis_up").await, 0.0);
+    let mut near = follower(a, "Near", session).await;
+    assert_eq!(state(&mut near).await, (3, true), "the last known count");
+    assert_eq!(state(&mut leader).await, (3, true));
+    leader.send_text(&push(session, 1)).await.unwrap();
+    assert_eq!(recv_text(&mut near).await, push(session, 1));
+
+    // Redis comes back empty: the nodes reconnect and rewrite the cluster's state.
+    let _redis = Redis::start(port);
+    wait_for_health(a, "ok").await;
+    wait_for_health(b, "ok").await;
+    assert!(metric(a, "supersynk_redis_outages_total").await >= 1.0);
+    // Counts agree everywhere again: a new member is seen by all.
+    let mut late = follower(b, "Late", session).await;
+    for member in [&mut late, &mut leader, &mut near, &mut far] {
+        until_state(member, (4, true)).await;
+    }
+    // Pushes cross nodes again (the far follower missed push 1: Redis was down).
+    leader.send_text(&push(session, 2)).await.unwrap();
+    for member in [&mut near, &mut far, &mut late] {
+        assert_eq!(next_push(member).await, push(session, 2));
+    }
+    drop((a_proc, b_proc));
+}
