@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Redis, nginx and docker-compose for the cluster, proxy and deployment tests.
+bash scripts/deps.sh
+
 cargo test --all-targets
 
 # Fuzz targets, bounded (FUZZ_SECONDS each); SKIP_FUZZ=1 skips them.

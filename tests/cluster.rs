@@ -9,82 +9,9 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::cluster::*;
 use common::*;
 use supersynk::client::HunterClient;
-
-fn redis_url() -> String {
-    std::env::var("SUPERSYNK_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-/// A key prefix of the test's own; its keys are deleted when the test ends (nodes killed
-/// by a test leave theirs behind).
-struct Prefix(String);
-
-impl std::ops::Deref for Prefix {
-    type Target = str;
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl Drop for Prefix {
-    fn drop(&mut self) {
-        let redis = redis_url();
-        let Ok(out) = Command::new("redis-cli")
-            .args(["-u", &redis, "--scan", "--pattern", &format!("{}*", self.0)])
-            .output()
-        else {
-            return;
-        };
-        let keys: Vec<String> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(String::from)
-            .collect();
-        if !keys.is_empty() {
-            let _ = Command::new("redis-cli")
-                .args(["-u", &redis, "DEL"])
-                .args(&keys)
-                .stdout(Stdio::null())
-                .status();
-        }
-    }
-}
-
-fn unique_prefix() -> Prefix {
-    Prefix(format!("supersynk-test-{}:", uuid::Uuid::new_v4().simple()))
-}
-
-/// A node of the cluster `prefix`, once it is connected to Redis.
-async fn node(redis: &str, prefix: &str, args: &[&str]) -> (Proc, SocketAddr) {
-    let mut all = vec![
-        "--port",
-        "0",
-        "--redis-url",
-        redis,
-        "--redis-prefix",
-        prefix,
-    ];
-    all.extend_from_slice(args);
-    let (proc, addr) = spawn(&all, &[]);
-    wait_for_health(addr, "ok").await;
-    (proc, addr)
-}
-
-/// Waits until /healthz starts with `want`.
-async fn wait_for_health(addr: SocketAddr, want: &str) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (_, _, body) = http(addr, "GET", "/healthz", "").await;
-        if body.starts_with(want) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "healthz never said {want:?}; last: {body:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// Reads sessionstates until one says (players, leader); other messages must not come.
 async fn until_state(c: &mut HunterClient, want: (u64, bool)) {
@@ -97,20 +24,6 @@ async fn until_state(c: &mut HunterClient, want: (u64, bool)) {
             return;
         }
     }
-}
-
-async fn recv_text(c: &mut HunterClient) -> String {
-    tokio::time::timeout(WAIT, c.next_text())
-        .await
-        .expect("a message in time")
-        .expect("socket open")
-        .expect("no socket error")
-}
-
-async fn follower(addr: SocketAddr, name: &str, session: &str) -> HunterClient {
-    let mut c = plugin(addr).await;
-    join(&mut c, name, session, false).await;
-    c
 }
 
 /// The next message that is not a sessionstate.

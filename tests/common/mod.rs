@@ -1,6 +1,8 @@
 //! Shared test helpers: start the real server on port 0, talk HTTP and WebSocket to it.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};

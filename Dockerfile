@@ -1,0 +1,26 @@
+# Multi-stage build: compile with the Rust toolchain, run on a slim Debian with nothing but
+# the binary. Build with `docker build -t supersynk .` (or `docker compose build`).
+FROM rust:1.95-slim-bookworm AS build
+WORKDIR /src
+# Dependencies first, so that changing the code does not rebuild them.
+COPY Cargo.toml Cargo.lock ./
+RUN mkdir -p src/bin/supersynk-bench \
+    && echo 'fn main() {}' > src/main.rs \
+    && echo 'fn main() {}' > src/bin/supersynk-bench/main.rs \
+    && touch src/lib.rs \
+    && cargo build --release --locked --bin supersynk \
+    && rm -rf src
+COPY src ./src
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin supersynk
+
+FROM debian:bookworm-slim
+RUN useradd --system --uid 10001 --home-dir /var/lib/supersynk --create-home supersynk
+COPY --from=build /src/target/release/supersynk /usr/local/bin/supersynk
+USER supersynk
+WORKDIR /var/lib/supersynk
+ENV SUPERSYNK_BIND=0.0.0.0 \
+    SUPERSYNK_PORT=5001 \
+    SUPERSYNK_LOG_FORMAT=json
+EXPOSE 5001
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/supersynk"]

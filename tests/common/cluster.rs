@@ -1,0 +1,98 @@
+//! Helpers for tests with several nodes: nodes in cluster mode against a real Redis, each
+//! test under a key prefix of its own.
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use supersynk::client::HunterClient;
+
+use super::*;
+
+pub fn redis_url() -> String {
+    std::env::var("SUPERSYNK_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A key prefix of the test's own; its keys are deleted when the test ends (nodes killed
+/// by a test leave theirs behind).
+pub struct Prefix(String);
+
+impl std::ops::Deref for Prefix {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Drop for Prefix {
+    fn drop(&mut self) {
+        let redis = redis_url();
+        let Ok(out) = Command::new("redis-cli")
+            .args(["-u", &redis, "--scan", "--pattern", &format!("{}*", self.0)])
+            .output()
+        else {
+            return;
+        };
+        let keys: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(String::from)
+            .collect();
+        if !keys.is_empty() {
+            let _ = Command::new("redis-cli")
+                .args(["-u", &redis, "DEL"])
+                .args(&keys)
+                .stdout(Stdio::null())
+                .status();
+        }
+    }
+}
+
+pub fn unique_prefix() -> Prefix {
+    Prefix(format!("supersynk-test-{}:", uuid::Uuid::new_v4().simple()))
+}
+
+/// A node of the cluster `prefix`, once it is connected to Redis.
+pub async fn node(redis: &str, prefix: &str, args: &[&str]) -> (Proc, SocketAddr) {
+    let mut all = vec![
+        "--port",
+        "0",
+        "--redis-url",
+        redis,
+        "--redis-prefix",
+        prefix,
+    ];
+    all.extend_from_slice(args);
+    let (proc, addr) = spawn(&all, &[]);
+    wait_for_health(addr, "ok").await;
+    (proc, addr)
+}
+
+/// Waits until /healthz starts with `want`.
+pub async fn wait_for_health(addr: SocketAddr, want: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, _, body) = http(addr, "GET", "/healthz", "").await;
+        if body.starts_with(want) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "healthz never said {want:?}; last: {body:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn recv_text(c: &mut HunterClient) -> String {
+    tokio::time::timeout(WAIT, c.next_text())
+        .await
+        .expect("a message in time")
+        .expect("socket open")
+        .expect("no socket error")
+}
+
+pub async fn follower(addr: SocketAddr, name: &str, session: &str) -> HunterClient {
+    let mut c = plugin(addr).await;
+    join(&mut c, name, session, false).await;
+    c
+}

@@ -1,0 +1,173 @@
+//! The repository's nginx configuration, run by a real nginx in front of two cluster nodes:
+//! the plugin's handshake, compression, pushes and sessionstate through the proxy.
+//!
+//! The configuration is the one in `nginx/`, adapted only where a test must: the upstream
+//! servers become the test's nodes, `listen 80` a free local port, and the paths that need
+//! root (pid, temp files) go to a temporary directory.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::cluster::*;
+use common::*;
+use supersynk::client::HunterClient;
+
+struct Nginx {
+    child: Child,
+    dir: PathBuf,
+    addr: SocketAddr,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM: the master stops its workers (a SIGKILLed master would orphan them).
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn nginx_binary() -> &'static str {
+    ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("nginx is installed (scripts/deps.sh installs it)")
+}
+
+/// The repository's supersynk.conf with the test's nodes and port.
+fn adapted_site(nodes: &[SocketAddr], port: u16) -> String {
+    let site =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/nginx/supersynk.conf"))
+            .expect("nginx/supersynk.conf");
+    let mut out = String::new();
+    let mut servers_written = false;
+    for line in site.lines() {
+        let t = line.trim_start();
+        if t.starts_with("server supersynk-") {
+            if !servers_written {
+                for n in nodes {
+                    out.push_str(&format!("    server {n} max_fails=3 fail_timeout=5s;\n"));
+                }
+                servers_written = true;
+            }
+        } else if t == "listen 80;" {
+            out.push_str(&format!("    listen 127.0.0.1:{port};\n"));
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    assert!(servers_written, "supersynk.conf lists its upstream nodes");
+    out
+}
+
+fn start_nginx(nodes: &[SocketAddr]) -> Nginx {
+    let dir = std::env::temp_dir().join(format!("supersynk-nginx-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(dir.join("supersynk.conf"), adapted_site(nodes, port)).unwrap();
+    // The repository's nginx.conf, with the pid file and temp paths in the test's directory
+    let main = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/nginx/nginx.conf"))
+        .expect("nginx/nginx.conf");
+    let d = dir.display();
+    // (and without raising the fd limit, which needs privileges this machine may not give).
+    let main = main
+        .replace("pid /tmp/nginx.pid;", &format!("pid {d}/nginx.pid;"))
+        .replace("worker_rlimit_nofile 40000;", "")
+        .replace(
+            "include supersynk.conf;",
+            &format!(
+                "client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n    \
+                 fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n    \
+                 include {d}/supersynk.conf;"
+            ),
+        );
+    std::fs::write(dir.join("nginx.conf"), main).unwrap();
+    let conf = dir.join("nginx.conf");
+    let check = Command::new(nginx_binary())
+        .args(["-t", "-p"])
+        .arg(&dir)
+        .arg("-c")
+        .arg(&conf)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "nginx -t: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let child = Command::new(nginx_binary())
+        .arg("-p")
+        .arg(&dir)
+        .arg("-c")
+        .arg(&conf)
+        .args(["-g", "daemon off;"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(std::time::Instant::now() < deadline, "nginx starts");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Nginx { child, dir, addr }
+}
+
+#[tokio::test]
+async fn the_plugin_through_nginx_to_two_nodes() {
+    let (redis, prefix) = (redis_url(), unique_prefix());
+    let (_a_proc, a) = node(&redis, &prefix, &[]).await;
+    let (_b_proc, b) = node(&redis, &prefix, &[]).await;
+    let nginx = start_nginx(&[a, b]);
+
+    // What the plugin asks first, through the proxy; what the public must not see.
+    assert_eq!(http(nginx.addr, "GET", "/version", "").await.2, "0.1");
+    assert_eq!(http(nginx.addr, "GET", "/metrics", "").await.0, 404);
+
+    // The plugin's exact handshake (permessage-deflate offered), through nginx.
+    let session = "nginx@Session:Hunter";
+    let mut leader = HunterClient::connect(nginx.addr, "/connect", true)
+        .await
+        .expect("upgrade through nginx");
+    join(&mut leader, "L", session, true).await;
+    assert_eq!(state(&mut leader).await, (1, true));
+    let mut follower = HunterClient::connect(nginx.addr, "/connect", true)
+        .await
+        .expect("upgrade through nginx");
+    join(&mut follower, "F", session, false).await;
+    assert_eq!(state(&mut follower).await, (2, true));
+    assert_eq!(state(&mut leader).await, (2, true));
+
+    // least_conn put the two sockets on different nodes: this session spans the cluster.
+    assert_eq!(metric(a, "supersynk_connections_open").await, 1.0);
+    assert_eq!(metric(b, "supersynk_connections_open").await, 1.0);
+
+    // Pushes arrive unchanged and compressed.
+    let before = follower.inflated_messages();
+    for n in 0..10 {
+        leader.send_text(&push(session, n)).await.unwrap();
+    }
+    for n in 0..10 {
+        assert_eq!(recv_text(&mut follower).await, push(session, n));
+    }
+    assert_eq!(
+        follower.inflated_messages() - before,
+        10,
+        "pushes came compressed"
+    );
+
+    // The leader goes; the follower is told through the proxy.
+    drop(leader);
+    assert_eq!(state(&mut follower).await, (1, false));
+}
