@@ -9,6 +9,8 @@
 //!   [`hunterpie`] (the HunterPie SyncPlugin protocol on `/connect`), [`channels`] (the HTTP
 //!   channel API under `/api`) and [`echo`] (for conformance testing).
 //! - [`client`]: a client that behaves like the deployed plugin, for tests and benchmarks.
+//! - [`cluster`]: cluster mode, several nodes sharing sessions over Redis, behind the
+//!   core's [`core::link`] outbox.
 //! - [`server`]: listener, routes, shared state and graceful shutdown; [`config`];
 //!   [`metrics`].
 #![forbid(unsafe_code)]
