@@ -53,7 +53,7 @@ pub struct AppInner {
     /// Connection caps, rates, client addresses.
     pub guard: Arc<Guard>,
     /// The HTTP channel API's state.
-    pub channels: crate::channels::store::Store,
+    pub channels: crate::channels::Channels,
 }
 
 impl std::ops::Deref for App {
@@ -86,7 +86,7 @@ impl App {
                     .map(|_| Arc::new(Link::new(64 << 20))),
             ),
             guard: Arc::new(Guard::new(&config, metrics.clone())),
-            channels: crate::channels::store::Store::new(config.channel_timeout),
+            channels: crate::channels::Channels::new(&config),
             metrics,
             ws,
             config,

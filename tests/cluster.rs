@@ -254,3 +254,127 @@ async fn redis_restart_mid_session() {
     }
     drop((a_proc, b_proc));
 }
+
+/// Posts `body` to channel `key` on `addr`; returns (status, Server-Time, body).
+async fn post_channel(
+    addr: SocketAddr,
+    key: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> (u16, f64, String) {
+    let (status, head, body) =
+        http_with(addr, "POST", &format!("/api/channels/{key}"), headers, body).await;
+    (status, server_time(&head), body)
+}
+
+fn server_time(head: &str) -> f64 {
+    head.lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("server-time: ")
+                .map(String::from)
+        })
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+#[tokio::test]
+async fn http_channels_are_shared_by_every_node() {
+    let (redis, prefix) = (redis_url(), unique_prefix());
+    let timeout = ["--channel-timeout-ms", "600"];
+    let (_a_proc, a) = node(&redis, &prefix, &timeout).await;
+    let (_b_proc, b) = node(&redis, &prefix, &timeout).await;
+
+    // Requests alternate between the nodes, as behind a load balancer without stickiness.
+    let (status, t1, others) = post_channel(a, "room", r#"{"client_id":"ada","x":1}"#, &[]).await;
+    assert_eq!((status, others.as_str()), (200, "[]"));
+    let (status, t2, others) = post_channel(b, "room", r#"{"client_id":"joe"}"#, &[]).await;
+    assert_eq!(
+        (status, others.as_str()),
+        (200, r#"[{"client_id":"ada","x":1}]"#)
+    );
+    let (status, head, all) = http(a, "GET", "/api/channels/room", "").await;
+    assert_eq!(status, 200);
+    assert_eq!(all, r#"[{"client_id":"ada","x":1},{"client_id":"joe"}]"#);
+    let t3 = server_time(&head);
+    assert!(
+        t1 <= t2 && t2 <= t3,
+        "Server-Time never decreases: {t1} {t2} {t3}"
+    );
+    assert_eq!(http(b, "GET", "/api/channels", "").await.2, r#"["room"]"#);
+
+    // Client-Time is checked across nodes: a late request on the other node changes nothing.
+    let ordered = |t: &'static str| [("Client-Id", "ada"), ("Client-Time", t)];
+    let late_body = r#"{"client_id":"ada","x":"late"}"#;
+    assert_eq!(
+        post_channel(a, "room", r#"{"client_id":"ada","x":2}"#, &ordered("10.5"))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        post_channel(b, "room", late_body, &ordered("10.4")).await.0,
+        204
+    );
+
+    // A watcher on node B sees a change posted on node A.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{b}/api/channels/room/watch"))
+        .await
+        .unwrap();
+    let mut next = async || -> serde_json::Value {
+        use futures::StreamExt;
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        serde_json::from_str(msg.to_text().unwrap()).unwrap()
+    };
+    let first = next().await;
+    assert_eq!(first[0]["x"], 2);
+    post_channel(a, "room", r#"{"client_id":"ada","x":3}"#, &[]).await;
+    let mut seen = next().await;
+    while seen[0]["x"] != 3 {
+        seen = next().await;
+    }
+
+    // Everyone falls silent: gone from both nodes after the timeout.
+    let mut last = seen;
+    while last != serde_json::json!([]) {
+        last = next().await;
+    }
+    for n in [a, b] {
+        assert_eq!(http(n, "GET", "/api/channels/room", "").await.2, "[]");
+        assert_eq!(http(n, "GET", "/api/channels", "").await.2, "[]");
+    }
+}
+
+#[tokio::test]
+async fn http_channels_answer_503_while_redis_is_down() {
+    let redis = Redis::start(free_port());
+    let (url, port, prefix) = (redis.url(), redis.port, unique_prefix());
+    let (_a_proc, a) = node(&url, &prefix, &[]).await;
+    assert_eq!(
+        post_channel(a, "c", r#"{"client_id":"ada"}"#, &[]).await.0,
+        200
+    );
+    drop(redis);
+    let (status, _, body) = post_channel(a, "c", r#"{"client_id":"joe"}"#, &[]).await;
+    assert_eq!(status, 503);
+    assert!(body.contains("channel store unavailable"), "{body}");
+    // Back, empty: the API works again without a restart of the node.
+    let _redis = Redis::start(port);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, _, body) = post_channel(a, "c", r#"{"client_id":"joe"}"#, &[]).await;
+        if status == 200 {
+            assert_eq!(body, "[]");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the store never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -2,11 +2,13 @@
 //! through channels, one request per update, compatible with the original supersynk Flask
 //! server and its Unity client; plus a WebSocket that pushes a channel's state to watchers.
 //!
-//! Owns the HTTP handlers and the watch socket; the state lives in [`store`].
+//! Owns the HTTP handlers and the watch socket; the state lives in [`store`] (one node) or
+//! in Redis through [`shared`] (cluster mode).
 
+pub mod shared;
 pub mod store;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -23,7 +25,74 @@ use crate::server::{App, Peer, upgrade_with};
 use crate::ws::connection::codes;
 use crate::ws::extension::Deflate;
 use crate::ws::{Connection, Event};
-use store::Order;
+use shared::{Shared, Timed};
+use store::{Order, Store};
+
+/// Where the channels live: in this process, or in Redis for every node (cluster mode).
+#[derive(Debug)]
+pub enum Channels {
+    Local { store: Store, started: Instant },
+    Shared(Box<Shared>),
+}
+
+type Answer<T> = redis::RedisResult<Timed<T>>;
+
+impl Channels {
+    /// In Redis when the configuration has a cluster (the URL was checked), else local.
+    pub fn new(config: &crate::config::Config) -> Channels {
+        let local = || Channels::Local {
+            store: Store::new(config.channel_timeout),
+            started: Instant::now(),
+        };
+        match &config.cluster {
+            Some(c) => match Shared::new(c, config.channel_timeout) {
+                Ok(shared) => Channels::Shared(Box::new(shared)),
+                Err(e) => {
+                    // Config::resolve checked the URL, so this does not happen.
+                    tracing::error!(error = %e, "invalid Redis URL: channels stay local");
+                    local()
+                }
+            },
+            None => local(),
+        }
+    }
+
+    fn now(started: &Instant) -> f64 {
+        started.elapsed().as_secs_f64()
+    }
+
+    async fn check_order(&self, client: &str, time: f64) -> Answer<Order> {
+        match self {
+            Channels::Local { store, started } => {
+                Ok((Self::now(started), store.check_order(client, time)))
+            }
+            Channels::Shared(s) => s.check_order(client, time).await,
+        }
+    }
+
+    async fn post(&self, key: &str, client: &str, body: Bytes) -> Answer<Bytes> {
+        match self {
+            Channels::Local { store, started } => {
+                Ok((Self::now(started), store.post(key, client, body)))
+            }
+            Channels::Shared(s) => s.post(key, client, &body).await,
+        }
+    }
+
+    async fn get(&self, key: &str) -> Answer<Bytes> {
+        match self {
+            Channels::Local { store, started } => Ok((Self::now(started), store.get(key))),
+            Channels::Shared(s) => s.get(key).await,
+        }
+    }
+
+    async fn channel_ids(&self) -> Answer<Vec<String>> {
+        match self {
+            Channels::Local { store, started } => Ok((Self::now(started), store.channel_ids())),
+            Channels::Shared(s) => s.channel_ids().await,
+        }
+    }
+}
 
 /// The channel API's routes.
 pub fn routes() -> Router<App> {
@@ -43,7 +112,9 @@ pub async fn sweep_until_shutdown(app: App) {
         tokio::select! {
             _ = app.shutdown.cancelled() => return,
             _ = tick.tick() => {
-                app.channels.sweep();
+                if let Channels::Local { store, .. } = &app.channels {
+                    store.sweep();
+                }
             }
         }
     }
@@ -54,15 +125,27 @@ fn error(status: StatusCode, text: &str, app: &App, kind: &'static str) -> Respo
     (status, axum::Json(serde_json::json!({ "error": text }))).into_response()
 }
 
-/// A 200 answer with a JSON body and `Server-Time` (seconds since the server started).
-fn ok_json(app: &App, body: Bytes) -> Response {
+/// The answer when the shared store (Redis) cannot be reached: 503, nothing stored.
+fn unavailable(app: &App, e: redis::RedisError) -> Response {
+    tracing::warn!(error = %e, "channel store unavailable");
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "channel store unavailable (Redis); nothing was stored, try again",
+        app,
+        "channel_store_unavailable",
+    )
+}
+
+/// A 200 answer with a JSON body and `Server-Time` (seconds since the server started, or
+/// in cluster mode since the cluster's epoch).
+fn ok_json(server_time: f64, body: Bytes) -> Response {
     let mut res = (StatusCode::OK, body).into_response();
     let h = res.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    let server_time = format!("{:.3}", app.metrics.started.elapsed().as_secs_f64());
+    let server_time = format!("{server_time:.3}");
     if let Ok(v) = HeaderValue::from_str(&server_time) {
         h.insert("server-time", v);
     }
@@ -74,12 +157,15 @@ async fn version() -> String {
 }
 
 async fn list(State(app): State<App>) -> Response {
-    let ids = serde_json::to_vec(&app.channels.channel_ids()).unwrap_or_default();
-    ok_json(&app, Bytes::from(ids))
+    match app.channels.channel_ids().await {
+        Ok((t, ids)) => ok_json(t, Bytes::from(serde_json::to_vec(&ids).unwrap_or_default())),
+        Err(e) => unavailable(&app, e),
+    }
 }
 
-/// Checks `Client-Id`/`Client-Time`: `Some` is the answer to give instead (400 or 204).
-fn check_order(app: &App, headers: &HeaderMap) -> Option<Response> {
+/// Checks `Client-Id`/`Client-Time`: `Some` is the answer to give instead (400, 204, or
+/// 503 when the shared store is unreachable).
+async fn check_order(app: &App, headers: &HeaderMap) -> Option<Response> {
     let time = headers.get("client-time")?;
     let time = time
         .to_str()
@@ -96,9 +182,10 @@ fn check_order(app: &App, headers: &HeaderMap) -> Option<Response> {
         ));
     };
     let client = headers.get("client-id").and_then(|v| v.to_str().ok())?;
-    match app.channels.check_order(client, time) {
-        Order::InOrder => None,
-        Order::Late => Some(StatusCode::NO_CONTENT.into_response()),
+    match app.channels.check_order(client, time).await {
+        Ok((_, Order::InOrder)) => None,
+        Ok((_, Order::Late)) => Some(StatusCode::NO_CONTENT.into_response()),
+        Err(e) => Some(unavailable(app, e)),
     }
 }
 
@@ -107,10 +194,13 @@ async fn get_channel(
     Path(key): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(answer) = check_order(&app, &headers) {
+    if let Some(answer) = check_order(&app, &headers).await {
         return answer;
     }
-    ok_json(&app, app.channels.get(&key))
+    match app.channels.get(&key).await {
+        Ok((t, body)) => ok_json(t, body),
+        Err(e) => unavailable(&app, e),
+    }
 }
 
 #[derive(Deserialize)]
@@ -156,10 +246,13 @@ async fn post_channel(
         Ok(id) => id,
         Err(text) => return error(StatusCode::BAD_REQUEST, text, &app, "channel_bad_body"),
     };
-    if let Some(answer) = check_order(&app, &headers) {
+    if let Some(answer) = check_order(&app, &headers).await {
         return answer;
     }
-    ok_json(&app, app.channels.post(&key, &id, body))
+    match app.channels.post(&key, &id, body).await {
+        Ok((t, others)) => ok_json(t, others),
+        Err(e) => unavailable(&app, e),
+    }
 }
 
 async fn watch(State(app): State<App>, Path(key): Path<String>, mut req: Request) -> Response {
@@ -169,7 +262,8 @@ async fn watch(State(app): State<App>, Path(key): Path<String>, mut req: Request
 }
 
 /// Sends the channel's state on connect and after every change, at most once per
-/// `--channel-watch-interval-ms`.
+/// `--channel-watch-interval-ms`. In cluster mode changes come from any node, so the watch
+/// reads the shared state at that interval and sends it when it differs.
 async fn serve_watch(
     upgraded: Upgraded,
     deflate: Option<Deflate>,
@@ -178,31 +272,64 @@ async fn serve_watch(
     key: String,
 ) {
     let mut conn = Connection::start(upgraded, deflate, app.conn_context(), peer).await;
-    let mut changes = app.channels.watch(&key);
+    match &app.channels {
+        Channels::Local { store, .. } => watch_local(&mut conn, &app, store, &key).await,
+        Channels::Shared(shared) => watch_shared(&mut conn, &app, shared, &key).await,
+    }
+    conn.finish().await;
+}
+
+/// Answers the watcher's own messages; false once the socket is closed.
+fn on_watch_event(conn: &Connection, event: Event) -> bool {
+    match event {
+        Event::Closed(_) => return false,
+        Event::Shutdown => conn.close(codes::SHUTDOWN),
+        Event::Text(t) if &t[..] == b"ping" => conn.send(Payload::text("pong")),
+        Event::Text(_) | Event::Binary(_) => {}
+    }
+    true
+}
+
+async fn watch_local(conn: &mut Connection, app: &App, store: &Store, key: &str) {
+    let mut changes = store.watch(key);
     changes.mark_unchanged();
-    conn.send(Payload::text(app.channels.get(&key)));
+    conn.send(Payload::text(store.get(key)));
     let mut next_send = tokio::time::Instant::now();
     loop {
         tokio::select! {
-            event = conn.next() => match event {
-                Event::Closed(_) => break,
-                Event::Shutdown => conn.close(codes::SHUTDOWN),
-                Event::Text(t) if &t[..] == b"ping" => conn.send(Payload::text("pong")),
-                Event::Text(_) | Event::Binary(_) => {}
-            },
+            event = conn.next() => if !on_watch_event(conn, event) { return },
             changed = changes.changed() => {
                 if changed.is_err() {
                     // The store forgot this channel's counter: take a new one.
-                    changes = app.channels.watch(&key);
+                    changes = store.watch(key);
                     continue;
                 }
                 // Coalesce: changes until the next allowed send go out in one snapshot.
                 tokio::time::sleep_until(next_send).await;
                 changes.mark_unchanged();
-                conn.send(Payload::text(app.channels.get(&key)));
+                conn.send(Payload::text(store.get(key)));
                 next_send = tokio::time::Instant::now() + app.config.channel_watch_interval;
             }
         }
     }
-    conn.finish().await;
+}
+
+async fn watch_shared(conn: &mut Connection, app: &App, shared: &Shared, key: &str) {
+    let mut tick = tokio::time::interval(app.config.channel_watch_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last: Option<Bytes> = None;
+    loop {
+        tokio::select! {
+            event = conn.next() => if !on_watch_event(conn, event) { return },
+            _ = tick.tick() => match shared.get(key).await {
+                Ok((_, state)) if last.as_ref() != Some(&state) => {
+                    conn.send(Payload::text(state.clone()));
+                    last = Some(state);
+                }
+                Ok(_) => {}
+                // Redis unreachable: keep the last state and try again at the next tick.
+                Err(e) => tracing::debug!(error = %e, "watch: channel store unavailable"),
+            },
+        }
+    }
 }

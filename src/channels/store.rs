@@ -48,7 +48,8 @@ pub enum Order {
     Late,
 }
 
-fn join(bodies: impl Iterator<Item = Bytes>) -> Bytes {
+/// The JSON array of `bodies` (each a JSON object, verbatim).
+pub(crate) fn join(bodies: impl Iterator<Item = Bytes>) -> Bytes {
     let mut out = Vec::with_capacity(256);
     out.push(b'[');
     for (i, b) in bodies.enumerate() {
