@@ -83,7 +83,7 @@ impl App {
                 config
                     .cluster
                     .as_ref()
-                    .map(|_| Arc::new(Link::new(64 << 20))),
+                    .map(|_| Arc::new(Link::new(64 << 20, metrics.clone()))),
             ),
             guard: Arc::new(Guard::new(&config, metrics.clone())),
             channels: crate::channels::Channels::new(&config),

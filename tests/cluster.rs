@@ -236,6 +236,8 @@ async fn redis_restart_mid_session() {
     assert_eq!(state(&mut leader).await, (3, true));
     leader.send_text(&push(session, 1)).await.unwrap();
     assert_eq!(recv_text(&mut near).await, push(session, 1));
+    // The push could not reach the far follower's node, and that is counted.
+    assert_eq!(metric(a, "supersynk_cluster_dropped_total").await, 1.0);
 
     // Redis comes back empty: the nodes reconnect and rewrite the cluster's state.
     let _redis = Redis::start(port);

@@ -149,9 +149,7 @@ pub async fn run(app: App, config: ClusterConfig) {
         link.set_up(false);
         app.metrics.redis_up.set(0);
         app.metrics.cluster_nodes.set(0);
-        app.metrics
-            .cluster_dropped
-            .inc_by(link.drop_forwards() as u64);
+        link.drop_forwards();
         app.hub.sync_all_local();
         if started.elapsed() > Duration::from_secs(10) {
             backoff = Duration::from_millis(100);

@@ -677,7 +677,7 @@ mod tests {
 
     #[tokio::test]
     async fn clustered_presence_waits_for_sync_then_follows_remote_reports() {
-        let link = Arc::new(Link::new(1 << 20));
+        let link = Arc::new(Link::new(1 << 20, Arc::new(Metrics::new())));
         link.set_up(true);
         let hub = Hub::new(Arc::new(Metrics::new()), 16, Some(link.clone()));
         let f = member(Role::Follower);

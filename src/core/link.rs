@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 
 use crate::core::hub::Audience;
 use crate::core::outbound::Payload;
+use crate::metrics::Metrics;
 
 /// A payload for the members of a session on other nodes.
 #[derive(Debug, Clone)]
@@ -48,15 +49,17 @@ pub struct Link {
     /// Whether the backplane is connected; while it is not, sessions announce local
     /// presence at once and forwards are dropped.
     up: AtomicBool,
+    metrics: Arc<Metrics>,
 }
 
 impl Link {
-    pub fn new(max_forward_bytes: usize) -> Link {
+    pub fn new(max_forward_bytes: usize, metrics: Arc<Metrics>) -> Link {
         Link {
             pending: Mutex::new(Pending::default()),
             wake: Notify::new(),
             max_forward_bytes,
             up: AtomicBool::new(false),
+            metrics,
         }
     }
 
@@ -83,15 +86,18 @@ impl Link {
         }
     }
 
-    /// Queues a forward; false (the forward is dropped) while the backplane is down or its
-    /// queue is full.
+    /// Queues a forward; false (the forward is dropped, and counted) while the backplane
+    /// is down or its queue is full.
     pub fn forward(&self, forward: Forward) -> bool {
         if !self.is_up() {
+            self.metrics.cluster_dropped.inc();
             return false;
         }
         let size = forward.payload.data().len() + forward.session.len();
         let mut p = self.pending();
         if p.forward_bytes + size > self.max_forward_bytes {
+            drop(p);
+            self.metrics.cluster_dropped.inc();
             return false;
         }
         p.forward_bytes += size;
@@ -104,11 +110,13 @@ impl Link {
         true
     }
 
-    /// Drops every queued forward (the backplane lost its connection); returns how many.
-    pub fn drop_forwards(&self) -> usize {
+    /// Drops (and counts) every queued forward: the backplane lost its connection.
+    pub fn drop_forwards(&self) {
         let mut p = self.pending();
         p.forward_bytes = 0;
-        std::mem::take(&mut p.forwards).len()
+        let n = std::mem::take(&mut p.forwards).len();
+        drop(p);
+        self.metrics.cluster_dropped.inc_by(n as u64);
     }
 
     /// Waits until there is work, then takes all of it (forwards up to `max_forwards`).
@@ -141,7 +149,8 @@ mod tests {
 
     #[tokio::test]
     async fn changes_coalesce_and_forwards_are_bounded() {
-        let link = Link::new(100);
+        let metrics = Arc::new(Metrics::new());
+        let link = Link::new(100, metrics.clone());
         let s: Arc<str> = Arc::from("s");
         link.changed(&s);
         link.changed(&s);
@@ -155,6 +164,7 @@ mod tests {
         assert!(link.forward(f(49)));
         assert!(link.forward(f(49)));
         assert!(!link.forward(f(1)), "over the byte bound");
+        assert_eq!(metrics.cluster_dropped.get(), 2);
         let work = link.next(1).await;
         assert_eq!(work.changed, vec![s.clone()]);
         assert_eq!(work.forwards.len(), 1);
