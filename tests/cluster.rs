@@ -26,6 +26,14 @@ async fn until_state(c: &mut HunterClient, want: (u64, bool)) {
     }
 }
 
+/// A leader that creates `session` on the node at `addr`.
+async fn first_leader(addr: SocketAddr, session: &str) -> HunterClient {
+    let mut c = plugin(addr).await;
+    join(&mut c, "L", session, true).await;
+    assert_eq!(state(&mut c).await, (1, true));
+    c
+}
+
 /// The next message that is not a sessionstate.
 async fn next_push(c: &mut HunterClient) -> String {
     loop {
@@ -68,9 +76,7 @@ async fn a_session_split_across_nodes_behaves_as_one() {
     ];
     let (_c_proc, c) = node(&redis, &prefix, &short_idle).await;
     let session = "c3@uTKeQR3Mp:Hunter";
-    let mut leader = plugin(a).await;
-    join(&mut leader, "L", session, true).await;
-    assert_eq!(state(&mut leader).await, (1, true));
+    let mut leader = first_leader(a, session).await;
 
     // A follower on another node sees the leader, and the leader sees it.
     let mut far = follower(b, "Far", session).await;
@@ -142,9 +148,7 @@ async fn a_killed_node_and_a_stopped_node_leave_their_sessions() {
     let (b_proc, b) = node(&redis, &prefix, &fast).await;
     let (mut c_proc, c) = node(&redis, &prefix, &fast).await;
     let session = "3nodes:Hunter";
-    let mut leader = plugin(c).await;
-    join(&mut leader, "L", session, true).await;
-    assert_eq!(state(&mut leader).await, (1, true));
+    let mut leader = first_leader(c, session).await;
     let mut on_a = follower(a, "A", session).await;
     assert_eq!(state(&mut on_a).await, (2, true));
     let mut on_b = follower(b, "B", session).await;
@@ -219,9 +223,7 @@ async fn redis_restart_mid_session() {
     let (a_proc, a) = node(&url, &prefix, &[]).await;
     let (b_proc, b) = node(&url, &prefix, &[]).await;
     let session = "outage:Hunter";
-    let mut leader = plugin(a).await;
-    join(&mut leader, "L", session, true).await;
-    assert_eq!(state(&mut leader).await, (1, true));
+    let mut leader = first_leader(a, session).await;
     let mut far = follower(b, "Far", session).await;
     assert_eq!(state(&mut far).await, (2, true));
     assert_eq!(state(&mut leader).await, (2, true));
