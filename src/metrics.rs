@@ -169,7 +169,7 @@ impl Metrics {
         );
         r.register(
             "redis_outages",
-            "Cluster mode: connections to Redis lost or refused",
+            "Cluster mode: outages of Redis (connection lost, or unreachable at start)",
             m.redis_outages.clone(),
         );
         r.register(

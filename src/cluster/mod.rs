@@ -127,6 +127,8 @@ pub async fn run(app: App, config: ClusterConfig) {
     let dead: Dead = Arc::default();
     let node: NodeId = uuid::Uuid::new_v4().as_u128();
     let mut backoff = Duration::from_millis(100);
+    // An outage starts when a connection is lost, or when the first one fails.
+    let mut in_outage = false;
     loop {
         let started = tokio::time::Instant::now();
         let result = Epoch::connect(&app, &link, &client, &config, &keys, node, &dead).await;
@@ -140,12 +142,13 @@ pub async fn run(app: App, config: ClusterConfig) {
         if app.shutdown.is_cancelled() {
             return;
         }
-        if link.is_up() || app.metrics.redis_outages.get() == 0 {
+        if link.is_up() || !in_outage {
             warn!(error = %error, "Redis unreachable: serving local members only until it is back");
+            app.metrics.redis_outages.inc();
+            in_outage = true;
         } else {
             debug!(error = %error, "Redis still unreachable");
         }
-        app.metrics.redis_outages.inc();
         link.set_up(false);
         app.metrics.redis_up.set(0);
         app.metrics.cluster_nodes.set(0);
