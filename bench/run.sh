@@ -1,25 +1,46 @@
 #!/usr/bin/env bash
 # Runs the benchmark scenarios against a freshly started release server on this machine.
-#   bench/run.sh realistic|wide|saturation|idle|http|all [extra supersynk-bench flags]
+#   bench/run.sh realistic|wide|saturation|idle|http|cluster|all [extra supersynk-bench flags]
 # Each scenario starts its own server (so RSS figures start from a fresh process), prints
-# the bench tool's table, and keeps its JSON in bench/out/<scenario>*.json.
+# the bench tool's table, and keeps its JSON in bench/out/<scenario>*.json. `cluster` starts
+# two nodes sharing sessions over Redis ($REDIS_URL, default redis://127.0.0.1:6379) under a
+# prefix of their own, whose keys it deletes afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --bin supersynk --bin supersynk-bench >&2
 mkdir -p bench/out
 port=${BENCH_PORT:-5301}
-server_pid=
+redis_url=${REDIS_URL:-redis://127.0.0.1:6379}
+server_pid= node_b_pid= cluster_prefix= cluster_runs=0
 
-start_server() {
+start_node() { # port, flags...: a release server; its pid in node_pid once /healthz says ok
+  local p=$1; shift
   # Leaders in the saturation runs push up to 500 times a second: above the default
   # per-connection message rate (200/s), which is sized for real clients.
-  ./target/release/supersynk --bind 127.0.0.1 --port "$port" --log warn \
+  ./target/release/supersynk --bind 127.0.0.1 --port "$p" --log warn \
     --messages-per-second 100000 --message-burst 100000 "$@" &
-  server_pid=$!
-  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && return; sleep 0.05; done
-  echo "server did not start" >&2; exit 1
+  node_pid=$!
+  # "ok" only once connected to Redis in cluster mode ("degraded: ..." before).
+  for _ in $(seq 100); do [ "$(curl -sf "http://127.0.0.1:$p/healthz")" = ok ] && return; sleep 0.05; done
+  kill "$node_pid" 2>/dev/null || true
+  echo "server on port $p did not start" >&2; exit 1
 }
-stop_server() { kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; }
+start_server() { start_node "$port" "$@"; server_pid=$node_pid; }
+start_cluster() { # node A on $port (server_pid: the one the bench reports), node B on $port+1
+  cluster_prefix="bench-$$-$((cluster_runs += 1)):"
+  local redis=(--redis-url "$redis_url" --redis-prefix "$cluster_prefix")
+  start_node "$port" "${redis[@]}"; server_pid=$node_pid
+  start_node "$((port + 1))" "${redis[@]}"; node_b_pid=$node_pid
+}
+stop_server() { # the server or both nodes, then the cluster's Redis keys
+  local pid
+  for pid in $server_pid $node_b_pid; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+  server_pid= node_b_pid=
+  if [ -n "$cluster_prefix" ]; then
+    redis-cli -u "$redis_url" --scan --pattern "$cluster_prefix*" | xargs -r redis-cli -u "$redis_url" del >/dev/null || true
+    cluster_prefix=
+  fi
+}
 trap stop_server EXIT
 
 bench() { # name, flags... (the URL is $bench_url if set, else the plugin endpoint)
@@ -30,12 +51,31 @@ bench() { # name, flags... (the URL is $bench_url if set, else the plugin endpoi
 import json, sys
 r = json.load(open(sys.argv[1]))
 keys = ["connections_made", "pushes_sent", "deliveries_expected", "deliveries_received",
-        "deliveries_lost", "deliveries_per_sec", "latency_p50_ms", "latency_p99_ms", "latency_p999_ms",
+        "deliveries_lost", "push_rate", "deliveries_per_sec", "latency_p50_ms", "latency_p99_ms", "latency_p999_ms",
         "latency_max_ms", "server_cpu_pct", "server_rss_mib", "bench_cpu_pct", "server_rss_per_connection_kib",
         "requests_sent", "requests_answered", "requests_per_sec", "status_200", "status_204", "status_4xx",
         "status_5xx", "errors", "unanswered", "reconnects", "self_in_answer", "incomplete_answers"]
 print(sys.argv[2] + ": " + ", ".join(f"{k}={r[k]}" for k in keys if k in r))
 PY
+}
+
+redis_cpu() { redis-cli -u "$redis_url" info cpu | awk -F: '/^used_cpu_(sys|user):/ { s += $2 } END { print s }'; }
+cluster_bench() { # name, flags...: bench, then node B's CPU and Redis's over the whole run
+  # (connect, warm-up, window, drain; the bench reports node A over the window only), node B's
+  # RSS at the end and the nodes' cluster counters
+  local name=$1 tck b0 r0 t0 b1 r1 t1 rss
+  tck=$(getconf CLK_TCK)
+  b0=$(awk '{ print $14 + $15 }' "/proc/$node_b_pid/stat"); r0=$(redis_cpu); t0=$(date +%s.%N)
+  bench "$@"
+  b1=$(awk '{ print $14 + $15 }' "/proc/$node_b_pid/stat"); r1=$(redis_cpu); t1=$(date +%s.%N)
+  rss=$(awk '/^VmRSS:/ { print $2 }' "/proc/$node_b_pid/status")
+  awk -v n="$name" -v b="$((b1 - b0))" -v tck="$tck" -v r0="$r0" -v r1="$r1" -v t0="$t0" -v t1="$t1" -v rss="$rss" \
+    'BEGIN { printf "%s: node B CPU %.0f%% RSS %.1f MiB, Redis CPU %.0f%% (CPU over the whole run, %.0f s)\n",
+             n, b / tck / (t1 - t0) * 100, rss / 1024, (r1 - r0) / (t1 - t0) * 100, t1 - t0 }'
+  for p in "$port" "$((port + 1))"; do
+    echo "$name: node :$p $(curl -sf "http://127.0.0.1:$p/metrics" |
+      awk '/^supersynk_cluster_(forwarded|received|dropped)/ { printf "%s=%s ", substr($1, 19), $2 }')"
+  done
 }
 
 scenario() {
@@ -67,7 +107,26 @@ scenario() {
         "${@:2}"; stop_server
       start_server; bench http-heavy --http-channels --sessions 500 --followers 3 --interval-ms 50 \
         --duration-s 15 "${@:2}"; stop_server ;;
-    all) for s in realistic wide saturation idle http; do scenario "$s" "${@:2}"; done ;;
+    cluster) # two nodes over Redis; leaders on node A ($port), followers on node B ($port+1)
+      local node_a="ws://127.0.0.1:$port/connect" node_b="ws://127.0.0.1:$((port + 1))/connect"
+      # (a) 500 sessions x 4 players as the plugin (deflate, pings): every delivery crosses
+      # nodes; then the same load on node A only (node B up, idle), then one node without Redis
+      local load=(--sessions 500 --followers 3 --interval-ms 170 --duration-s 15 --ping-ms 1700 --deflate)
+      start_cluster; cluster_bench cluster-cross "${load[@]}" --follower-url "$node_b" "${@:2}"; stop_server
+      start_cluster; cluster_bench cluster-same "${load[@]}" --follower-url "$node_a" "${@:2}"; stop_server
+      start_server; bench cluster-single "${load[@]}" "${@:2}"; stop_server
+      # (b) rising load across nodes, 20 sessions x 100 followers, until p99 passes 50 ms; then
+      # the same from 5 ms on, on one node without Redis, for reference
+      local sat=(--sessions 20 --followers 100 --duration-s 10)
+      for interval in ${CLUSTER_INTERVALS-20 10 5 2 1 0.5 0.25}; do
+        start_cluster
+        cluster_bench "cluster-sat-$interval" "${sat[@]}" --interval-ms "$interval" --follower-url "$node_b" "${@:2}"
+        stop_server
+      done
+      for interval in ${CLUSTER_SINGLE_INTERVALS-5 2 1 0.5 0.25}; do
+        start_server; bench "cluster-sat-single-$interval" "${sat[@]}" --interval-ms "$interval" "${@:2}"; stop_server
+      done ;;
+    all) for s in realistic wide saturation idle http cluster; do scenario "$s" "${@:2}"; done ;;
     *) echo "unknown scenario $1" >&2; exit 2 ;;
   esac
 }

@@ -10,6 +10,9 @@
 //! flight are awaited for at most `--drain-s`. `--idle` instead holds the connections silent and reports the server's memory
 //! per connection.
 //!
+//! `--follower-url` connects the followers to another node than the leaders (`--url`), e.g.
+//! two nodes of a cluster sharing sessions over Redis: every delivery then crosses nodes.
+//!
 //! `--http-channels` loads the HTTP channel API instead (protocol/channels.md, module
 //! [`http`]): `--sessions` channels of `--followers + 1` clients, each posting its state every
 //! `--interval-ms` over its own keep-alive connection.
@@ -63,6 +66,11 @@ struct Args {
     /// [default: ws://127.0.0.1:5001/connect, with --http-channels http://127.0.0.1:5001]
     #[arg(long, env = "SUPERSYNK_BENCH_URL")]
     url: Option<String>,
+    /// WebSocket URL the followers connect to, when not --url (leaders always use --url):
+    /// with two nodes of a cluster, every push then crosses from one node to the other
+    /// [default: --url]
+    #[arg(long)]
+    follower_url: Option<String>,
     /// Sessions (one leader each); with --http-channels: channels
     #[arg(long, default_value_t = 100)]
     sessions: usize,
@@ -127,7 +135,7 @@ struct Args {
     /// Load the HTTP channel API instead (POST /api/channels/{key}): --sessions channels of
     /// --followers + 1 clients, each posting a ~200-byte state every --interval-ms over its
     /// own keep-alive HTTP/1.1 connection, with Client-Id and Client-Time
-    #[arg(long, conflicts_with_all = ["idle", "deflate", "ping_ms", "payload_bytes"])]
+    #[arg(long, conflicts_with_all = ["idle", "deflate", "ping_ms", "payload_bytes", "follower_url"])]
     http_channels: bool,
 }
 
@@ -139,6 +147,11 @@ impl Args {
             None if self.http_channels => "http://127.0.0.1:5001",
             None => "ws://127.0.0.1:5001/connect",
         }
+    }
+
+    /// `--follower-url`, or `--url`.
+    fn follower_url(&self) -> &str {
+        self.follower_url.as_deref().unwrap_or_else(|| self.url())
     }
 
     /// `--interval-ms`, or the default of the mode.
@@ -171,8 +184,12 @@ struct Plan {
 
 /// What every connection task shares.
 struct Shared {
+    /// Where leaders connect (`--url`).
     addr: SocketAddr,
     path: String,
+    /// Where followers connect (`--follower-url`, else the same as leaders).
+    follower_addr: SocketAddr,
+    follower_path: String,
     args: Args,
     /// The clock of every `ts`: one process, so leaders and followers share it exactly.
     epoch: Instant,
@@ -347,13 +364,20 @@ fn split_authority(url: &str, rest: &str, default_path: &str) -> anyhow::Result<
     Ok((authority, path.to_owned()))
 }
 
-async fn run(args: Args, threads: usize) -> anyhow::Result<Report> {
-    let (authority, path) = parse_url(args.url())?;
+/// A `ws://` URL into the address to connect to and the request path.
+async fn resolve(url: &str) -> anyhow::Result<(SocketAddr, String)> {
+    let (authority, path) = parse_url(url)?;
     let addr = tokio::net::lookup_host(&authority)
         .await
         .with_context(|| format!("cannot resolve {authority}"))?
         .next()
         .with_context(|| format!("{authority} resolves to no address"))?;
+    Ok((addr, path))
+}
+
+async fn run(args: Args, threads: usize) -> anyhow::Result<Report> {
+    let (addr, path) = resolve(args.url()).await?;
+    let (follower_addr, follower_path) = resolve(args.follower_url()).await?;
     let per_session = args.followers + 1;
     let total = args.sessions * per_session;
     let fd_note = ensure_fd_limit(total as u64 + 64);
@@ -374,6 +398,8 @@ async fn run(args: Args, threads: usize) -> anyhow::Result<Report> {
     let shared = Arc::new(Shared {
         addr,
         path,
+        follower_addr,
+        follower_path,
         args: args.clone(),
         epoch: Instant::now(),
         connect_slots: Semaphore::new(args.connect_concurrency.max(1)),
@@ -709,10 +735,15 @@ async fn join(
     let deadline =
         tokio::time::Instant::now() + Duration::from_secs_f64(shared.args.connect_timeout_s);
     let attempt = async {
-        let mut client = HunterClient::connect(shared.addr, &shared.path, shared.args.deflate)
+        let leader = role == Role::Leader;
+        let (addr, path) = if leader {
+            (shared.addr, &shared.path)
+        } else {
+            (shared.follower_addr, &shared.follower_path)
+        };
+        let mut client = HunterClient::connect(addr, path, shared.args.deflate)
             .await
             .map_err(|e| shared.describe(&e))?;
-        let leader = role == Role::Leader;
         let set_name = format!(r#"{{"type":"SetName","name":"b{index}"}}"#);
         let set_session = format!(
             r#"{{"sessionId":"bench-{session}:L","type":"SetSession","isLeader":{leader}}}"#
@@ -1114,6 +1145,8 @@ struct ReportInput<'a> {
 struct Report {
     mode: &'static str,
     url: String,
+    /// Where followers connected, when not `url`.
+    follower_url: Option<String>,
     sessions: usize,
     followers: usize,
     interval_ms: f64,
@@ -1286,6 +1319,7 @@ impl Report {
         Report {
             mode: if args.idle { "idle" } else { "load" },
             url: args.url().to_owned(),
+            follower_url: args.follower_url.clone(),
             sessions: args.sessions,
             followers: args.followers,
             interval_ms: args.interval_ms(),
@@ -1361,7 +1395,13 @@ impl Report {
             // Writing into a String cannot fail.
             let _ = writeln!(s, "  {k:<26} {v}");
         };
-        row("mode", format!("{} ({})", self.mode, self.url));
+        match &self.follower_url {
+            Some(f) => row(
+                "mode",
+                format!("{} (leaders {}, followers {f})", self.mode, self.url),
+            ),
+            None => row("mode", format!("{} ({})", self.mode, self.url)),
+        }
         row(
             "setup",
             format!(
