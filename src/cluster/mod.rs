@@ -509,6 +509,8 @@ async fn dispatch(
                 .and_then(|t| t.strip_prefix("gone "))
                 .and_then(wire::parse_node_text);
             match gone {
+                // Its own removal, as it shuts down.
+                Some(n) if n == node && app.shutdown.is_cancelled() => break,
                 Some(n) if n == node => {
                     warn!(
                         "this node was declared dead by another (it was silent too long): rejoining"
