@@ -25,7 +25,7 @@ use crate::server::{App, Peer, upgrade_with};
 use crate::ws::connection::codes;
 use crate::ws::extension::Deflate;
 use crate::ws::{Connection, Event};
-use shared::{Shared, Timed};
+use shared::{Ordering, Shared, Timed};
 use store::{Order, Store};
 
 /// Where the channels live: in this process, or in Redis for every node (cluster mode).
@@ -61,28 +61,36 @@ impl Channels {
         started.elapsed().as_secs_f64()
     }
 
-    async fn check_order(&self, client: &str, time: f64) -> Answer<Order> {
+    /// The local store's request-order check: false for a late request.
+    fn in_order(store: &Store, order: Ordering) -> bool {
+        order.is_none_or(|(client, time)| store.check_order(client, time) == Order::InOrder)
+    }
+
+    /// Posts; `None` for a late request (answered 204, nothing changed).
+    async fn post(
+        &self,
+        key: &str,
+        client: &str,
+        body: Bytes,
+        order: Ordering<'_>,
+    ) -> Answer<Option<Bytes>> {
         match self {
-            Channels::Local { store, started } => {
-                Ok((Self::now(started), store.check_order(client, time)))
-            }
-            Channels::Shared(s) => s.check_order(client, time).await,
+            Channels::Local { store, started } => Ok((
+                Self::now(started),
+                Self::in_order(store, order).then(|| store.post(key, client, body)),
+            )),
+            Channels::Shared(s) => s.post(key, client, &body, order).await,
         }
     }
 
-    async fn post(&self, key: &str, client: &str, body: Bytes) -> Answer<Bytes> {
+    /// The channel's state; `None` for a late request.
+    async fn get(&self, key: &str, order: Ordering<'_>) -> Answer<Option<Bytes>> {
         match self {
-            Channels::Local { store, started } => {
-                Ok((Self::now(started), store.post(key, client, body)))
-            }
-            Channels::Shared(s) => s.post(key, client, &body).await,
-        }
-    }
-
-    async fn get(&self, key: &str) -> Answer<Bytes> {
-        match self {
-            Channels::Local { store, started } => Ok((Self::now(started), store.get(key))),
-            Channels::Shared(s) => s.get(key).await,
+            Channels::Local { store, started } => Ok((
+                Self::now(started),
+                Self::in_order(store, order).then(|| store.get(key)),
+            )),
+            Channels::Shared(s) => s.get(key, order).await,
         }
     }
 
@@ -163,29 +171,40 @@ async fn list(State(app): State<App>) -> Response {
     }
 }
 
-/// Checks `Client-Id`/`Client-Time`: `Some` is the answer to give instead (400, 204, or
-/// 503 when the shared store is unreachable).
-async fn check_order(app: &App, headers: &HeaderMap) -> Option<Response> {
-    let time = headers.get("client-time")?;
+/// A `Client-Time` that is not a number.
+struct BadClientTime;
+
+/// The request's `Client-Id` and `Client-Time`, if it has both.
+fn ordering(headers: &HeaderMap) -> Result<Option<(String, f64)>, BadClientTime> {
+    let Some(time) = headers.get("client-time") else {
+        return Ok(None);
+    };
     let time = time
         .to_str()
         .ok()
         .and_then(|t| t.trim().parse::<f64>().ok())
-        .filter(|t| t.is_finite());
-    let Some(time) = time else {
-        let text = "Client-Time must be a number (seconds)";
-        return Some(error(
-            StatusCode::BAD_REQUEST,
-            text,
-            app,
-            "channel_bad_client_time",
-        ));
-    };
-    let client = headers.get("client-id").and_then(|v| v.to_str().ok())?;
-    match app.channels.check_order(client, time).await {
-        Ok((_, Order::InOrder)) => None,
-        Ok((_, Order::Late)) => Some(StatusCode::NO_CONTENT.into_response()),
-        Err(e) => Some(unavailable(app, e)),
+        .filter(|t| t.is_finite())
+        .ok_or(BadClientTime)?;
+    let client = headers.get("client-id").and_then(|v| v.to_str().ok());
+    Ok(client.map(|c| (c.to_string(), time)))
+}
+
+fn bad_client_time(app: &App) -> Response {
+    let text = "Client-Time must be a number (seconds)";
+    error(
+        StatusCode::BAD_REQUEST,
+        text,
+        app,
+        "channel_bad_client_time",
+    )
+}
+
+/// 200 with the body, 204 for a late request, 503 when the shared store is unreachable.
+fn answer(app: &App, result: Answer<Option<Bytes>>) -> Response {
+    match result {
+        Ok((t, Some(body))) => ok_json(t, body),
+        Ok((_, None)) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => unavailable(app, e),
     }
 }
 
@@ -194,13 +213,11 @@ async fn get_channel(
     Path(key): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(answer) = check_order(&app, &headers).await {
-        return answer;
-    }
-    match app.channels.get(&key).await {
-        Ok((t, body)) => ok_json(t, body),
-        Err(e) => unavailable(&app, e),
-    }
+    let Ok(order) = ordering(&headers) else {
+        return bad_client_time(&app);
+    };
+    let order = order.as_ref().map(|(c, t)| (c.as_str(), *t));
+    answer(&app, app.channels.get(&key, order).await)
 }
 
 #[derive(Deserialize)]
@@ -246,13 +263,11 @@ async fn post_channel(
         Ok(id) => id,
         Err(text) => return error(StatusCode::BAD_REQUEST, text, &app, "channel_bad_body"),
     };
-    if let Some(answer) = check_order(&app, &headers).await {
-        return answer;
-    }
-    match app.channels.post(&key, &id, body).await {
-        Ok((t, others)) => ok_json(t, others),
-        Err(e) => unavailable(&app, e),
-    }
+    let Ok(order) = ordering(&headers) else {
+        return bad_client_time(&app);
+    };
+    let order = order.as_ref().map(|(c, t)| (c.as_str(), *t));
+    answer(&app, app.channels.post(&key, &id, body, order).await)
 }
 
 async fn watch(State(app): State<App>, Path(key): Path<String>, mut req: Request) -> Response {
@@ -321,8 +336,8 @@ async fn watch_shared(conn: &mut Connection, app: &App, shared: &Shared, key: &s
     loop {
         tokio::select! {
             event = conn.next() => if !on_watch_event(conn, event) { return },
-            _ = tick.tick() => match shared.get(key).await {
-                Ok((_, state)) if last.as_ref() != Some(&state) => {
+            _ = tick.tick() => match shared.get(key, None).await {
+                Ok((_, Some(state))) if last.as_ref() != Some(&state) => {
                     conn.send(Payload::text(state.clone()));
                     last = Some(state);
                 }

@@ -10,7 +10,8 @@
 //!   touches the channel next, and the keys expire on their own once nobody posts.
 //! - `channels` (sorted set) channel -> time of its last post: the channels with clients
 //!   are those posted to within the timeout.
-//! - `cto:{client id}`: the last `Client-Time` of that id, forgotten after a minute.
+//! - `cto:{client id}`: the last `Client-Time` of that id, forgotten after a minute; checked
+//!   in the same script as the request it comes with.
 //! - `epoch`: the cluster's start, set once: `Server-Time` counts from it on every node,
 //!   so it never decreases, whichever node answers.
 
@@ -21,11 +22,12 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisResult, Script};
 use tokio::sync::OnceCell;
 
-use super::store::Order;
 use crate::config::ClusterConfig;
 
-/// The clock and the epoch, then removal of silent clients of channel KEYS[1..3]; every
-/// script below starts with it. Leaves `now` and `since_epoch` (ms).
+/// Every script starts with this: the clock and the epoch (KEYS[4]), the request-order
+/// check (ARGV[2] the Client-Id or '', ARGV[3] its Client-Time, KEYS[6] its last time),
+/// and removal of the silent clients of channel KEYS[1..3] (ARGV[1] the timeout). Scripts
+/// answer `{ms since epoch, '1' in order or '0' late, results...}`.
 const PRELUDE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -36,6 +38,11 @@ if not epoch then
 end
 local since_epoch = now - epoch
 local timeout = tonumber(ARGV[1])
+if ARGV[2] ~= '' then
+  local last = redis.call('GET', KEYS[6])
+  if last and tonumber(ARGV[3]) < tonumber(last) then return {since_epoch, '0'} end
+  redis.call('SET', KEYS[6], ARGV[3], 'PX', 60000)
+end
 local function sweep()
   local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. (now - timeout))
   for _, c in ipairs(dead) do
@@ -45,7 +52,7 @@ local function sweep()
   end
 end
 local function bodies(except)
-  local out = {since_epoch}
+  local out = {since_epoch, '1'}
   for _, c in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
     if c ~= except then
       local b = redis.call('HGET', KEYS[1], c)
@@ -56,41 +63,36 @@ local function bodies(except)
 end
 ";
 
-/// KEYS: bodies, times, first, epoch, channels. ARGV: timeout, client id, body, channel.
+/// KEYS: bodies, times, first, epoch, channels, -. ARGV: -, -, -, client id, body, channel.
 const POST: &str = r"
 sweep()
-redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
-redis.call('ZADD', KEYS[2], now, ARGV[2])
-redis.call('ZADD', KEYS[3], 'NX', now, ARGV[2])
+redis.call('HSET', KEYS[1], ARGV[4], ARGV[5])
+redis.call('ZADD', KEYS[2], now, ARGV[4])
+redis.call('ZADD', KEYS[3], 'NX', now, ARGV[4])
 for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], timeout * 2 + 1000) end
-redis.call('ZADD', KEYS[5], now, ARGV[4])
-return bodies(ARGV[2])
+redis.call('ZADD', KEYS[5], now, ARGV[6])
+return bodies(ARGV[4])
 ";
 
-/// KEYS: bodies, times, first, epoch. ARGV: timeout.
+/// KEYS: bodies, times, first, epoch, -, -.
 const GET: &str = r"
 sweep()
 return bodies(nil)
 ";
 
-/// KEYS: -, -, -, epoch, channels. ARGV: timeout.
+/// KEYS: -, -, -, epoch, channels, -.
 const LIST: &str = r"
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. (now - timeout))
-local out = {since_epoch}
+local out = {since_epoch, '1'}
 for _, c in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do out[#out + 1] = c end
 return out
 ";
 
-/// KEYS: -, -, -, epoch, the client's last time. ARGV: timeout, client time.
-const ORDER: &str = r"
-local last = redis.call('GET', KEYS[5])
-if last and tonumber(ARGV[2]) < tonumber(last) then return {since_epoch, '0'} end
-redis.call('SET', KEYS[5], ARGV[2], 'PX', 60000)
-return {since_epoch, '1'}
-";
-
 /// An answer and the `Server-Time` (seconds since the cluster's epoch) it was made at.
 pub type Timed<T> = (f64, T);
+
+/// A request's `Client-Id` and `Client-Time`, checked against the last one of that id.
+pub type Ordering<'a> = Option<(&'a str, f64)>;
 
 /// Channel state shared by every node through Redis.
 pub struct Shared {
@@ -101,7 +103,6 @@ pub struct Shared {
     post: Script,
     get: Script,
     list: Script,
-    order: Script,
 }
 
 impl std::fmt::Debug for Shared {
@@ -124,7 +125,6 @@ impl Shared {
             post: script(POST),
             get: script(GET),
             list: script(LIST),
-            order: script(ORDER),
         })
     }
 
@@ -140,94 +140,88 @@ impl Shared {
             .cloned()
     }
 
-    /// The five keys of a script about channel `key` (`fifth` depends on the script).
-    fn keys(&self, key: &str, fifth: String) -> [String; 5] {
+    /// The keys of a script about channel `key`.
+    fn keys(&self, key: &str, order: Ordering) -> [String; 6] {
         let p = &self.prefix;
         [
             format!("{p}ch:b:{key}"),
             format!("{p}ch:t:{key}"),
             format!("{p}ch:f:{key}"),
             format!("{p}epoch"),
-            fifth,
+            format!("{p}channels"),
+            format!("{p}cto:{}", order.map_or("", |(client, _)| client)),
         ]
     }
 
+    /// Runs `script`; `None` when the request is late (older than its client's last).
     async fn run(
         &self,
         script: &Script,
-        keys: [String; 5],
+        key: &str,
+        order: Ordering<'_>,
         args: &[&[u8]],
-    ) -> RedisResult<Timed<Vec<Vec<u8>>>> {
-        let mut inv = script.key(&keys[..]);
+    ) -> RedisResult<Timed<Option<Vec<Vec<u8>>>>> {
+        let mut inv = script.key(&self.keys(key, order)[..]);
         inv.arg(self.timeout.as_millis() as u64);
+        match order {
+            Some((client, time)) => inv.arg(client).arg(time.to_string()),
+            None => inv.arg("").arg(""),
+        };
         for a in args {
             inv.arg(*a);
         }
         let mut conn = self.conn().await?;
-        let (since_epoch, rest): (u64, Vec<Vec<u8>>) = {
-            let mut all: Vec<redis::Value> = inv.invoke_async(&mut conn).await?;
-            if all.is_empty() {
-                return Err(redis::RedisError::from((
-                    redis::ErrorKind::Parse,
-                    "empty script answer",
-                )));
-            }
-            let first = all.remove(0);
-            (
-                redis::from_redis_value(first)?,
-                redis::from_redis_value(redis::Value::Array(all))?,
-            )
+        let answer: Vec<redis::Value> = inv.invoke_async(&mut conn).await?;
+        let mut answer = answer.into_iter();
+        let (Some(since_epoch), Some(in_order)) = (answer.next(), answer.next()) else {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Parse,
+                "short script answer",
+            )));
         };
-        Ok((since_epoch as f64 / 1000.0, rest))
+        let since_epoch: u64 = redis::from_redis_value(since_epoch)?;
+        let in_order: String = redis::from_redis_value(in_order)?;
+        let t = since_epoch as f64 / 1000.0;
+        if in_order != "1" {
+            return Ok((t, None));
+        }
+        let rest: Vec<Vec<u8>> = redis::from_redis_value(redis::Value::Array(answer.collect()))?;
+        Ok((t, Some(rest)))
     }
 
-    /// Records `time` for `client`; `Late` if a later time was seen before.
-    pub async fn check_order(&self, client: &str, time: f64) -> RedisResult<Timed<Order>> {
-        let last = format!("{}cto:{client}", self.prefix);
-        let time = time.to_string();
-        let (t, answer) = self
-            .run(&self.order, self.keys("", last), &[time.as_bytes()])
-            .await?;
-        let in_order = answer.first().is_some_and(|v| v.as_slice() != b"0");
-        Ok((
-            t,
-            if in_order {
-                Order::InOrder
-            } else {
-                Order::Late
-            },
-        ))
+    /// Stores `body` as `client`'s state in `key`; returns the other clients' bodies (None
+    /// for a late request, which changes nothing).
+    pub async fn post(
+        &self,
+        key: &str,
+        client: &str,
+        body: &[u8],
+        order: Ordering<'_>,
+    ) -> RedisResult<Timed<Option<Bytes>>> {
+        let args: [&[u8]; 3] = [client.as_bytes(), body, key.as_bytes()];
+        let (t, bodies) = self.run(&self.post, key, order, &args).await?;
+        Ok((t, bodies.map(join)))
     }
 
-    /// Stores `body` as `client`'s state in `key`; returns the other clients' bodies.
-    pub async fn post(&self, key: &str, client: &str, body: &[u8]) -> RedisResult<Timed<Bytes>> {
-        let channels = format!("{}channels", self.prefix);
-        let (t, bodies) = self
-            .run(
-                &self.post,
-                self.keys(key, channels),
-                &[client.as_bytes(), body, key.as_bytes()],
-            )
-            .await?;
-        Ok((t, super::store::join(bodies.into_iter().map(Bytes::from))))
-    }
-
-    /// Every client's body in `key` (`[]` for an unknown channel).
-    pub async fn get(&self, key: &str) -> RedisResult<Timed<Bytes>> {
-        let channels = format!("{}channels", self.prefix);
-        let (t, bodies) = self.run(&self.get, self.keys(key, channels), &[]).await?;
-        Ok((t, super::store::join(bodies.into_iter().map(Bytes::from))))
+    /// Every client's body in `key` (`[]` for an unknown channel; None for a late request).
+    pub async fn get(&self, key: &str, order: Ordering<'_>) -> RedisResult<Timed<Option<Bytes>>> {
+        let (t, bodies) = self.run(&self.get, key, order, &[]).await?;
+        Ok((t, bodies.map(join)))
     }
 
     /// The ids of the channels that have clients, sorted.
     pub async fn channel_ids(&self) -> RedisResult<Timed<Vec<String>>> {
-        let channels = format!("{}channels", self.prefix);
-        let (t, ids) = self.run(&self.list, self.keys("", channels), &[]).await?;
+        let (t, ids) = self.run(&self.list, "", None, &[]).await?;
         let mut ids: Vec<String> = ids
+            .unwrap_or_default()
             .into_iter()
             .map(|id| String::from_utf8_lossy(&id).into_owned())
             .collect();
         ids.sort();
         Ok((t, ids))
     }
+}
+
+fn join(bodies: Vec<Vec<u8>>) -> Bytes {
+    super::store::join(bodies.into_iter().map(Bytes::from))
 }
