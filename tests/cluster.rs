@@ -382,3 +382,34 @@ async fn http_channels_answer_503_while_redis_is_down() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn a_node_starts_while_redis_is_down_and_joins_when_it_comes() {
+    let port = free_port();
+    let (url, prefix) = (format!("redis://127.0.0.1:{port}"), unique_prefix());
+    let args = [
+        "--port",
+        "0",
+        "--redis-url",
+        &url,
+        "--redis-prefix",
+        &prefix,
+    ];
+    let (_a_proc, a) = spawn(&args, &[]);
+    wait_for_health(a, "degraded").await;
+    // Alone, it serves its own members at once.
+    let (mut leader, mut near) = pair(a, "early:Hunter").await;
+    leader.send_text(&push("early:Hunter", 1)).await.unwrap();
+    assert_eq!(recv_text(&mut near).await, push("early:Hunter", 1));
+    // Redis arrives: the node joins the cluster, and a second node sees its members.
+    let _redis = Redis::start(port);
+    wait_for_health(a, "ok").await;
+    let (_b_proc, b) = node(&url, &prefix, &[]).await;
+    let mut far = follower(b, "Far", "early:Hunter").await;
+    until_state(&mut far, (3, true)).await;
+    assert_eq!(state(&mut leader).await, (3, true));
+    assert_eq!(state(&mut near).await, (3, true));
+    leader.send_text(&push("early:Hunter", 2)).await.unwrap();
+    assert_eq!(next_push(&mut far).await, push("early:Hunter", 2));
+    assert_eq!(recv_text(&mut near).await, push("early:Hunter", 2));
+}
