@@ -413,3 +413,25 @@ async fn a_node_starts_while_redis_is_down_and_joins_when_it_comes() {
     assert_eq!(next_push(&mut far).await, push("early:Hunter", 2));
     assert_eq!(recv_text(&mut near).await, push("early:Hunter", 2));
 }
+
+#[tokio::test]
+async fn a_member_that_leaves_and_comes_back_at_once_is_told_the_count() {
+    // A member leaves a session (the last one on its node) and is back in it at once, as
+    // when the plugin switches sessions back and forth: each time it must be told the count.
+    // (Of the session it only passed through it may hear nothing: it left before that
+    // session had read the other nodes.)
+    let (redis, prefix) = (redis_url(), unique_prefix());
+    let (_a_proc, a) = node(&redis, &prefix, &[]).await;
+    let (_b_proc, b) = node(&redis, &prefix, &[]).await;
+    let session = "rejoin:Hunter";
+    let mut leader = first_leader(a, session).await;
+    let mut far = follower(b, "Far", session).await;
+    assert_eq!(state(&mut far).await, (2, true));
+    let set = |id: &str| format!(r#"{{"sessionId":"{id}","type":"SetSession","isLeader":false}}"#);
+    for _ in 0..10 {
+        far.send_text(&set("elsewhere")).await.unwrap();
+        far.send_text(&set(session)).await.unwrap();
+        until_state(&mut far, (2, true)).await;
+    }
+    until_state(&mut leader, (2, true)).await;
+}

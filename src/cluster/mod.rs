@@ -283,7 +283,16 @@ impl Epoch {
                         self.app.hub.drop_stale(&id);
                     }
                 }
-                _ = beat.tick() => self.heartbeat().await?,
+                _ = beat.tick() => {
+                    self.heartbeat().await?;
+                    // A safety net: a session still waiting for its first read (which
+                    // holds its members' sessionstate) is read again.
+                    for id in self.app.hub.ids() {
+                        if self.app.hub.is_unsynced(&id) {
+                            self.link.changed(&id);
+                        }
+                    }
+                }
                 work = self.link.next(MAX_BATCH) => {
                     if !work.changed.is_empty() {
                         self.sync_sessions(work.changed).await?;
@@ -376,16 +385,23 @@ impl Epoch {
     }
 
     /// Reports this node's members of each changed session, subscribing to the sessions it
-    /// joined (then reading what the other nodes reported) and unsubscribing from those it
-    /// left.
+    /// joined, reading what the other nodes reported for every session that waits for it,
+    /// and unsubscribing from those it left.
     async fn sync_sessions(&mut self, changed: Vec<Arc<str>>) -> RedisResult<()> {
         let hub = &self.app.hub;
-        let (mut joined, mut reports, mut left) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut joined, mut unsynced, mut reports, mut left) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for id in changed {
             let local = hub.local_presence(&id);
             if local.members > 0 {
-                if !self.subscribed.contains(&id) {
+                let new_here = !self.subscribed.contains(&id);
+                // Also a session emptied and created again here before this batch: still
+                // subscribed, but the new session has not read the other nodes yet.
+                if new_here || hub.is_unsynced(&id) {
                     hub.unsync(&id);
+                    unsynced.push(id.clone());
+                }
+                if new_here {
                     joined.push(id.clone());
                 }
                 reports.push((id, local));
@@ -439,11 +455,11 @@ impl Epoch {
                 .arg(wire::report(self.node, remote))
                 .ignore();
         }
-        for id in &joined {
+        for id in &unsynced {
             pipe.cmd("HGETALL").arg(self.keys.members(id));
         }
         let reads: Vec<HashMap<String, String>> = pipe.query_async(&mut self.cmd).await?;
-        for (id, read) in joined.iter().zip(reads) {
+        for (id, read) in unsynced.iter().zip(reads) {
             let remotes: Vec<(NodeId, Remote)> = read
                 .iter()
                 .filter_map(|(node, report)| {

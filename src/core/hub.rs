@@ -14,7 +14,7 @@ use crate::core::link::{Forward, Link};
 use crate::core::outbound::{Outbound, Payload};
 use crate::metrics::Metrics;
 
-/// Identifies one node of a cluster (a fresh id each time a node connects to the backplane).
+/// Identifies one node of a cluster (one per process).
 pub type NodeId = u128;
 
 /// What another node reported of its members of a session.
@@ -484,6 +484,11 @@ impl Hub {
                 state.announce_if_changed(s.announce);
             }
         }
+    }
+
+    /// Whether session `id` waits for its first view of the other nodes.
+    pub fn is_unsynced(&self, id: &str) -> bool {
+        self.get(id).is_some_and(|s| !s.state().synced)
     }
 
     /// Holds session `id`'s announcements until [`Hub::sync_remote`] (the backplane is
