@@ -13,35 +13,12 @@ use common::cluster::*;
 use common::*;
 use supersynk::client::HunterClient;
 
-/// Reads sessionstates until one says (players, leader); other messages must not come.
-async fn until_state(c: &mut HunterClient, want: (u64, bool)) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let got = tokio::time::timeout_at(deadline, state(c))
-            .await
-            .unwrap_or_else(|_| panic!("no sessionstate {want:?} in time"));
-        if got == want {
-            return;
-        }
-    }
-}
-
 /// A leader that creates `session` on the node at `addr`.
 async fn first_leader(addr: SocketAddr, session: &str) -> HunterClient {
     let mut c = plugin(addr).await;
     join(&mut c, "L", session, true).await;
     assert_eq!(state(&mut c).await, (1, true));
     c
-}
-
-/// The next message that is not a sessionstate.
-async fn next_push(c: &mut HunterClient) -> String {
-    loop {
-        let text = recv_text(c).await;
-        if !text.contains(r#""type":"sessionstate""#) {
-            return text;
-        }
-    }
 }
 
 /// Waits until `metric` on `addrs`, summed, equals `want`.

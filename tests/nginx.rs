@@ -171,3 +171,49 @@ async fn the_plugin_through_nginx_to_two_nodes() {
     drop(leader);
     assert_eq!(state(&mut follower).await, (1, false));
 }
+
+#[tokio::test]
+async fn a_follower_whose_node_dies_reconnects_through_nginx_to_the_other() {
+    let (redis, prefix) = (redis_url(), unique_prefix());
+    let fast = ["--node-timeout-ms", "1500"];
+    let (a_proc, a) = node(&redis, &prefix, &fast).await;
+    let (b_proc, b) = node(&redis, &prefix, &fast).await;
+    let nginx = start_nginx(&[a, b]);
+    let session = "failover@Session:Hunter";
+    let mut leader = HunterClient::connect(nginx.addr, "/connect", true)
+        .await
+        .unwrap();
+    join(&mut leader, "L", session, true).await;
+    assert_eq!(state(&mut leader).await, (1, true));
+    // The follower lands on the other node (least_conn); that node dies.
+    let leader_on_a = metric(a, "supersynk_connections_open").await == 1.0;
+    let mut follower = HunterClient::connect(nginx.addr, "/connect", true)
+        .await
+        .unwrap();
+    join(&mut follower, "F", session, false).await;
+    assert_eq!(state(&mut follower).await, (2, true));
+    assert_eq!(state(&mut leader).await, (2, true));
+    let (mut doomed, _survivor) = if leader_on_a {
+        (b_proc, a_proc)
+    } else {
+        (a_proc, b_proc)
+    };
+    doomed.0.kill().unwrap();
+    doomed.0.wait().unwrap();
+
+    // The plugin notices the broken socket and reconnects through the same address: nginx
+    // skips the dead node.
+    let gone = tokio::time::timeout(WAIT, follower.next_text())
+        .await
+        .unwrap();
+    assert!(!matches!(gone, Some(Ok(_))), "the socket broke: {gone:?}");
+    let mut follower = HunterClient::connect(nginx.addr, "/connect", true)
+        .await
+        .expect("nginx sends the reconnect to the live node");
+    join(&mut follower, "F", session, false).await;
+    // Until the dead node is removed its member may still be counted; then 2 everywhere.
+    until_state(&mut follower, (2, true)).await;
+    until_state(&mut leader, (2, true)).await;
+    leader.send_text(&push(session, 1)).await.unwrap();
+    assert_eq!(next_push(&mut follower).await, push(session, 1));
+}

@@ -96,3 +96,26 @@ pub async fn follower(addr: SocketAddr, name: &str, session: &str) -> HunterClie
     join(&mut c, name, session, false).await;
     c
 }
+
+/// Reads sessionstates until one says (players, leader); other messages must not come.
+pub async fn until_state(c: &mut HunterClient, want: (u64, bool)) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let got = tokio::time::timeout_at(deadline, state(c))
+            .await
+            .unwrap_or_else(|_| panic!("no sessionstate {want:?} in time"));
+        if got == want {
+            return;
+        }
+    }
+}
+
+/// The next message that is not a sessionstate.
+pub async fn next_push(c: &mut HunterClient) -> String {
+    loop {
+        let text = recv_text(c).await;
+        if !text.contains(r#""type":"sessionstate""#) {
+            return text;
+        }
+    }
+}
