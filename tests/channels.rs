@@ -5,7 +5,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use futures::StreamExt;
 use serde_json::{Value, json};
 use supersynk::config::Settings;
 
@@ -271,26 +270,18 @@ async fn the_watch_socket_sees_each_change() {
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/api/channels/w/watch"))
         .await
         .unwrap();
-    let mut next = async || -> Value {
-        let msg = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        serde_json::from_str(msg.to_text().unwrap()).unwrap()
-    };
-    assert_eq!(next().await, json!([]));
+    assert_eq!(next_json(&mut ws).await, json!([]));
     post(addr, "w", r#"{"client_id":"ada"}"#, &[]).await;
-    assert_eq!(next().await, json!([{"client_id":"ada"}]));
+    assert_eq!(next_json(&mut ws).await, json!([{"client_id":"ada"}]));
     post(addr, "w", r#"{"client_id":"joe","x":1}"#, &[]).await;
     assert_eq!(
-        next().await,
+        next_json(&mut ws).await,
         json!([{"client_id":"ada"},{"client_id":"joe","x":1}])
     );
     // Both fall silent: the watcher sees the channel empty.
     let mut last = Value::Null;
     for _ in 0..5 {
-        last = next().await;
+        last = next_json(&mut ws).await;
         if last == json!([]) {
             break;
         }

@@ -302,27 +302,18 @@ async fn http_channels_are_shared_by_every_node() {
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{b}/api/channels/room/watch"))
         .await
         .unwrap();
-    let mut next = async || -> serde_json::Value {
-        use futures::StreamExt;
-        let msg = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        serde_json::from_str(msg.to_text().unwrap()).unwrap()
-    };
-    let first = next().await;
+    let first = next_json(&mut ws).await;
     assert_eq!(first[0]["x"], 2);
     post_channel(a, "room", r#"{"client_id":"ada","x":3}"#, &[]).await;
-    let mut seen = next().await;
+    let mut seen = next_json(&mut ws).await;
     while seen[0]["x"] != 3 {
-        seen = next().await;
+        seen = next_json(&mut ws).await;
     }
 
     // Everyone falls silent: gone from both nodes after the timeout.
     let mut last = seen;
     while last != serde_json::json!([]) {
-        last = next().await;
+        last = next_json(&mut ws).await;
     }
     for n in [a, b] {
         assert_eq!(http(n, "GET", "/api/channels/room", "").await.2, "[]");

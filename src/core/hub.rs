@@ -332,10 +332,14 @@ impl Hub {
 
     /// What operators see of every session, by id.
     pub fn snapshot(&self) -> Vec<SessionInfo> {
-        let sessions: Vec<Arc<Session>> = self.sessions().values().cloned().collect();
-        let mut out: Vec<SessionInfo> = sessions.iter().map(|s| s.info()).collect();
+        let mut out: Vec<SessionInfo> = self.all().iter().map(|s| s.info()).collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
+    }
+
+    /// Every session, taken out of the map's lock (session locks are taken after it).
+    fn all(&self) -> Vec<Arc<Session>> {
+        self.sessions().values().cloned().collect()
     }
 
     fn sessions(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<Session>>> {
@@ -536,13 +540,11 @@ impl Hub {
     /// Forgets a node that is gone from every session, announcing where that changes the
     /// presence.
     pub fn node_gone(&self, node: NodeId) {
-        for id in self.ids() {
-            if let Some(s) = self.get(&id) {
-                let mut state = s.state();
-                state.stale.retain(|n| *n != node);
-                if state.remote.remove(&node).is_some() {
-                    state.announce_if_changed(s.announce);
-                }
+        for s in self.all() {
+            let mut state = s.state();
+            state.stale.retain(|n| *n != node);
+            if state.remote.remove(&node).is_some() {
+                state.announce_if_changed(s.announce);
             }
         }
     }
@@ -550,12 +552,10 @@ impl Hub {
     /// Releases every held announcement with the presence known now (the backplane is down
     /// and cannot complete a sync).
     pub fn sync_all_local(&self) {
-        for id in self.ids() {
-            if let Some(s) = self.get(&id) {
-                let mut state = s.state();
-                state.synced = true;
-                state.announce_if_changed(s.announce);
-            }
+        for s in self.all() {
+            let mut state = s.state();
+            state.synced = true;
+            state.announce_if_changed(s.announce);
         }
     }
 

@@ -239,3 +239,17 @@ pub async fn exits_cleanly(mut child: Proc) -> bool {
         .await
         .unwrap()
 }
+
+/// A WebSocket client of the tests' own (not the plugin's).
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// The next message of a watch socket, as JSON, within [`WAIT`].
+pub async fn next_json(ws: &mut Ws) -> Value {
+    use futures::StreamExt;
+    let msg = tokio::time::timeout(WAIT, ws.next())
+        .await
+        .expect("a message in time")
+        .expect("socket open")
+        .expect("no socket error");
+    serde_json::from_str(msg.to_text().unwrap()).unwrap()
+}
