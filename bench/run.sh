@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmark scenarios against a freshly started release server on this machine.
-#   bench/run.sh realistic|wide|saturation|idle|http|cluster|all [extra supersynk-bench flags]
+#   bench/run.sh realistic|wide|saturation|idle|http|cluster|reliable|all [extra supersynk-bench flags]
 # Each scenario starts its own server (so RSS figures start from a fresh process), prints
 # the bench tool's table, and keeps its JSON in bench/out/<scenario>*.json. `cluster` starts
 # two nodes sharing sessions over Redis ($REDIS_URL, default redis://127.0.0.1:6379) under a
@@ -126,7 +126,21 @@ scenario() {
       for interval in ${CLUSTER_SINGLE_INTERVALS-5 2 1 0.5 0.25}; do
         start_server; bench "cluster-sat-single-$interval" "${sat[@]}" --interval-ms "$interval" "${@:2}"; stop_server
       done ;;
-    all) for s in realistic wide saturation idle http cluster; do scenario "$s" "${@:2}"; done ;;
+    reliable) # the reliable protocol: rooms of 10 clients, every client publishing ~350 B to its
+      # room every 170 ms with acks on (each delivery numbered for its receiver and buffered
+      # until acked); 100 rooms (53,000 deliveries/s) and 250 rooms (132,000/s). Each is
+      # followed by a HunterPie control run at the same shape and delivery rate: sessions of 1
+      # leader + 9 followers, the leader pushing 10 times as often.
+      local rooms
+      for rooms in 100 250; do
+        local bench_url="ws://127.0.0.1:$port/v1/reliable"
+        start_server; bench "reliable-$rooms" --reliable --sessions "$rooms" --followers 9 --interval-ms 170 \
+          --duration-s 15 "${@:2}"; stop_server
+        bench_url=
+        start_server; bench "reliable-$rooms-control" --sessions "$rooms" --followers 9 --interval-ms 17 \
+          --duration-s 15 "${@:2}"; stop_server
+      done ;;
+    all) for s in realistic wide saturation idle http cluster reliable; do scenario "$s" "${@:2}"; done ;;
     *) echo "unknown scenario $1" >&2; exit 2 ;;
   esac
 }

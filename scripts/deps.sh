@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs and starts what the tests need beyond Rust, where it is missing (Debian/Ubuntu):
 # a Redis server on 127.0.0.1:6379 (cluster tests), nginx (the proxy test) and
-# docker-compose (to validate docker-compose.yml without a Docker engine).
+# docker-compose (to validate docker-compose.yml without a Docker engine), PostgreSQL on
+# 127.0.0.1:5432 (the PostgreSQL store's tests), Debian's Chromium and the npm package
+# playwright-core that drives it (the browser tests in tests/browser/).
 set -euo pipefail
 
 need=()
@@ -9,6 +11,8 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v redis-cli >/dev/null || need+=(redis-tools)
 [[ -x /usr/sbin/nginx ]] || command -v nginx >/dev/null || need+=(nginx)
 docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || need+=(docker-compose)
+[[ -x /usr/bin/chromium ]] || need+=(chromium)
+command -v pg_ctlcluster >/dev/null || need+=(postgresql)
 if ((${#need[@]})); then
   echo "deps: installing ${need[*]}" >&2
   sudo=; [[ $(id -u) == 0 ]] || sudo=sudo
@@ -31,3 +35,22 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   for _ in $(seq 50); do redis-cli ping >/dev/null 2>&1 && break; sleep 0.1; done
 fi
 redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null
+
+# PostgreSQL: the tests use database "test" as user postgres, without a password.
+if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+  echo "deps: starting PostgreSQL on 127.0.0.1:5432" >&2
+  sudo=; [[ $(id -u) == 0 ]] || sudo=sudo
+  version=$(ls /etc/postgresql | sort -n | tail -1)
+  conf=/etc/postgresql/$version/main
+  grep -q '^host all all 127.0.0.1/32 trust' "$conf/pg_hba.conf" ||
+    sed -i '1i host all all 127.0.0.1/32 trust' "$conf/pg_hba.conf"
+  $sudo pg_ctlcluster "$version" main start
+  for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.2; done
+fi
+psql -h 127.0.0.1 -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'test'" | grep -q 1 ||
+  psql -h 127.0.0.1 -U postgres -c "CREATE DATABASE test" >/dev/null
+
+# playwright-core for the browser tests (it drives /usr/bin/chromium; no browser download).
+if [[ ! -d tests/browser/node_modules/playwright-core ]]; then
+  (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+fi

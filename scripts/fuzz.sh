@@ -9,7 +9,7 @@ seconds=${FUZZ_SECONDS:-30}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 export RUSTC_BOOTSTRAP=1
 status=0
-for target in message inflate frames; do
+for target in message inflate frames frontends; do
   mkdir -p "fuzz/corpus/$target"
   cp -n fuzz/regressions/$target/* "fuzz/corpus/$target/" 2>/dev/null || true
   if ! cargo fuzz run "$target" "fuzz/corpus/$target" -- -max_total_time="$seconds" -rss_limit_mb=2048 \

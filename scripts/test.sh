@@ -10,6 +10,9 @@ bash scripts/deps.sh
 
 cargo test --all-targets
 
+# The TypeScript client of the reliable protocol: Node tests and a headless Chromium test.
+bash scripts/ts-test.sh
+
 # Fuzz targets, bounded (FUZZ_SECONDS each); SKIP_FUZZ=1 skips them.
 if [[ -z ${SKIP_FUZZ:-} ]]; then
   FUZZ_SECONDS=${FUZZ_SECONDS:-20} scripts/fuzz.sh

@@ -146,6 +146,80 @@ pub struct Settings {
     /// session, in ms [default: 10000]
     #[arg(long, env = "SUPERSYNK_NODE_TIMEOUT_MS")]
     pub node_timeout_ms: Option<u64>,
+    /// Reliable protocol (/v1/reliable): heartbeat interval announced in the welcome, in ms;
+    /// a peer silent for twice this is lost [default: 15000]
+    #[arg(long, env = "SUPERSYNK_RELIABLE_HEARTBEAT_MS")]
+    pub reliable_heartbeat_ms: Option<u64>,
+    /// Reliable protocol: how long a lost client's state is kept for a resume, in ms
+    /// [default: 120000]
+    #[arg(long, env = "SUPERSYNK_RELIABLE_RESUME_WINDOW_MS")]
+    pub reliable_resume_window_ms: Option<u64>,
+    /// Reliable protocol: unacknowledged messages held per client; past it the client's state
+    /// is dropped [default: 1000]
+    #[arg(long, env = "SUPERSYNK_RELIABLE_BUFFER_MESSAGES")]
+    pub reliable_buffer_messages: Option<usize>,
+    /// Reliable protocol: unacknowledged bytes held per client; past it the client's state is
+    /// dropped [default: 1048576]
+    #[arg(long, env = "SUPERSYNK_RELIABLE_BUFFER_BYTES")]
+    pub reliable_buffer_bytes: Option<usize>,
+    /// Reliable protocol: unacknowledged messages are resent after this many ms [default: 2000]
+    #[arg(long, env = "SUPERSYNK_RELIABLE_RESEND_MS")]
+    pub reliable_resend_ms: Option<u64>,
+    /// Reliable protocol: a request unanswered this long gets an error response, in ms; also
+    /// the most a request's own timeoutMs may ask for [default: 10000]
+    #[arg(long, env = "SUPERSYNK_RELIABLE_REQUEST_TIMEOUT_MS")]
+    pub reliable_request_timeout_ms: Option<u64>,
+    /// Reliable protocol: a resume must present the token of its welcome (a wrong token is
+    /// always refused) [default: false, as the issue's wire format resumes by id]
+    #[arg(long, env = "SUPERSYNK_RELIABLE_REQUIRE_TOKEN")]
+    pub reliable_require_token: Option<bool>,
+    /// Directory of the embedded store (SQLite), created if missing [default: ./data]
+    #[arg(long, env = "SUPERSYNK_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// PostgreSQL URL (postgres://user@host/db): keep the durable store there instead of
+    /// in --data-dir [default: none] [env alias: DATABASE_URL]
+    #[arg(long, env = "SUPERSYNK_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Direct messages: also serve the protocol at / on this port, for the original
+    /// server's clients [default: off]
+    #[arg(long, env = "SUPERSYNK_MESSAGES_PORT")]
+    pub messages_port: Option<u16>,
+    /// Direct messages: secret for login tokens (HMAC-SHA256 of the name, hex); logins
+    /// need a token when set [default: none]
+    #[arg(long, env = "SUPERSYNK_MESSAGES_SECRET")]
+    pub messages_secret: Option<String>,
+    /// Direct messages: largest message frame, in bytes [default: 16384]
+    #[arg(long, env = "SUPERSYNK_MESSAGES_MAX_BYTES")]
+    pub messages_max_bytes: Option<usize>,
+    /// Direct messages: messages kept for one offline peer at most [default: 1000]
+    #[arg(long, env = "SUPERSYNK_MESSAGES_QUEUE_LIMIT")]
+    pub messages_queue_limit: Option<usize>,
+    /// Token required by /logs.html, /logs/listen and /logs/query (as ?token= or a Bearer
+    /// header); /logs/add stays open [default: none, open]
+    #[arg(long, env = "SUPERSYNK_LOGS_TOKEN")]
+    pub logs_token: Option<String>,
+    /// Log store: delete entries older than this many days; 0 keeps them [default: 30]
+    #[arg(long, env = "SUPERSYNK_LOGS_RETENTION_DAYS")]
+    pub logs_retention_days: Option<u32>,
+    /// Log store: keep at most this many entries (the newest); 0 for no limit [default: 0]
+    #[arg(long, env = "SUPERSYNK_LOGS_RETENTION_ROWS")]
+    pub logs_retention_rows: Option<u64>,
+    /// POST /logs/add requests per second per client address, burst twice that (loopback
+    /// and trusted proxies exempt) [default: 20]
+    #[arg(long, env = "SUPERSYNK_LOGS_PER_SECOND")]
+    pub logs_per_second: Option<u32>,
+    /// Bytes a log listener's socket may hold; past it, entries count as missed and the
+    /// listener is told how many [default: 1048576]
+    #[arg(long, env = "SUPERSYNK_LOGS_LISTENER_BUFFER_BYTES")]
+    pub logs_listener_buffer_bytes: Option<usize>,
+    /// The server's own log events at this level and above go into the log stream as
+    /// user "server": off, error, warn, info, debug or trace [default: info]
+    #[arg(long, env = "SUPERSYNK_LOGS_SERVER_LEVEL")]
+    pub logs_server_level: Option<String>,
+    /// Entries waiting for the log store at most; more are dropped and counted
+    /// [default: 100000]
+    #[arg(long, env = "SUPERSYNK_LOGS_STORE_QUEUE")]
+    pub logs_store_queue: Option<usize>,
 }
 
 /// Why the settings could not be read.
@@ -188,6 +262,58 @@ pub struct Config {
     pub channel_watch_interval: Duration,
     pub max_channel_body_bytes: usize,
     pub cluster: Option<ClusterConfig>,
+    pub reliable: ReliableConfig,
+    /// Where the durable store lives.
+    pub store: StoreConfig,
+    pub messages: MessagesConfig,
+    /// The log front-end.
+    pub logs: LogsConfig,
+}
+
+/// The direct-message front-end's settings.
+#[derive(Debug, Clone)]
+pub struct MessagesConfig {
+    pub port: Option<u16>,
+    pub secret: Option<String>,
+    pub max_bytes: usize,
+    pub queue_limit: usize,
+}
+
+/// The log front-end's settings.
+#[derive(Debug, Clone)]
+pub struct LogsConfig {
+    pub token: Option<String>,
+    /// `None`: kept forever.
+    pub retention_days: Option<u32>,
+    /// `None`: no limit.
+    pub retention_rows: Option<u64>,
+    pub per_second: u32,
+    pub listener_buffer_bytes: usize,
+    /// A `tracing` level filter (`off`, `error`, ..., `trace`).
+    pub server_level: String,
+    pub store_queue_entries: usize,
+}
+
+/// Where the durable store (logs, message queue) lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// SQLite databases in this directory (the default: no setup).
+    Sqlite(PathBuf),
+    /// A PostgreSQL server, shared by every node of a cluster.
+    Postgres(String),
+}
+
+/// The reliable protocol's timers and bounds (protocol/reliable.md).
+#[derive(Debug, Clone)]
+pub struct ReliableConfig {
+    pub heartbeat: Duration,
+    pub resume_window: Duration,
+    pub buffer_messages: usize,
+    pub buffer_bytes: usize,
+    pub resend: Duration,
+    pub request_timeout: Duration,
+    /// A resume without the welcome's token is refused.
+    pub require_token: bool,
 }
 
 /// Cluster mode: where the backplane is and how it is used.
@@ -262,7 +388,27 @@ impl Settings {
             max_channel_body_bytes,
             redis_url,
             redis_prefix,
-            node_timeout_ms
+            node_timeout_ms,
+            data_dir,
+            database_url,
+            messages_port,
+            messages_secret,
+            messages_max_bytes,
+            messages_queue_limit,
+            logs_token,
+            logs_retention_days,
+            logs_retention_rows,
+            logs_per_second,
+            logs_listener_buffer_bytes,
+            logs_server_level,
+            logs_store_queue,
+            reliable_heartbeat_ms,
+            reliable_resume_window_ms,
+            reliable_buffer_messages,
+            reliable_buffer_bytes,
+            reliable_resend_ms,
+            reliable_request_timeout_ms,
+            reliable_require_token
         )
     }
 
@@ -271,6 +417,7 @@ impl Settings {
     pub fn from_legacy_env() -> Result<Settings, ConfigError> {
         Ok(Settings {
             redis_url: legacy("REDIS_URL")?,
+            database_url: legacy("DATABASE_URL")?,
             port: legacy("PORT")?,
             socket_timeout_ms: legacy("SOCKET_TIMEOUT")?,
             socket_timeout_check_interval_ms: legacy("SOCKET_TIMEOUT_CHECK_INTERVAL")?,
@@ -350,6 +497,34 @@ impl Config {
                     prefix: s.redis_prefix.unwrap_or_else(|| "supersynk:".into()),
                     node_timeout: ms(s.node_timeout_ms.unwrap_or(10_000)),
                 }),
+            reliable: ReliableConfig {
+                heartbeat: ms(s.reliable_heartbeat_ms.unwrap_or(15_000)),
+                resume_window: ms(s.reliable_resume_window_ms.unwrap_or(120_000)),
+                buffer_messages: s.reliable_buffer_messages.unwrap_or(1000),
+                buffer_bytes: s.reliable_buffer_bytes.unwrap_or(1 << 20),
+                resend: ms(s.reliable_resend_ms.unwrap_or(2000)),
+                request_timeout: ms(s.reliable_request_timeout_ms.unwrap_or(10_000)),
+                require_token: s.reliable_require_token.unwrap_or(false),
+            },
+            messages: MessagesConfig {
+                port: s.messages_port,
+                secret: s.messages_secret.filter(|v| !v.is_empty()),
+                max_bytes: s.messages_max_bytes.unwrap_or(16 * 1024),
+                queue_limit: s.messages_queue_limit.unwrap_or(1000),
+            },
+            store: match s.database_url.filter(|u| !u.is_empty()) {
+                Some(url) => StoreConfig::Postgres(url),
+                None => StoreConfig::Sqlite(s.data_dir.unwrap_or_else(|| "data".into())),
+            },
+            logs: LogsConfig {
+                token: s.logs_token.filter(|v| !v.is_empty()),
+                retention_days: Some(s.logs_retention_days.unwrap_or(30)).filter(|d| *d > 0),
+                retention_rows: s.logs_retention_rows.filter(|n| *n > 0),
+                per_second: s.logs_per_second.unwrap_or(20),
+                listener_buffer_bytes: s.logs_listener_buffer_bytes.unwrap_or(1 << 20),
+                server_level: s.logs_server_level.unwrap_or_else(|| "info".into()),
+                store_queue_entries: s.logs_store_queue.unwrap_or(100_000),
+            },
             tls: match (s.tls_cert, s.tls_key) {
                 (Some(c), Some(k)) => Some((c, k)),
                 (None, None) => None,
@@ -386,6 +561,43 @@ impl Config {
                     "node-timeout-ms must be at least 300".into(),
                 ));
             }
+        }
+        let r = &config.reliable;
+        if r.heartbeat < Duration::from_millis(20)
+            || r.resend < Duration::from_millis(10)
+            || r.request_timeout.is_zero()
+            || r.buffer_messages == 0
+            || r.buffer_bytes == 0
+        {
+            return Err(ConfigError::Invalid(
+                "reliable-heartbeat-ms must be at least 20, reliable-resend-ms at least 10, \
+                 and the other reliable settings above 0"
+                    .into(),
+            ));
+        }
+        if let StoreConfig::Postgres(url) = &config.store {
+            url.parse::<tokio_postgres::Config>()
+                .map_err(|e| ConfigError::Invalid(format!("invalid --database-url: {e}")))?;
+        }
+        if config.messages.queue_limit == 0 || config.messages.max_bytes == 0 {
+            return Err(ConfigError::Invalid(
+                "messages-queue-limit and messages-max-bytes must be above 0".into(),
+            ));
+        }
+        if config.logs.per_second == 0 || config.logs.store_queue_entries == 0 {
+            return Err(ConfigError::Invalid(
+                "logs-per-second and logs-store-queue must be above 0".into(),
+            ));
+        }
+        if config
+            .logs
+            .server_level
+            .parse::<tracing_subscriber::filter::LevelFilter>()
+            .is_err()
+        {
+            return Err(ConfigError::Invalid(
+                "logs-server-level must be off, error, warn, info, debug or trace".into(),
+            ));
         }
         if config.deflate_level > 9 {
             return Err(ConfigError::Invalid("deflate-level must be 0-9".into()));

@@ -7,10 +7,16 @@
 //!   under tungstenite, and one connection's reader and writer.
 //! - Front-ends, each speaking one protocol over the core and never importing each other:
 //!   [`hunterpie`] (the HunterPie SyncPlugin protocol on `/connect`), [`channels`] (the HTTP
-//!   channel API under `/api`) and [`echo`] (for conformance testing).
+//!   channel API under `/api`), [`messages`] (direct messages with a durable offline queue
+//!   on `/messages`), [`logs`] (the plugin's remote logs: `/logs/add`, the live
+//!   `/logs/listen`, `/logs/query` over the log store, the `/logs.html` viewer),
+//!   [`reliable`] (the reliable session protocol on `/v1/reliable`: acks, resends, resume,
+//!   rooms, request/response) and [`echo`] (for conformance testing).
 //! - [`client`]: a client that behaves like the deployed plugin, for tests and benchmarks.
 //! - [`cluster`]: cluster mode, several nodes sharing sessions over Redis, behind the
 //!   core's [`core::link`] outbox.
+//! - [`store`]: the durable store's backends (SQLite in the data directory, PostgreSQL),
+//!   whose tables belong to the front-ends that keep data.
 //! - [`server`]: listener, routes, shared state and graceful shutdown; [`config`];
 //!   [`metrics`].
 #![forbid(unsafe_code)]
@@ -23,8 +29,12 @@ pub mod core;
 pub mod echo;
 pub mod hunterpie;
 pub mod limits;
+pub mod logs;
+pub mod messages;
 pub mod metrics;
+pub mod reliable;
 pub mod server;
+pub mod store;
 pub mod ws;
 
 pub use config::Config;

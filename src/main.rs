@@ -3,17 +3,26 @@
 use anyhow::Context;
 use supersynk::Server;
 use supersynk::config::{Config, LogFormat};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::prelude::*;
+use tracing_subscriber::{EnvFilter, fmt};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::load()?;
     let filter = EnvFilter::try_new(&config.log).context("invalid --log filter")?;
+    // The server's own events also go to the log stream (user "server"), at their own level.
+    let forward_level: LevelFilter = config
+        .logs
+        .server_level
+        .parse()
+        .context("invalid --logs-server-level")?;
+    let forward = supersynk::logs::forward::forward_layer().with_filter(forward_level);
+    let registry = tracing_subscriber::registry().with(forward);
     match config.log_format {
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
+        LogFormat::Text => registry.with(fmt::layer().with_filter(filter)).init(),
+        LogFormat::Json => registry
+            .with(fmt::layer().json().with_filter(filter))
             .init(),
     }
     // The handlers are in place before the server says it is listening: a SIGTERM that

@@ -53,6 +53,28 @@ pub struct Metrics {
     pub cluster_forwarded: Counter,
     pub cluster_received: Counter,
     pub cluster_dropped: Counter,
+    /// Reliable protocol: client states held (connected or waiting for a resume).
+    pub reliable_clients: Gauge,
+    pub reliable_resumes: Counter,
+    /// Reliable protocol: messages sent again (after the resend timeout or on a resume).
+    pub reliable_resends: Counter,
+    /// Reliable protocol: client states dropped because their unacknowledged buffer was full.
+    pub reliable_overflows: Counter,
+    /// Reliable protocol: client states dropped at the end of their resume window.
+    pub reliable_expired: Counter,
+    /// Direct messages by what happened to them (delivered, queued, drained, refused).
+    pub direct_messages: Family<KindLabel, Counter>,
+    /// Direct messages: peers logged in on this node.
+    pub direct_peers_online: Gauge,
+    /// Log front-end: entries accepted (posted and the server's own), stored, store write
+    /// attempts that failed, entries not stored (queue full, no store, given up).
+    pub logs_received: Counter,
+    pub logs_stored: Counter,
+    pub logs_store_failures: Counter,
+    pub logs_store_dropped: Counter,
+    /// Log front-end: listeners connected; entries listeners missed for being slow.
+    pub logs_listeners: Gauge,
+    pub logs_listener_missed: Counter,
     registry: Registry,
 }
 
@@ -83,6 +105,19 @@ impl Metrics {
             cluster_forwarded: Counter::default(),
             cluster_received: Counter::default(),
             cluster_dropped: Counter::default(),
+            reliable_clients: Gauge::default(),
+            reliable_resumes: Counter::default(),
+            reliable_resends: Counter::default(),
+            reliable_overflows: Counter::default(),
+            reliable_expired: Counter::default(),
+            direct_messages: Family::default(),
+            direct_peers_online: Gauge::default(),
+            logs_received: Counter::default(),
+            logs_stored: Counter::default(),
+            logs_store_failures: Counter::default(),
+            logs_store_dropped: Counter::default(),
+            logs_listeners: Gauge::default(),
+            logs_listener_missed: Counter::default(),
             registry: Registry::with_prefix("supersynk"),
         };
         let r = &mut m.registry;
@@ -197,12 +232,85 @@ impl Metrics {
             "Cluster mode: payloads for other nodes dropped (Redis down or too slow)",
             m.cluster_dropped.clone(),
         );
+        r.register(
+            "reliable_clients",
+            "Reliable protocol: client states held, connected or waiting for a resume",
+            m.reliable_clients.clone(),
+        );
+        r.register(
+            "reliable_resumes",
+            "Reliable protocol: connections that resumed a client state",
+            m.reliable_resumes.clone(),
+        );
+        r.register(
+            "reliable_resends",
+            "Reliable protocol: messages sent again (resend timeout or resume)",
+            m.reliable_resends.clone(),
+        );
+        r.register(
+            "reliable_overflows",
+            "Reliable protocol: client states dropped because their unacknowledged buffer was full",
+            m.reliable_overflows.clone(),
+        );
+        r.register(
+            "reliable_expired",
+            "Reliable protocol: client states dropped at the end of their resume window",
+            m.reliable_expired.clone(),
+        );
+        r.register(
+            "direct_messages",
+            "Direct messages: delivered at once, queued for an offline peer, drained from the \
+             queue at login, refused",
+            m.direct_messages.clone(),
+        );
+        r.register(
+            "direct_peers_online",
+            "Direct messages: peers logged in on this node",
+            m.direct_peers_online.clone(),
+        );
+        r.register(
+            "logs_received",
+            "Log entries accepted (posted to /logs/add and the server's own)",
+            m.logs_received.clone(),
+        );
+        r.register(
+            "logs_stored",
+            "Log entries written to the log store",
+            m.logs_stored.clone(),
+        );
+        r.register(
+            "logs_store_failures",
+            "Log store writes (or retention runs) that failed",
+            m.logs_store_failures.clone(),
+        );
+        r.register(
+            "logs_store_dropped",
+            "Log entries not stored: store queue full, store unavailable, or batch given up",
+            m.logs_store_dropped.clone(),
+        );
+        r.register(
+            "logs_listeners",
+            "Log listeners connected (/logs/listen)",
+            m.logs_listeners.clone(),
+        );
+        r.register(
+            "logs_listener_missed",
+            "Log entries not sent to listeners that could not keep up (they are told)",
+            m.logs_listener_missed.clone(),
+        );
         m
     }
 
     /// Counts one error of `kind`.
     pub fn error(&self, kind: &'static str) {
         self.errors.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    /// Counts one direct message that was `kind` (delivered, queued, drained, refused).
+    pub fn direct(&self, kind: &'static str) {
+        self.direct_messages
+            .get_or_create(&KindLabel { kind })
+            .inc();
     }
 
     /// The Prometheus text exposition.

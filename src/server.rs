@@ -54,6 +54,12 @@ pub struct AppInner {
     pub guard: Arc<Guard>,
     /// The HTTP channel API's state.
     pub channels: crate::channels::Channels,
+    /// The reliable protocol's clients and rooms.
+    pub reliable: crate::reliable::Registry,
+    /// The direct-message front-end's state.
+    pub messages: crate::messages::Messages,
+    /// The log front-end's state (live stream, store writer).
+    pub logs: crate::logs::Logs,
 }
 
 impl std::ops::Deref for App {
@@ -87,6 +93,13 @@ impl App {
             ),
             guard: Arc::new(Guard::new(&config, metrics.clone())),
             channels: crate::channels::Channels::new(&config),
+            reliable: crate::reliable::Registry::new(
+                config.reliable.clone(),
+                config.limits.max_session_members,
+                metrics.clone(),
+            ),
+            messages: crate::messages::Messages::new(&config, metrics.clone()),
+            logs: crate::logs::Logs::new(&config, metrics.clone()),
             metrics,
             ws,
             config,
@@ -115,7 +128,10 @@ pub fn router(app: App) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/connect", get(connect))
-        .merge(crate::channels::routes());
+        .route("/v1/reliable", get(crate::reliable::connect))
+        .merge(crate::channels::routes())
+        .merge(crate::messages::routes())
+        .merge(crate::logs::routes());
     if app.config.echo_endpoint {
         r = r.route("/echo", get(crate::echo::connect));
     }
@@ -256,6 +272,8 @@ pub struct Peer {
 /// A running server.
 pub struct Server {
     pub local_addr: SocketAddr,
+    /// The direct-message port for the original's clients (`--messages-port`), if on.
+    pub messages_addr: Option<SocketAddr>,
     pub app: App,
     task: JoinHandle<()>,
 }
@@ -270,8 +288,20 @@ impl Server {
         let listener = listen(SocketAddr::new(config.bind, config.port))?;
         let local_addr = listener.local_addr()?;
         let app = App::new(config);
+        app.logs.start(&app).await;
         let tls_on = tls.is_some();
-        let task = tokio::spawn(accept_loop(listener, app.clone(), tls));
+        let mut messages_addr = None;
+        if let Some(port) = app.config.messages.port {
+            let compat = listen(SocketAddr::new(app.config.bind, port))?;
+            let addr = compat.local_addr()?;
+            info!(local_addr = %addr, "direct messages: original clients' port");
+            messages_addr = Some(addr);
+            let router = crate::messages::compat_router(app.clone());
+            tokio::spawn(accept_loop(compat, app.clone(), tls.clone(), router));
+        }
+        tokio::spawn(crate::messages::open_store(app.clone()));
+        tokio::spawn(crate::messages::cluster::run(app.clone()));
+        let task = tokio::spawn(run(listener, app.clone(), tls));
         tokio::spawn(crate::channels::sweep_until_shutdown(app.clone()));
         if let Some(cluster) = app.config.cluster.clone() {
             // Tracked, so that shutdown waits for the node to leave the cluster.
@@ -280,6 +310,7 @@ impl Server {
         info!(%local_addr, tls = tls_on, "listening");
         Ok(Server {
             local_addr,
+            messages_addr,
             app,
             task,
         })
@@ -311,8 +342,27 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(4096)
 }
 
-async fn accept_loop(listener: TcpListener, app: App, tls: Option<TlsAcceptor>) {
-    let router = router(app.clone());
+/// Serves the main port until shutdown, then waits for every connection (of every port)
+/// within the grace period.
+async fn run(listener: TcpListener, app: App, tls: Option<TlsAcceptor>) {
+    accept_loop(listener, app.clone(), tls, router(app.clone())).await;
+    info!("shutting down: closing connections");
+    let grace = app.config.shutdown_grace;
+    app.tracker.close();
+    if tokio::time::timeout(grace, app.tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            remaining = app.tracker.len(),
+            "grace period over; dropping remaining connections"
+        );
+    }
+    info!("stopped");
+}
+
+/// Accepts connections and serves `router` on them until shutdown.
+async fn accept_loop(listener: TcpListener, app: App, tls: Option<TlsAcceptor>, router: Router) {
     let mut backoff = Duration::from_millis(5);
     let mut housekeeping = tokio::time::interval(Duration::from_secs(60));
     loop {
@@ -339,20 +389,6 @@ async fn accept_loop(listener: TcpListener, app: App, tls: Option<TlsAcceptor>) 
         };
         serve_http(tcp, peer, &router, &app, tls.as_ref());
     }
-    drop(listener);
-    info!("shutting down: closing connections");
-    let grace = app.config.shutdown_grace;
-    app.tracker.close();
-    if tokio::time::timeout(grace, app.tracker.wait())
-        .await
-        .is_err()
-    {
-        warn!(
-            remaining = app.tracker.len(),
-            "grace period over; dropping remaining connections"
-        );
-    }
-    info!("stopped");
 }
 
 fn serve_http(

@@ -6,7 +6,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::cluster::*;
@@ -19,25 +18,6 @@ async fn first_leader(addr: SocketAddr, session: &str) -> HunterClient {
     join(&mut c, "L", session, true).await;
     assert_eq!(state(&mut c).await, (1, true));
     c
-}
-
-/// Waits until `metric` on `addrs`, summed, equals `want`.
-async fn until_metric(addrs: &[SocketAddr], name: &str, want: f64) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let mut sum = 0.0;
-        for a in addrs {
-            sum += metric(*a, name).await;
-        }
-        if sum == want {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{name} is {sum}, not {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test]
@@ -142,55 +122,13 @@ async fn a_killed_node_and_a_stopped_node_leave_their_sessions() {
     assert_eq!(state(&mut on_a).await, (2, false));
     assert_eq!(state(&mut on_b).await, (2, false));
     // One node removed the dead one, once.
-    until_metric(&[a, b], "supersynk_cluster_nodes_reaped_total", 1.0).await;
+    common::until_metric(&[a, b], "supersynk_cluster_nodes_reaped_total", 1.0).await;
 
     // SIGTERM: the node leaves the cluster as it stops, and node A is told at once.
     sigterm(&b_proc);
     assert_eq!(state(&mut on_a).await, (1, false));
     assert!(exits_cleanly(b_proc).await);
-    until_metric(&[a], "supersynk_cluster_nodes", 1.0).await;
-}
-
-/// A Redis server of the test's own, on a free port, keeping nothing on disk.
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Redis {
-    fn start(port: u16) -> Redis {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed");
-        let deadline = std::time::Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "redis-server starts");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Redis { child, port }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    common::until_metric(&[a], "supersynk_cluster_nodes", 1.0).await;
 }
 
 #[tokio::test]

@@ -37,7 +37,10 @@ fn compose_file_is_valid_and_matches_the_nginx_upstream() {
     let services = String::from_utf8_lossy(&services.stdout);
     let mut services: Vec<&str> = services.lines().collect();
     services.sort();
-    assert_eq!(services, ["nginx", "redis", "supersynk-1", "supersynk-2"]);
+    assert_eq!(
+        services,
+        ["nginx", "postgres", "redis", "supersynk-1", "supersynk-2"]
+    );
     let site = std::fs::read_to_string(format!("{ROOT}/nginx/supersynk.conf")).unwrap();
     let mut upstream: Vec<&str> = site
         .lines()

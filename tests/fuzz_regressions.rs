@@ -52,3 +52,14 @@ fn frame_layer_inputs() {
         }
     }
 }
+
+#[test]
+fn frontend_parser_inputs() {
+    for (name, data) in inputs("frontends") {
+        // Accepted or refused, never a panic.
+        let _ = (&name, supersynk::logs::entry::parse_body(&data));
+        let text = String::from_utf8_lossy(&data);
+        let _ = supersynk::messages::wire::parse(&text);
+        let _ = supersynk::reliable::wire::parse(&text);
+    }
+}

@@ -1,26 +1,10 @@
 //! Checks the examples of protocol/hunterpie.md against the server's own parser and
 //! renderers, and round-trips every JSON example.
 
+mod common;
+
 use supersynk::core::hub::Presence;
 use supersynk::hunterpie::message::{self, Level};
-
-/// (info string, body) of every fenced block of a markdown file.
-fn blocks(markdown: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut current: Option<(String, String)> = None;
-    for line in markdown.lines() {
-        if let Some(info) = line.strip_prefix("```") {
-            match current.take() {
-                Some(block) => out.push(block),
-                None => current = Some((info.trim().to_string(), String::new())),
-            }
-        } else if let Some((_, body)) = current.as_mut() {
-            body.push_str(line);
-            body.push('\n');
-        }
-    }
-    out
-}
 
 #[test]
 fn hunterpie_examples_are_what_the_server_accepts_and_renders() {
@@ -30,7 +14,7 @@ fn hunterpie_examples_are_what_the_server_accepts_and_renders() {
     ))
     .unwrap();
     let (mut client, mut server) = (0, 0);
-    for (info, body) in blocks(&doc) {
+    for (info, body) in common::fenced_blocks(&doc) {
         let body = body.trim();
         if !info.starts_with("json") {
             continue;
@@ -93,7 +77,7 @@ async fn channel_api_examples_replay_against_the_server() {
     let server = supersynk::Server::start(config).await.unwrap();
     let mut request: Option<String> = None;
     let mut pairs = 0;
-    for (info, body) in blocks(&doc) {
+    for (info, body) in common::fenced_blocks(&doc) {
         match info.as_str() {
             "http request" => request = Some(body),
             "http answer" => {

@@ -115,6 +115,8 @@ struct Shared {
     /// Wakes the reader when the connection closes from the writer's side (slow consumer,
     /// broken socket).
     reader_wake: Notify,
+    /// Wakes [`Outbound::flushed`] waiters when the queue is written out or the writer is gone.
+    flush_wake: Notify,
     limit: usize,
 }
 
@@ -130,6 +132,7 @@ impl Outbound {
             state: Mutex::new(State::default()),
             writer_wake: Notify::new(),
             reader_wake: Notify::new(),
+            flush_wake: Notify::new(),
             limit,
         }))
     }
@@ -218,6 +221,33 @@ impl Outbound {
     pub fn written(&self, bytes: usize) {
         let mut state = self.state();
         state.bytes = state.bytes.saturating_sub(bytes);
+        let empty = state.bytes == 0;
+        drop(state);
+        if empty {
+            self.0.flush_wake.notify_waiters();
+        }
+    }
+
+    /// Waits until everything queued so far has been written to the socket (true), or the
+    /// socket is gone first (false). For front-ends that may forget a message only once it
+    /// has left the server.
+    pub async fn flushed(&self) -> bool {
+        loop {
+            let notified = self.0.flush_wake.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a wake between the check and the await counts.
+            notified.as_mut().enable();
+            {
+                let state = self.state();
+                if state.bytes == 0 {
+                    return true;
+                }
+                if state.writer_gone {
+                    return false;
+                }
+            }
+            notified.await;
+        }
     }
 
     /// For the writer: the socket is gone; refuse everything from now on.
@@ -230,6 +260,7 @@ impl Outbound {
         }
         drop(state);
         self.0.reader_wake.notify_one();
+        self.0.flush_wake.notify_waiters();
     }
 
     /// Bytes waiting (queued or being written).

@@ -210,11 +210,7 @@ fn leader_key(
 
 /// The HMAC token for `session_id` under `key`, as lowercase hex.
 pub fn leader_token(key: &str, session_id: &str) -> String {
-    use hmac::{Hmac, Mac};
-    // HMAC accepts keys of any length.
-    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).expect("any key length");
-    mac.update(session_id.as_bytes());
-    hex::encode(mac.finalize().into_bytes())
+    crate::core::hmac_hex(key, session_id)
 }
 
 fn token_is_valid(key: &str, session_id: &str, token: &str) -> bool {

@@ -1,6 +1,7 @@
 //! Shared test helpers: start the real server on port 0, talk HTTP and WebSocket to it.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod cluster;
 
 use std::io::{BufRead, BufReader};
@@ -23,10 +24,21 @@ pub async fn start(settings: Settings) -> Server {
     let base = Settings {
         bind: Some([127, 0, 0, 1].into()),
         port: Some(0),
+        data_dir: Some(data_dir()),
         ..Settings::default()
     };
     let config = Config::resolve(settings.over(base)).expect("valid test config");
     Server::start(config).await.expect("server starts")
+}
+
+/// A fresh data directory under cargo's temporary directory for tests (kept after the test,
+/// so a restarted server can be pointed at it).
+pub fn data_dir() -> std::path::PathBuf {
+    tempfile::Builder::new()
+        .prefix("data-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("temporary directory")
+        .keep()
 }
 
 /// Starts a server with default settings.
@@ -202,7 +214,11 @@ impl Drop for Proc {
 /// Starts the binary with `args` and `env`; returns the child and its address (read from
 /// the "listening" log line).
 pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> (Proc, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_supersynk"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_supersynk"));
+    if !args.contains(&"--data-dir") {
+        cmd.arg("--data-dir").arg(data_dir());
+    }
+    let mut child = cmd
         .args(["--bind", "127.0.0.1"])
         .args(args)
         .envs(env.iter().copied())
@@ -252,4 +268,42 @@ pub async fn next_json(ws: &mut Ws) -> Value {
         .expect("socket open")
         .expect("no socket error");
     serde_json::from_str(msg.to_text().unwrap()).unwrap()
+}
+
+/// (info string, body) of every fenced block of a markdown file: how the protocol docs'
+/// examples are found by the tests that check them.
+pub fn fenced_blocks(markdown: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut current: Option<(String, String)> = None;
+    for line in markdown.lines() {
+        if let Some(info) = line.strip_prefix("```") {
+            match current.take() {
+                Some(block) => out.push(block),
+                None => current = Some((info.trim().to_string(), String::new())),
+            }
+        } else if let Some((_, body)) = current.as_mut() {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    out
+}
+
+/// Waits until `name` on `addrs`, summed, equals `want` (within [`WAIT`]).
+pub async fn until_metric(addrs: &[SocketAddr], name: &str, want: f64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut sum = 0.0;
+        for a in addrs {
+            sum += metric(*a, name).await;
+        }
+        if sum == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} is {sum}, not {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -17,11 +17,16 @@
 //! [`http`]): `--sessions` channels of `--followers + 1` clients, each posting its state every
 //! `--interval-ms` over its own keep-alive connection.
 //!
+//! `--reliable` loads the reliable protocol instead (protocol/reliable.md, module
+//! [`reliable`]): `--sessions` rooms of `--followers + 1` clients, every client publishing to
+//! its room every `--interval-ms` and acknowledging what it receives.
+//!
 //! Example: `supersynk-bench --url ws://127.0.0.1:5001/connect --sessions 2500 --followers 3
 //! --interval-ms 30 --duration-s 20 --server-pid $(pgrep -x supersynk)`
 #![forbid(unsafe_code)]
 
 mod http;
+mod reliable;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -137,6 +142,11 @@ struct Args {
     /// own keep-alive HTTP/1.1 connection, with Client-Id and Client-Time
     #[arg(long, conflicts_with_all = ["idle", "deflate", "ping_ms", "payload_bytes", "follower_url"])]
     http_channels: bool,
+    /// Load the reliable protocol instead (/v1/reliable): --sessions rooms of --followers + 1
+    /// clients, each publishing --payload-bytes to its room every --interval-ms and
+    /// acknowledging what it receives (cumulative acks every 100 ms or 64 messages)
+    #[arg(long, conflicts_with_all = ["idle", "deflate", "ping_ms", "follower_url", "http_channels"])]
+    reliable: bool,
 }
 
 impl Args {
@@ -145,6 +155,7 @@ impl Args {
         match &self.url {
             Some(url) => url,
             None if self.http_channels => "http://127.0.0.1:5001",
+            None if self.reliable => "ws://127.0.0.1:5001/v1/reliable",
             None => "ws://127.0.0.1:5001/connect",
         }
     }
@@ -315,7 +326,11 @@ fn run_main(args: Args) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let report = runtime.block_on(run(args.clone(), threads))?;
+    let report = if args.reliable {
+        runtime.block_on(reliable::run(args.clone(), threads))?
+    } else {
+        runtime.block_on(run(args.clone(), threads))?
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -455,38 +470,16 @@ async fn run(args: Args, threads: usize) -> anyhow::Result<Report> {
         tokio::time::sleep(Duration::from_secs_f64(args.duration_s)).await;
         window.end(server_pid.as_deref());
     } else {
-        let now = tokio::time::Instant::now();
-        let start = now + Duration::from_millis(100);
-        let window_start = start + Duration::from_secs_f64(args.warmup_s);
-        let window_end = window_start + Duration::from_secs_f64(args.duration_s);
-        let micros = |t: tokio::time::Instant| micros_since(shared.epoch, t.into_std());
-        plan_tx.send_replace(Some(Arc::new(Plan {
-            start,
-            window_start_us: micros(window_start),
-            window_end_us: micros(window_end),
-        })));
-        eprintln!(
-            "pushing: {} s warm-up, {} s measured, {} s drain",
-            args.warmup_s, args.duration_s, args.drain_s
-        );
-        sleep_until(window_start).await;
-        window.begin(server_pid.as_deref());
-        sleep_until(window_end).await;
-        window.end(server_pid.as_deref());
-        // Wait for the measured pushes still in flight: until all arrived, at most --drain-s.
-        let drain_end = window_end + Duration::from_secs_f64(args.drain_s);
-        let mut poll = tokio::time::interval_at(
-            window_end + Duration::from_millis(100),
-            Duration::from_millis(50),
-        );
-        loop {
-            let at = poll.tick().await;
-            let expected = shared.expected.load(Ordering::Relaxed);
-            if shared.delivered.load(Ordering::Relaxed) >= expected || at >= drain_end {
-                break;
-            }
-        }
-        drain_secs = window_end.elapsed().as_secs_f64();
+        drain_secs = measure(
+            &args,
+            shared.epoch,
+            &plan_tx,
+            server_pid.as_deref(),
+            &mut window,
+            (&shared.expected, &shared.delivered),
+            "pushing",
+        )
+        .await;
     }
     stop_tx.send_replace(true);
 
@@ -497,11 +490,7 @@ async fn run(args: Args, threads: usize) -> anyhow::Result<Report> {
             Err(e) => eprintln!("a connection task failed: {e}"),
         }
     }
-    let mut latency = histogram();
-    for shard in &shared.latency {
-        let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-        latency.add(&*shard).expect("same bounds");
-    }
+    let latency = merged(&shared.latency, histogram());
     let join_time = shared
         .join_time
         .lock()
@@ -522,6 +511,8 @@ async fn run(args: Args, threads: usize) -> anyhow::Result<Report> {
         server_rss_joined,
         server_pid: server_pid.as_deref(),
         fd_note,
+        mode: None,
+        expected: None,
     }))
 }
 
@@ -566,6 +557,61 @@ impl Window {
         let (a, b) = ticks?;
         (self.secs > 0.0).then(|| b.saturating_sub(a) as f64 / clk_tck / self.secs * 100.0)
     }
+}
+
+/// Publishes the plan, measures the window (`--warmup-s`, then `--duration-s`) and waits for
+/// the measured deliveries still in flight (`(expected, delivered)`, at most `--drain-s`);
+/// returns the drain's length in seconds. Shared by the WebSocket modes.
+async fn measure(
+    args: &Args,
+    epoch: Instant,
+    plan_tx: &watch::Sender<Option<Arc<Plan>>>,
+    server: Option<&str>,
+    window: &mut Window,
+    (expected, delivered): (&AtomicU64, &AtomicU64),
+    verb: &str,
+) -> f64 {
+    let now = tokio::time::Instant::now();
+    let start = now + Duration::from_millis(100);
+    let window_start = start + Duration::from_secs_f64(args.warmup_s);
+    let window_end = window_start + Duration::from_secs_f64(args.duration_s);
+    let micros = |t: tokio::time::Instant| micros_since(epoch, t.into_std());
+    plan_tx.send_replace(Some(Arc::new(Plan {
+        start,
+        window_start_us: micros(window_start),
+        window_end_us: micros(window_end),
+    })));
+    eprintln!(
+        "{verb}: {} s warm-up, {} s measured, {} s drain",
+        args.warmup_s, args.duration_s, args.drain_s
+    );
+    sleep_until(window_start).await;
+    window.begin(server);
+    sleep_until(window_end).await;
+    window.end(server);
+    // Wait for the measured messages still in flight: until all arrived, at most --drain-s.
+    let drain_end = window_end + Duration::from_secs_f64(args.drain_s);
+    let mut poll = tokio::time::interval_at(
+        window_end + Duration::from_millis(100),
+        Duration::from_millis(50),
+    );
+    loop {
+        let at = poll.tick().await;
+        if delivered.load(Ordering::Relaxed) >= expected.load(Ordering::Relaxed) || at >= drain_end
+        {
+            break;
+        }
+    }
+    window_end.elapsed().as_secs_f64()
+}
+
+/// The latency shards, merged.
+fn merged(shards: &[Mutex<Histogram<u64>>], mut into: Histogram<u64>) -> Histogram<u64> {
+    for shard in shards {
+        let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+        into.add(&*shard).expect("same bounds");
+    }
+    into
 }
 
 fn micros_since(epoch: Instant, t: Instant) -> u64 {
@@ -1138,6 +1184,10 @@ struct ReportInput<'a> {
     server_rss_joined: Option<u64>,
     server_pid: Option<&'a str>,
     fd_note: Option<String>,
+    /// Set by modes where every connection publishes (`--reliable`): the mode's name and the
+    /// deliveries it expected (the leader/follower count does not apply).
+    mode: Option<&'static str>,
+    expected: Option<u64>,
 }
 
 /// Everything the run found; printed as a table or, with `--json`, as one object.
@@ -1257,11 +1307,13 @@ impl Report {
                 followers_joined[r.session] += 1;
             }
         }
-        let expected: u64 = pushes_in_window
-            .iter()
-            .zip(&followers_joined)
-            .map(|(p, f)| p * f)
-            .sum();
+        let expected: u64 = input.expected.unwrap_or_else(|| {
+            pushes_in_window
+                .iter()
+                .zip(&followers_joined)
+                .map(|(p, f)| p * f)
+                .sum()
+        });
         let sum = |f: fn(&ConnResult) -> u64| made.iter().map(|r| f(r)).sum::<u64>();
         let received = sum(|r| r.received_in_window);
         let pushes_sent = sum(|r| r.pushes_in_window);
@@ -1317,7 +1369,11 @@ impl Report {
         }
         let first_server_message = made.iter().find_map(|r| r.first_server_msg.clone());
         Report {
-            mode: if args.idle { "idle" } else { "load" },
+            mode: match input.mode {
+                Some(mode) => mode,
+                None if args.idle => "idle",
+                None => "load",
+            },
             url: args.url().to_owned(),
             follower_url: args.follower_url.clone(),
             sessions: args.sessions,
@@ -1402,12 +1458,22 @@ impl Report {
             ),
             None => row("mode", format!("{} ({})", self.mode, self.url)),
         }
+        let setup = if self.mode == "reliable" {
+            format!(
+                "{} rooms x {} members, all publishing",
+                self.sessions,
+                self.followers + 1
+            )
+        } else {
+            format!(
+                "{} sessions x (1 leader + {} followers)",
+                self.sessions, self.followers
+            )
+        };
         row(
             "setup",
             format!(
-                "{} sessions x (1 leader + {} followers), interval {} ms, payload {} B, deflate {}",
-                self.sessions,
-                self.followers,
+                "{setup}, interval {} ms, payload {} B, deflate {}",
                 self.interval_ms,
                 self.payload_bytes,
                 if self.deflate_offered {
@@ -1449,7 +1515,7 @@ impl Report {
                 format!("{} connections", self.deflate_agreed),
             );
         }
-        if self.mode == "load" {
+        if self.mode != "idle" {
             row(
                 "window",
                 format!(
@@ -1460,7 +1526,7 @@ impl Report {
         } else {
             row("window", format!("{:.2} s", self.window_s));
         }
-        if self.mode == "load" {
+        if self.mode != "idle" {
             row(
                 "pushes sent",
                 format!(

@@ -1,0 +1,59 @@
+// Direct messages: delivery rate to an online peer, queueing rate to an offline one (each
+// message committed with an fsync before its answer), and the drain at login.
+//   node bench/messages.mjs ws://127.0.0.1:5001/messages [N]
+// Uses the ws package of clients/ts (npm ci there first).
+import WebSocket from '../clients/ts/node_modules/ws/wrapper.mjs';
+
+const url = process.argv[2] ?? 'ws://127.0.0.1:5001/messages';
+const n = Number(process.argv[3] ?? 20000);
+const run = Date.now().toString(36);
+const [A, B] = ['A' + run, 'B' + run];
+
+const open = (name) => new Promise((resolve, reject) => {
+  const ws = new WebSocket(url);
+  ws.on('open', () => { ws.send(JSON.stringify({ login: name })); resolve(ws); });
+  ws.on('error', reject);
+});
+const settle = () => new Promise((r) => setTimeout(r, 300));
+const rate = (count, ms) => `${Math.round(count / (ms / 1000)).toLocaleString('en')}/s`;
+
+// Online: A sends n messages as fast as it can; B counts them.
+let a = await open(A);
+let b = await open(B);
+await settle();
+let got = 0;
+let t0 = Date.now();
+const allIn = new Promise((resolve) => b.on('message', () => { if (++got === n) resolve(); }));
+for (let i = 0; i < n; i++) a.send(JSON.stringify({ from: A, to: B, msg: `m${i}` }));
+await allIn;
+const online = Date.now() - t0;
+
+// Offline: B leaves; A sends m messages one after another, each waiting for its answer.
+const m = Math.min(n, 2000);
+b.close();
+await settle();
+let answered = 0;
+t0 = Date.now();
+await new Promise((resolve) => {
+  a.on('message', () => {
+    if (++answered === m) resolve();
+    else a.send(JSON.stringify({ from: A, to: B, msg: `q${answered}` }));
+  });
+  a.send(JSON.stringify({ from: A, to: B, msg: 'q0' }));
+});
+const queued = Date.now() - t0;
+
+// Login: B gets the m queued messages.
+got = 0;
+t0 = Date.now();
+b = new WebSocket(url);
+await new Promise((resolve) => {
+  b.on('open', () => b.send(JSON.stringify({ login: B })));
+  b.on('message', () => { if (++got === m) resolve(); });
+});
+const drained = Date.now() - t0;
+a.close(); b.close();
+
+console.log(`online delivery:  ${n} messages in ${online} ms (${rate(n, online)})`);
+console.log(`queued (offline): ${m} messages one at a time in ${queued} ms (${rate(m, queued)}; ${(queued / m).toFixed(2)} ms each, fsync included)`);
+console.log(`drain at login:   ${m} messages in ${drained} ms (${rate(m, drained)})`);

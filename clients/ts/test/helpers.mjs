@@ -1,0 +1,137 @@
+// Test helpers: the real server binary on port 0, and a proxy that loses, delays and cuts.
+import { spawn } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { createInterface } from "node:readline";
+import { fileURLToPath } from "node:url";
+import path from "node:path";
+import { WebSocketServer, WebSocket } from "ws";
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
+
+/** Starts target/debug/supersynk (or $SUPERSYNK_BIN) on 127.0.0.1:0; resolves with its address. */
+export async function startServer(args = []) {
+  const bin = process.env.SUPERSYNK_BIN ?? path.join(root, "target/debug/supersynk");
+  // The server's durable store (other front-ends) goes to a directory of its own.
+  const dataDir = mkdtempSync(path.join(tmpdir(), "supersynk-ts-test-"));
+  const child = spawn(
+    bin,
+    ["--bind", "127.0.0.1", "--port", "0", "--data-dir", dataDir, "--log-format", "json", "--log", "warn,supersynk=info",
+      "--messages-per-second", "100000", "--message-burst", "100000", ...args],
+    { stdio: ["ignore", "pipe", "inherit"] },
+  );
+  const lines = createInterface({ input: child.stdout });
+  const addr = await new Promise((resolve, reject) => {
+    child.once("exit", (code) => reject(new Error(`server exited with ${code}`)));
+    lines.on("line", (line) => {
+      try {
+        const v = JSON.parse(line);
+        if (v.fields?.message === "listening") resolve(v.fields.local_addr);
+      } catch {
+        // Not a JSON log line.
+      }
+    });
+  });
+  return {
+    addr,
+    url: `ws://${addr}/v1/reliable`,
+    stop: () =>
+      new Promise((resolve) => {
+        const done = () => {
+          rmSync(dataDir, { recursive: true, force: true });
+          resolve();
+        };
+        if (child.exitCode !== null) return done();
+        child.once("exit", done);
+        child.kill("SIGTERM");
+      }),
+  };
+}
+
+/**
+ * A WebSocket proxy working on whole messages (two `ws` sockets per client): drops each
+ * message with probability `dropRate`, delays each by up to `maxDelayMs` (keeping the order
+ * of each direction, as TCP would), and every `cutEveryMs` cuts one connection (both sides
+ * terminated, no close handshake).
+ */
+export async function startProxy(upstream, { dropRate = 0, maxDelayMs = 0, cutEveryMs = 0 } = {}) {
+  const wss = new WebSocketServer({ host: "127.0.0.1", port: 0 });
+  await new Promise((r) => wss.once("listening", r));
+  const stats = { forwarded: 0, dropped: 0, cuts: 0, connections: 0 };
+  const pairs = new Set();
+  const pipe = (from, to, toOpen) => {
+    let releaseAt = 0;
+    from.on("message", (data, isBinary) => {
+      if (Math.random() < dropRate) {
+        stats.dropped++;
+        return;
+      }
+      releaseAt = Math.max(releaseAt, Date.now() + Math.random() * maxDelayMs);
+      const at = releaseAt;
+      const deliver = () => {
+        toOpen.then(() => {
+          if (to.readyState === WebSocket.OPEN) {
+            stats.forwarded++;
+            to.send(data, { binary: isBinary });
+          }
+        });
+      };
+      // Same-time releases keep their order: timers of equal delay fire in order.
+      setTimeout(deliver, Math.max(0, at - Date.now()));
+    });
+  };
+  wss.on("connection", (client) => {
+    stats.connections++;
+    const server = new WebSocket(upstream);
+    const serverOpen = new Promise((r) => server.once("open", r));
+    const pair = { client, server };
+    pairs.add(pair);
+    pipe(client, server, serverOpen);
+    pipe(server, client, Promise.resolve());
+    const end = () => {
+      pairs.delete(pair);
+      client.terminate();
+      server.terminate();
+    };
+    client.on("close", end);
+    server.on("close", end);
+    client.on("error", end);
+    server.on("error", end);
+  });
+  let cutter = null;
+  if (cutEveryMs > 0) {
+    cutter = setInterval(() => {
+      const all = [...pairs];
+      if (all.length === 0) return;
+      const p = all[Math.floor(Math.random() * all.length)];
+      stats.cuts++;
+      p.client.terminate();
+      p.server.terminate();
+    }, cutEveryMs);
+  }
+  return {
+    url: `ws://127.0.0.1:${wss.address().port}/v1/reliable`,
+    stats,
+    close: () => {
+      if (cutter) clearInterval(cutter);
+      for (const p of pairs) {
+        p.client.terminate();
+        p.server.terminate();
+      }
+      return new Promise((r) => wss.close(r));
+    },
+  };
+}
+
+/** Resolves when `predicate()` holds, polling every 10 ms; rejects after `ms`. */
+export function until(predicate, ms = 10000, what = "condition") {
+  return new Promise((resolve, reject) => {
+    const started = Date.now();
+    const check = () => {
+      if (predicate()) return resolve();
+      if (Date.now() - started > ms) return reject(new Error(`timed out waiting for ${what}`));
+      setTimeout(check, 10);
+    };
+    check();
+  });
+}

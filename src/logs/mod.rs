@@ -1,0 +1,523 @@
+//! The log front-end (protocol/logs.md): the plugin posts its users' logs to
+//! `POST /logs/add`; maintainers watch them live on the `GET /logs/listen` WebSocket or in the
+//! viewer at `/logs.html`, and search what was stored with `GET /logs/query`.
+//!
+//! Owns the HTTP handlers, the listener sockets, the access token and the per-address rate of
+//! `/logs/add`. The live stream is in [`stream`], parsing in [`entry`], the durable store and
+//! its writer in [`store`], the server's own events in [`forward`].
+//!
+//! Cluster mode: every node stamps and stores the entries posted to it, and [`relay`] hands
+//! them to every other node's live stream, so a listener on any node sees every node's
+//! entries (each node's own events stay on that node). `seqNumber` is strictly increasing
+//! per node and across its restarts (it starts above the store's largest); nodes sharing one
+//! PostgreSQL may hand out the same numbers, and `/logs/query` there sees every node's
+//! entries, ordered by `seqNumber` then by insertion.
+
+pub mod entry;
+pub mod forward;
+pub mod relay;
+pub mod store;
+pub mod stream;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use http_body_util::BodyExt;
+use hyper::upgrade::Upgraded;
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+use crate::core::outbound::Payload;
+use crate::core::secret_eq;
+use crate::metrics::Metrics;
+use crate::server::{App, Peer, client_ip, upgrade_with};
+use crate::ws::connection::codes;
+use crate::ws::extension::Deflate;
+use crate::ws::{Connection, Event};
+use entry::{Entry, Posted, json_array, now_ms};
+use store::{Cursor, LogStore, Query, Retention};
+use stream::Stream;
+
+/// The viewer page, served as is.
+const VIEWER: &str = include_str!("viewer.html");
+/// Entries that may wait for one 100 ms flush of the live stream.
+const MAX_PENDING: usize = 100_000;
+/// Largest page of `/logs/query`.
+pub const MAX_QUERY_LIMIT: usize = 1000;
+
+/// The log front-end's state: a cheap-to-clone handle.
+#[derive(Debug, Clone)]
+pub struct Logs(Arc<LogsInner>);
+
+#[derive(Debug)]
+pub struct LogsInner {
+    pub stream: Arc<Stream>,
+    /// `None` when the store could not be opened: entries are then only live.
+    store: Option<LogStore>,
+    /// To the store's writer; bounded (`--logs-store-queue`), only ever `try_send`.
+    store_tx: mpsc::Sender<Arc<Entry>>,
+    /// The writer's end, taken when the writer starts.
+    store_rx: Mutex<Option<mpsc::Receiver<Arc<Entry>>>>,
+    /// Cluster mode: to the publisher of this node's entries; bounded, only `try_send`.
+    relay_tx: Option<mpsc::Sender<Arc<Entry>>>,
+    /// The relay and its queue's end, taken when it starts.
+    relay_rx: Mutex<Option<(relay::Relay, mpsc::Receiver<Arc<Entry>>)>>,
+    /// `/logs/add` requests per second per client address.
+    add_rate: DefaultKeyedRateLimiter<IpAddr>,
+    /// Entries dropped for the store since the last warning, and when that was (unix ms):
+    /// at most one warning per 10 s.
+    dropped_unwarned: AtomicU64,
+    last_drop_warning: AtomicI64,
+    metrics: Arc<Metrics>,
+}
+
+impl std::ops::Deref for Logs {
+    type Target = LogsInner;
+    fn deref(&self) -> &LogsInner {
+        &self.0
+    }
+}
+
+impl Logs {
+    /// Opens the store (SQLite: creates the file; PostgreSQL: connects lazily). A store that
+    /// cannot be opened is logged and the server runs without it.
+    pub fn new(config: &crate::config::Config, metrics: Arc<Metrics>) -> Logs {
+        let l = &config.logs;
+        let store = match LogStore::open(&config.store) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                error!(error = %e, store = %config.store.describe(), "log store unavailable: logs are only live");
+                None
+            }
+        };
+        let (store_tx, store_rx) = mpsc::channel(l.store_queue_entries.max(1));
+        let (relay_tx, relay_rx) = match config.cluster.as_ref().and_then(relay::Relay::new) {
+            Some(r) => {
+                let (tx, rx) = mpsc::channel(relay::QUEUE);
+                (Some(tx), Some((r, rx)))
+            }
+            None => (None, None),
+        };
+        let per_second = NonZeroU32::new(l.per_second).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(l.per_second.saturating_mul(2)).unwrap_or(NonZeroU32::MIN);
+        Logs(Arc::new(LogsInner {
+            stream: Arc::new(Stream::new(
+                MAX_PENDING,
+                l.listener_buffer_bytes,
+                metrics.clone(),
+            )),
+            store,
+            store_tx,
+            store_rx: Mutex::new(Some(store_rx)),
+            relay_tx,
+            relay_rx: Mutex::new(relay_rx),
+            add_rate: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
+            dropped_unwarned: AtomicU64::new(0),
+            last_drop_warning: AtomicI64::new(0),
+            metrics,
+        }))
+    }
+
+    /// Prepares the store and starts the writer, the 100 ms flusher and the forwarding of
+    /// the server's events; all stop on the server's shutdown (the writer after writing what
+    /// is queued).
+    pub async fn start(&self, app: &App) {
+        if let Some(store) = &self.store {
+            match tokio::time::timeout(Duration::from_secs(10), store.init()).await {
+                Ok(Ok(max)) => self.stream.raise_next_seq(max + 1),
+                failed => {
+                    let why = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "timed out".into(),
+                    };
+                    // Still above any number handed out before (unless the clock went back).
+                    let next = now_ms().saturating_mul(1000);
+                    self.stream.raise_next_seq(next);
+                    warn!(error = %why, next_seq = next, "log store unreachable at start; numbering from the clock");
+                }
+            }
+            let rx = self
+                .store_rx
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(rx) = rx {
+                let l = &app.config.logs;
+                let retention = Retention {
+                    max_age: l
+                        .retention_days
+                        .map(|d| Duration::from_secs(u64::from(d) * 86_400)),
+                    max_rows: l.retention_rows,
+                };
+                app.tracker.spawn(store::run_writer(
+                    store.clone(),
+                    rx,
+                    retention,
+                    self.metrics.clone(),
+                    app.shutdown.clone(),
+                ));
+            }
+            info!(store = %app.config.store.describe(), next_seq = self.stream.next_seq(), "log store ready");
+        }
+        let relay = self
+            .relay_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some((relay, rx)) = relay {
+            app.tracker.spawn(relay.run(
+                rx,
+                self.stream.clone(),
+                self.metrics.clone(),
+                app.shutdown.clone(),
+            ));
+        }
+        forward::register(Arc::downgrade(&self.0));
+        let logs = self.clone();
+        let shutdown = app.shutdown.clone();
+        app.tracker.spawn(async move {
+            let mut tick = tokio::time::interval(stream::FLUSH_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut ticks = 0u64;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tick.tick() => {
+                        logs.stream.flush();
+                        ticks += 1;
+                        if ticks.is_multiple_of(600) {
+                            logs.add_rate.retain_recent();
+                        }
+                    }
+                }
+            }
+            logs.stream.flush();
+        });
+    }
+}
+
+impl LogsInner {
+    /// Stamps entries, queues them for listeners and for the store. Never waits.
+    pub fn publish(&self, posted: Vec<Posted>) {
+        self.metrics.logs_received.inc_by(posted.len() as u64);
+        let mut dropped = 0u64;
+        let mut not_relayed = 0u64;
+        self.stream.publish(posted, |e| {
+            if let Some(tx) = &self.relay_tx
+                && tx.try_send(e.clone()).is_err()
+            {
+                not_relayed += 1;
+            }
+            if self.store_tx.try_send(e).is_err() {
+                dropped += 1;
+            }
+        });
+        if not_relayed > 0 {
+            self.metrics.cluster_dropped.inc_by(not_relayed);
+        }
+        if dropped > 0 {
+            self.metrics.logs_store_dropped.inc_by(dropped);
+            let total = self.dropped_unwarned.fetch_add(dropped, Ordering::Relaxed) + dropped;
+            let now = now_ms();
+            let last = self.last_drop_warning.load(Ordering::Relaxed);
+            if now - last >= 10_000
+                && self
+                    .last_drop_warning
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                self.dropped_unwarned.fetch_sub(total, Ordering::Relaxed);
+                warn!(
+                    dropped = total,
+                    "log store queue full (or no store): entries not stored"
+                );
+            }
+        }
+    }
+}
+
+/// The log front-end's routes.
+pub fn routes() -> Router<App> {
+    Router::new()
+        .route("/logs/add", post(add))
+        .route("/logs/listen", get(listen))
+        .route("/logs/query", get(query))
+        .route("/logs.html", get(viewer))
+}
+
+fn json_error(app: &App, status: StatusCode, text: &str, kind: &'static str) -> Response {
+    app.metrics.error(kind);
+    (status, axum::Json(serde_json::json!({ "error": text }))).into_response()
+}
+
+fn params(req: &Request) -> HashMap<String, String> {
+    axum::extract::Query::<HashMap<String, String>>::try_from_uri(req.uri())
+        .map(|q| q.0)
+        .unwrap_or_default()
+}
+
+/// Whether the request carries the logs token (`?token=` or `Authorization: Bearer`), or
+/// none is configured.
+fn authorized(app: &App, headers: &HeaderMap, params: &HashMap<String, String>) -> bool {
+    let Some(want) = &app.config.logs.token else {
+        return true;
+    };
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    [bearer, params.get("token").map(String::as_str)]
+        .into_iter()
+        .flatten()
+        .any(|got| secret_eq(got.trim(), want))
+}
+
+fn unauthorized(app: &App) -> Response {
+    json_error(
+        app,
+        StatusCode::UNAUTHORIZED,
+        "a valid logs token is required (?token=... or Authorization: Bearer ...)",
+        "logs_unauthorized",
+    )
+}
+
+/// `POST /logs/add`: one entry or an array; 200 with an empty body.
+async fn add(State(app): State<App>, req: Request) -> Response {
+    let ip = client_ip(&app, &req);
+    if !app.guard.is_exempt(ip) && app.logs.add_rate.check_key(&ip).is_err() {
+        let text = format!(
+            "rate limit: at most {} /logs/add requests per second per address",
+            app.config.logs.per_second
+        );
+        return json_error(&app, StatusCode::TOO_MANY_REQUESTS, &text, "logs_rate");
+    }
+    let limit = app.config.limits.max_http_body_bytes;
+    let body = match http_body_util::Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            let text = format!("body too large: at most {limit} bytes");
+            return json_error(
+                &app,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &text,
+                "logs_body_too_large",
+            );
+        }
+        Err(e) => {
+            debug!(error = %e, "logs/add: body not read");
+            return json_error(
+                &app,
+                StatusCode::BAD_REQUEST,
+                "body could not be read",
+                "logs_bad_body",
+            );
+        }
+    };
+    match entry::parse_body(&body) {
+        Ok(posted) => {
+            app.logs.publish(posted);
+            StatusCode::OK.into_response()
+        }
+        Err(e) => {
+            debug!(error = %e, "logs/add refused");
+            json_error(
+                &app,
+                StatusCode::BAD_REQUEST,
+                &e.to_string(),
+                "logs_bad_body",
+            )
+        }
+    }
+}
+
+/// `GET /logs/listen?room=R` (or `roomId=R`): the live stream as a WebSocket.
+async fn listen(State(app): State<App>, mut req: Request) -> Response {
+    let p = params(&req);
+    if !authorized(&app, req.headers(), &p) {
+        return unauthorized(&app);
+    }
+    let room = p
+        .get("room")
+        .or_else(|| p.get("roomId"))
+        .filter(|r| !r.is_empty())
+        .cloned();
+    upgrade_with(&app, &mut req, move |upgraded, deflate, app, peer| {
+        serve_listener(upgraded, deflate, app, peer, room)
+    })
+}
+
+/// A listener: registered in the stream until its socket closes. It may send text `ping`
+/// (the viewer and the original's log page do, every 3 s): answered `pong`, as the
+/// original did. Anything else it sends is ignored.
+async fn serve_listener(
+    upgraded: Upgraded,
+    deflate: Option<Deflate>,
+    app: App,
+    peer: Peer,
+    room: Option<String>,
+) {
+    let mut ctx = app.conn_context();
+    let mut settings = (*ctx.settings).clone();
+    // Room above the listener buffer for the notice and one oversized array: the stream
+    // checks the buffer itself, so this queue never closes the listener as slow.
+    settings.outbound_queue_bytes = app.config.logs.listener_buffer_bytes * 2 + 64 * 1024;
+    ctx.settings = Arc::new(settings);
+    let mut conn = Connection::start(upgraded, deflate, ctx, peer).await;
+    let guard = app.logs.stream.listen(room, conn.outbound.clone());
+    loop {
+        match conn.next().await {
+            Event::Closed(_) => break,
+            Event::Shutdown => conn.close(codes::SHUTDOWN),
+            Event::Text(t) if &t[..] == b"ping" => conn.send(Payload::text("pong")),
+            Event::Text(_) | Event::Binary(_) => {}
+        }
+    }
+    drop(guard);
+    conn.finish().await;
+}
+
+/// Reads one integer query parameter.
+fn int_param(p: &HashMap<String, String>, name: &str) -> Result<Option<i64>, String> {
+    match p.get(name).map(|v| v.trim()).filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("\"{name}\" must be an integer")),
+    }
+}
+
+fn parse_query(p: &HashMap<String, String>) -> Result<Query, String> {
+    let text = |name: &str| p.get(name).map(|v| v.to_string()).filter(|v| !v.is_empty());
+    let limit = match int_param(p, "limit")? {
+        None => 100,
+        Some(n) if n >= 1 && n as usize <= MAX_QUERY_LIMIT => n as usize,
+        Some(_) => return Err(format!("\"limit\" must be 1 to {MAX_QUERY_LIMIT}")),
+    };
+    let before = match text("cursor").or_else(|| text("before")) {
+        None => None,
+        Some(c) => Some(Cursor::parse(&c).ok_or("\"cursor\" is not a cursor this server gave")?),
+    };
+    Ok(Query {
+        room: text("room").or_else(|| text("roomId")),
+        user: text("user"),
+        levels: text("level")
+            .map(|l| {
+                l.split(',')
+                    .map(|s| s.trim().to_ascii_lowercase())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        text: text("text"),
+        since: int_param(p, "since").map_err(|e| format!("{e} (unix ms)"))?,
+        until: int_param(p, "until").map_err(|e| format!("{e} (unix ms)"))?,
+        limit,
+        before,
+    })
+}
+
+/// `GET /logs/query`: stored entries, newest first, a page at a time.
+async fn query(State(app): State<App>, req: Request) -> Response {
+    let p = params(&req);
+    if !authorized(&app, req.headers(), &p) {
+        return unauthorized(&app);
+    }
+    let q = match parse_query(&p) {
+        Ok(q) => q,
+        Err(text) => return json_error(&app, StatusCode::BAD_REQUEST, &text, "logs_bad_query"),
+    };
+    let Some(store) = &app.logs.store else {
+        return json_error(
+            &app,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the log store is unavailable",
+            "logs_store_unavailable",
+        );
+    };
+    match store.query(q).await {
+        Ok(page) => {
+            let jsons: Vec<String> = page.entries.iter().map(Entry::to_json).collect();
+            let next = match page.next {
+                Some(c) => format!("\"{}\"", c.encode()),
+                None => "null".into(),
+            };
+            let body = format!(
+                "{{\"entries\":{},\"next\":{next}}}",
+                json_array(jsons.iter().map(String::as_str))
+            );
+            let mut res = (StatusCode::OK, body).into_response();
+            res.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            res
+        }
+        Err(e) => {
+            warn!(error = %e, "log query failed");
+            json_error(
+                &app,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the log store is unavailable",
+                "logs_store_unavailable",
+            )
+        }
+    }
+}
+
+/// `GET /logs.html`: the viewer.
+async fn viewer(State(app): State<App>, req: Request) -> Response {
+    let p = params(&req);
+    if !authorized(&app, req.headers(), &p) {
+        return unauthorized(&app);
+    }
+    Html(VIEWER).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn query_parameters() {
+        let q = parse_query(&p(&[
+            ("roomId", "r1"),
+            ("level", "Info, WARN"),
+            ("since", "5"),
+            ("limit", "10"),
+            ("cursor", "9.9"),
+        ]))
+        .unwrap();
+        assert_eq!(q.room.as_deref(), Some("r1"));
+        assert_eq!(q.levels, ["info", "warn"]);
+        assert_eq!((q.since, q.until, q.limit), (Some(5), None, 10));
+        assert_eq!(q.before, Some(Cursor { seq: 9, id: 9 }));
+        assert_eq!(parse_query(&p(&[])).unwrap().limit, 100);
+        assert_eq!(
+            parse_query(&p(&[("since", "yesterday")])).unwrap_err(),
+            "\"since\" must be an integer (unix ms)"
+        );
+        assert!(parse_query(&p(&[("limit", "0")])).is_err());
+        assert!(parse_query(&p(&[("cursor", "x")])).is_err());
+    }
+}

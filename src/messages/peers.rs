@@ -1,0 +1,136 @@
+//! The peers logged in on this node, each behind its own delivery lock.
+//!
+//! Owns who is online here. Everything that delivers to a peer (a sender, the drain of its
+//! queue at login, a takeover, a logout) holds that peer's lock, so a peer sees its queued
+//! messages before any new one and two senders' messages in one order. Slots exist only
+//! while a peer is online or someone holds its lock: memory follows the peers online, not
+//! every name ever seen.
+
+use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
+
+use crate::core::hub::ConnId;
+use crate::core::outbound::Outbound;
+
+/// A logged-in connection.
+#[derive(Debug, Clone)]
+pub struct Online {
+    pub conn: ConnId,
+    pub outbound: Outbound,
+}
+
+/// One peer name's delivery state on this node.
+#[derive(Debug, Default)]
+pub struct Slot {
+    pub online: Option<Online>,
+}
+
+type SlotRef = Arc<AsyncMutex<Slot>>;
+
+/// Every peer name with a slot on this node.
+#[derive(Debug, Default)]
+pub struct Peers {
+    /// A std mutex, held only to find or drop a slot; the slot's own lock is the async one
+    /// held across deliveries.
+    slots: Mutex<HashMap<Arc<str>, SlotRef>>,
+}
+
+/// A held delivery lock on one peer; the slot is forgotten on drop if nobody is online
+/// there and nobody else waits for it.
+pub struct SlotGuard<'a> {
+    peers: &'a Peers,
+    name: Arc<str>,
+    slot: SlotRef,
+    guard: Option<OwnedMutexGuard<Slot>>,
+}
+
+impl Peers {
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, SlotRef>> {
+        // Every mutation under this lock is one map operation: poisoning cannot leave it torn.
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for `name`'s delivery lock.
+    pub async fn lock(&self, name: &str) -> SlotGuard<'_> {
+        let (name, slot) = {
+            let mut slots = self.slots();
+            match slots.get_key_value(name) {
+                Some((k, v)) => (k.clone(), v.clone()),
+                None => {
+                    let k: Arc<str> = name.into();
+                    let v = SlotRef::default();
+                    slots.insert(k.clone(), v.clone());
+                    (k, v)
+                }
+            }
+        };
+        let guard = slot.clone().lock_owned().await;
+        SlotGuard {
+            peers: self,
+            name,
+            slot,
+            guard: Some(guard),
+        }
+    }
+}
+
+impl Peers {
+    /// Names with a slot (online here, or being delivered to right now).
+    pub fn names(&self) -> Vec<Arc<str>> {
+        self.slots().keys().cloned().collect()
+    }
+}
+
+impl Deref for SlotGuard<'_> {
+    type Target = Slot;
+    fn deref(&self) -> &Slot {
+        self.guard.as_ref().expect("held until drop")
+    }
+}
+
+impl DerefMut for SlotGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Slot {
+        self.guard.as_mut().expect("held until drop")
+    }
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        let empty = self.guard.take().is_some_and(|g| g.online.is_none());
+        if !empty {
+            return;
+        }
+        let mut slots = self.peers.slots();
+        // The map's reference and ours: nobody else holds or waits for this slot, and
+        // nobody can get it without the map lock we hold.
+        if Arc::strong_count(&self.slot) == 2 {
+            slots.remove(&self.name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn slots_live_while_online() {
+        let peers = Peers::default();
+        {
+            let mut g = peers.lock("A").await;
+            g.online = Some(Online {
+                conn: ConnId(1),
+                outbound: Outbound::new(1024),
+            });
+        }
+        assert_eq!(peers.slots().len(), 1);
+        peers.lock("A").await.online = None;
+        assert!(peers.slots().is_empty());
+        // A lock on a name nobody uses leaves nothing behind either.
+        drop(peers.lock("B").await);
+        assert!(peers.slots().is_empty());
+    }
+}

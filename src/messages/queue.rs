@@ -1,0 +1,332 @@
+//! The durable part of direct messages: the known peers and the offline queue.
+//!
+//! Owns the tables and their SQL, on SQLite (`messages.sqlite3` in the data directory,
+//! synchronous=FULL: a queued message is on the disk before the sender hears it was queued)
+//! or PostgreSQL (shared by the nodes of a cluster). Knows nothing of sockets: the front-end
+//! decides when a message may leave the queue.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::config::StoreConfig;
+use crate::store::{Durability, Sqlite, StoreError, postgres_pool};
+
+/// One queued message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    pub id: i64,
+    /// The frame as the sender sent it, delivered unchanged.
+    pub body: String,
+}
+
+/// Why a message was not queued.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("the queue of {0} is full")]
+    Full(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The store of known peers and queued messages.
+#[derive(Debug, Clone)]
+pub enum Queue {
+    Sqlite(Sqlite),
+    Postgres(deadpool_postgres::Pool),
+}
+
+const SQLITE_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS peers (
+    name TEXT PRIMARY KEY,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS queue (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    recipient TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    body TEXT NOT NULL,
+    queued_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS queue_by_recipient ON queue (recipient, id);
+";
+
+const POSTGRES_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS dm_peers (
+    name TEXT PRIMARY KEY,
+    created_ms BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dm_queue (
+    id BIGSERIAL PRIMARY KEY,
+    recipient TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    body TEXT NOT NULL,
+    queued_ms BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dm_queue_by_recipient ON dm_queue (recipient, id);
+";
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Queue {
+    /// Opens the store and creates its tables if missing.
+    pub async fn open(config: &StoreConfig) -> Result<Queue, StoreError> {
+        match config {
+            StoreConfig::Sqlite(dir) => {
+                let db = Sqlite::open(dir, "messages.sqlite3", Durability::Disk)?;
+                db.call(|c| c.execute_batch(SQLITE_SCHEMA)).await?;
+                Ok(Queue::Sqlite(db))
+            }
+            StoreConfig::Postgres(url) => {
+                let pool = postgres_pool(url, 8)?;
+                let client = pool.get().await?;
+                client.batch_execute(POSTGRES_SCHEMA).await?;
+                Ok(Queue::Postgres(pool))
+            }
+        }
+    }
+
+    /// Remembers `name` as a known peer.
+    pub async fn register(&self, name: &str) -> Result<(), StoreError> {
+        let name = name.to_owned();
+        match self {
+            Queue::Sqlite(db) => {
+                db.call(move |c| {
+                    c.execute(
+                        "INSERT OR IGNORE INTO peers (name, created_ms) VALUES (?1, ?2)",
+                        rusqlite::params![name, now_ms()],
+                    )
+                })
+                .await?;
+            }
+            Queue::Postgres(pool) => {
+                pool.get()
+                    .await?
+                    .execute(
+                        "INSERT INTO dm_peers (name, created_ms) VALUES ($1, $2) \
+                         ON CONFLICT (name) DO NOTHING",
+                        &[&name, &now_ms()],
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `name` has ever logged in.
+    pub async fn is_known(&self, name: &str) -> Result<bool, StoreError> {
+        let name = name.to_owned();
+        match self {
+            Queue::Sqlite(db) => {
+                db.call(move |c| {
+                    c.query_row("SELECT 1 FROM peers WHERE name = ?1", [name], |_| Ok(()))
+                        .map(|()| true)
+                        .or_else(|e| match e {
+                            rusqlite::Error::QueryReturnedNoRows => Ok(false),
+                            e => Err(e),
+                        })
+                })
+                .await
+            }
+            Queue::Postgres(pool) => Ok(pool
+                .get()
+                .await?
+                .query_opt("SELECT 1 FROM dm_peers WHERE name = $1", &[&name])
+                .await?
+                .is_some()),
+        }
+    }
+
+    /// Queues `body` for `recipient`, unless `recipient` already has `limit` messages
+    /// waiting. Returns once the message is committed.
+    pub async fn enqueue(
+        &self,
+        recipient: &str,
+        sender: &str,
+        body: &str,
+        limit: usize,
+    ) -> Result<(), QueueError> {
+        let (r, s, b) = (recipient.to_owned(), sender.to_owned(), body.to_owned());
+        let limit = limit as i64;
+        let inserted = match self {
+            Queue::Sqlite(db) => {
+                db.call(move |c| {
+                    // One statement: the count and the insert see the same state.
+                    c.execute(
+                        "INSERT INTO queue (recipient, sender, body, queued_ms) \
+                         SELECT ?1, ?2, ?3, ?4 \
+                         WHERE (SELECT COUNT(*) FROM queue WHERE recipient = ?1) < ?5",
+                        rusqlite::params![r, s, b, now_ms(), limit],
+                    )
+                })
+                .await?
+            }
+            Queue::Postgres(pool) => pool
+                .get()
+                .await
+                .map_err(StoreError::from)?
+                .execute(
+                    "INSERT INTO dm_queue (recipient, sender, body, queued_ms) \
+                         SELECT $1, $2, $3, $4 \
+                         WHERE (SELECT COUNT(*) FROM dm_queue WHERE recipient = $1) < $5",
+                    &[&r, &s, &b, &now_ms(), &limit],
+                )
+                .await
+                .map_err(StoreError::from)? as usize,
+        };
+        if inserted == 0 {
+            return Err(QueueError::Full(recipient.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// The oldest messages waiting for `recipient`, in the order they were queued: at most
+    /// `max` of them, and no more than `max_bytes` (at least one).
+    pub async fn pending(
+        &self,
+        recipient: &str,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Queued>, StoreError> {
+        let r = recipient.to_owned();
+        let rows: Vec<Queued> = match self {
+            Queue::Sqlite(db) => {
+                db.call(move |c| {
+                    let mut stmt = c.prepare_cached(
+                        "SELECT id, body FROM queue WHERE recipient = ?1 ORDER BY id LIMIT ?2",
+                    )?;
+                    let rows = stmt.query_map(rusqlite::params![r, max as i64], |row| {
+                        Ok(Queued {
+                            id: row.get(0)?,
+                            body: row.get(1)?,
+                        })
+                    })?;
+                    rows.collect()
+                })
+                .await?
+            }
+            Queue::Postgres(pool) => pool
+                .get()
+                .await?
+                .query(
+                    "SELECT id, body FROM dm_queue WHERE recipient = $1 ORDER BY id LIMIT $2",
+                    &[&r, &(max as i64)],
+                )
+                .await?
+                .iter()
+                .map(|row| Queued {
+                    id: row.get(0),
+                    body: row.get(1),
+                })
+                .collect(),
+        };
+        let mut bytes = 0;
+        Ok(rows
+            .into_iter()
+            .enumerate()
+            .take_while(|(i, q)| {
+                bytes += q.body.len();
+                *i == 0 || bytes <= max_bytes
+            })
+            .map(|(_, q)| q)
+            .collect())
+    }
+
+    /// Removes delivered messages.
+    pub async fn remove(&self, ids: Vec<i64>) -> Result<(), StoreError> {
+        match self {
+            Queue::Sqlite(db) => {
+                db.call(move |c| {
+                    let tx = c.transaction()?;
+                    {
+                        let mut stmt = tx.prepare_cached("DELETE FROM queue WHERE id = ?1")?;
+                        for id in ids {
+                            stmt.execute([id])?;
+                        }
+                    }
+                    tx.commit()
+                })
+                .await
+            }
+            Queue::Postgres(pool) => {
+                pool.get()
+                    .await?
+                    .execute("DELETE FROM dm_queue WHERE id = ANY($1)", &[&ids])
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Messages waiting for `recipient`.
+    pub async fn len(&self, recipient: &str) -> Result<usize, StoreError> {
+        let r = recipient.to_owned();
+        match self {
+            Queue::Sqlite(db) => db
+                .call(move |c| {
+                    c.query_row(
+                        "SELECT COUNT(*) FROM queue WHERE recipient = ?1",
+                        [r],
+                        |row| row.get::<_, i64>(0),
+                    )
+                })
+                .await
+                .map(|n| n as usize),
+            Queue::Postgres(pool) => {
+                let row = pool
+                    .get()
+                    .await?
+                    .query_one("SELECT COUNT(*) FROM dm_queue WHERE recipient = $1", &[&r])
+                    .await?;
+                Ok(row.get::<_, i64>(0) as usize)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn sqlite() -> (Queue, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(&StoreConfig::Sqlite(dir.path().into()))
+            .await
+            .unwrap();
+        (q, dir)
+    }
+
+    #[tokio::test]
+    async fn peers_are_known_once_registered() {
+        let (q, _dir) = sqlite().await;
+        assert!(!q.is_known("A").await.unwrap());
+        q.register("A").await.unwrap();
+        q.register("A").await.unwrap();
+        assert!(q.is_known("A").await.unwrap());
+        assert!(!q.is_known("a").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn queue_keeps_order_limit_and_removal() {
+        let (q, _dir) = sqlite().await;
+        for i in 0..3 {
+            q.enqueue("B", "A", &format!("m{i}"), 3).await.unwrap();
+        }
+        assert!(matches!(
+            q.enqueue("B", "A", "m3", 3).await,
+            Err(QueueError::Full(_))
+        ));
+        q.enqueue("C", "A", "other", 3).await.unwrap();
+        let p = q.pending("B", 10, 1 << 20).await.unwrap();
+        let bodies: Vec<_> = p.iter().map(|m| m.body.as_str()).collect();
+        assert_eq!(bodies, ["m0", "m1", "m2"]);
+        // A byte budget keeps at least one message.
+        assert_eq!(q.pending("B", 10, 1).await.unwrap().len(), 1);
+        q.remove(vec![p[0].id, p[1].id]).await.unwrap();
+        assert_eq!(q.len("B").await.unwrap(), 1);
+        assert_eq!(q.len("C").await.unwrap(), 1);
+    }
+}

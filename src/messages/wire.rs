@@ -1,0 +1,159 @@
+//! The direct-message protocol's frames: what a client may send and the errors it gets back
+//! (see protocol/messages.md).
+
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use crate::core::outbound::Payload;
+
+/// Longest peer name, in characters.
+pub const MAX_NAME_CHARS: usize = 64;
+
+/// A frame from a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// `{"login":"A"}`, with `"token"` when the server requires one.
+    Login { name: String, token: Option<String> },
+    /// `{"from":"A","to":"B","msg":"..."}`.
+    Send { from: String, to: String },
+}
+
+/// Reads one text frame. The error is the text of the `{"error": ...}` answer.
+pub fn parse(text: &str) -> Result<Request, String> {
+    let value: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+    let Value::Object(mut obj) = value else {
+        return Err("expected a JSON object".into());
+    };
+    if obj.contains_key("login") {
+        only(&obj, &["login", "token"])?;
+        let name = string(&mut obj, "login")?;
+        check_name(&name)?;
+        let token = match obj.remove("token") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(t)) => Some(t),
+            Some(_) => return Err("\"token\" must be a string".into()),
+        };
+        return Ok(Request::Login { name, token });
+    }
+    if ["from", "to", "msg"].iter().any(|k| obj.contains_key(*k)) {
+        only(&obj, &["from", "to", "msg"])?;
+        let from = string(&mut obj, "from")?;
+        let to = string(&mut obj, "to")?;
+        string(&mut obj, "msg")?;
+        check_name(&to).map_err(|e| format!("\"to\": {e}"))?;
+        return Ok(Request::Send { from, to });
+    }
+    Err(r#"expected {"login":"<name>"} or {"from":"<name>","to":"<name>","msg":"<text>"}"#.into())
+}
+
+fn only(obj: &Map<String, Value>, allowed: &[&str]) -> Result<(), String> {
+    match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(format!("unknown field {k:?}")),
+        None => Ok(()),
+    }
+}
+
+fn string(obj: &mut Map<String, Value>, key: &str) -> Result<String, String> {
+    match obj.remove(key) {
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(format!("{key:?} must be a string")),
+        None => Err(format!("missing field {key:?}")),
+    }
+}
+
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("a peer name cannot be empty".into());
+    }
+    if name.chars().count() > MAX_NAME_CHARS {
+        return Err(format!(
+            "a peer name has at most {MAX_NAME_CHARS} characters"
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err("a peer name cannot contain control characters".into());
+    }
+    Ok(())
+}
+
+/// `{"error": text}`.
+pub fn error(text: impl Into<String>) -> Arc<Payload> {
+    let v = serde_json::json!({ "error": text.into() });
+    Payload::text(v.to_string())
+}
+
+/// The original server's answer for a peer that never logged in.
+pub fn unknown_peer(name: &str) -> Arc<Payload> {
+    error(format!("peer {name} does not exist"))
+}
+
+/// The original server's answer for a peer that is offline (its message is queued).
+pub fn offline_peer(name: &str) -> Arc<Payload> {
+    error(format!(
+        "connection to {name} closed, messages will be send as {name} comes back online"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn login_and_send() {
+        assert_eq!(
+            parse(r#"{"login":"A"}"#),
+            Ok(Request::Login {
+                name: "A".into(),
+                token: None
+            })
+        );
+        assert_eq!(
+            parse(r#"{"login":"A","token":"ab"}"#),
+            Ok(Request::Login {
+                name: "A".into(),
+                token: Some("ab".into())
+            })
+        );
+        assert_eq!(
+            parse(r#"{"from":"A","to":"B","msg":"hi"}"#),
+            Ok(Request::Send {
+                from: "A".into(),
+                to: "B".into()
+            })
+        );
+    }
+
+    #[test]
+    fn bad_frames_name_the_problem() {
+        let err = |t: &str| parse(t).unwrap_err();
+        assert!(err("{").starts_with("invalid JSON"));
+        assert_eq!(err("[1]"), "expected a JSON object");
+        assert!(err("{}").starts_with("expected {"));
+        assert_eq!(err(r#"{"login":5}"#), "\"login\" must be a string");
+        assert_eq!(err(r#"{"login":""}"#), "a peer name cannot be empty");
+        assert_eq!(err(r#"{"login":"A","x":1}"#), "unknown field \"x\"");
+        assert_eq!(err(r#"{"from":"A","to":"B"}"#), "missing field \"msg\"");
+        assert_eq!(
+            err(r#"{"from":"A","to":"B","msg":{"x":1}}"#),
+            "\"msg\" must be a string"
+        );
+        assert_eq!(
+            err(r#"{"from":"A","to":"B","msg":"m","cc":"C"}"#),
+            "unknown field \"cc\""
+        );
+        assert!(err(&format!(r#"{{"login":"{}"}}"#, "x".repeat(65))).contains("at most 64"));
+    }
+
+    #[test]
+    fn original_error_texts() {
+        assert_eq!(
+            unknown_peer("B").data().as_ref(),
+            br#"{"error":"peer B does not exist"}"#
+        );
+        assert_eq!(
+            offline_peer("B").data().as_ref(),
+            br#"{"error":"connection to B closed, messages will be send as B comes back online"}"#
+        );
+    }
+}

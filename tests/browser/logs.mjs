@@ -1,0 +1,153 @@
+// The log viewer at /logs.html in Chromium: entries posted to /logs/add appear, filters
+// work as you type, pause holds entries back, the page reconnects by itself after a server
+// restart, and 100,000 entries keep the DOM small (virtual scrolling). Prints the measured
+// numbers (they are reported, not asserted).
+import assert from 'node:assert/strict';
+import { startServer, launchBrowser, eventually, dataDir } from './lib.mjs';
+
+const dir = dataDir();
+// A big listener buffer: this test loads 100,000 entries as fast as it can post them.
+const args = ['--data-dir', dir, '--logs-listener-buffer-bytes', String(256 << 20)];
+let server = await startServer(args);
+const browser = await launchBrowser();
+
+function entry(user, room, level, msg) {
+  const now = Date.now();
+  return { timestamp: now, level, msg, text: `00:00:00:000 [${level}] ${msg}`, user, room };
+}
+
+async function post(url, body) {
+  const res = await fetch(url + '/logs/add', { method: 'POST', body: JSON.stringify(body) });
+  assert.equal(res.status, 200, await res.text());
+}
+
+try {
+  const page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
+  page.on('pageerror', (e) => { throw e; });
+  await page.goto(server.url + '/logs.html');
+  await eventually('the viewer connects', () => page.evaluate(() => window.logViewer.connected));
+
+  const shown = () => page.evaluate(() => window.logViewer.shownMessages());
+  const visible = () => page.evaluate(() => window.logViewer.visibleMessages());
+
+  // Posted entries appear, in order, and on screen.
+  await post(server.url, entry('Hunter1', 'A', 'Info', 'hello from A'));
+  await post(server.url, [
+    entry('Hunter2', 'B', 'Error', 'needle in B'),
+    entry('Hunter1', 'A', 'Warn', 'warned in A'),
+    entry('Hunter3', '', 'Debug', 'room-less debug'),
+  ]);
+  await eventually('entries appear', async () => {
+    const v = await visible();
+    return ['hello from A', 'needle in B', 'warned in A', 'room-less debug'].every((m) => v.includes(m));
+  });
+  const order = (await shown()).filter((m) => /from A|needle|warned|room-less/.test(m));
+  assert.deepEqual(order, ['hello from A', 'needle in B', 'warned in A', 'room-less debug']);
+  assert.match(await page.textContent('#status'), /live/);
+  // Really on screen, not just in the DOM: the message's own pixels are hit at its centre
+  // (a clipped or zero-width row would hide it).
+  const onScreen = await page.evaluate(() => {
+    const m = [...document.querySelectorAll('.row')].find((r) => r.children[4]?.textContent === 'needle in B')?.children[4];
+    if (!m) return 'no row';
+    const b = m.getBoundingClientRect();
+    if (b.width < 20 || b.height < 5) return `too small: ${b.width}x${b.height}`;
+    return document.elementFromPoint(b.x + b.width / 2, b.y + b.height / 2) === m || 'hidden';
+  });
+  assert.equal(onScreen, true);
+
+  // Filtering as you type: text, user, level.
+  await page.fill('#text', 'NEEDLE');
+  await eventually('text filter', async () => JSON.stringify(await visible()) === '["needle in B"]');
+  await page.fill('#text', '');
+  await page.fill('#user', 'hunter1');
+  await eventually('user filter', async () =>
+    JSON.stringify(await visible()) === '["hello from A","warned in A"]');
+  await page.fill('#user', '');
+  await page.uncheck('input[data-level="info"]');
+  await eventually('level filter', async () => {
+    const v = await visible();
+    return !v.includes('hello from A') && v.includes('needle in B');
+  });
+  await page.check('input[data-level="info"]');
+
+  // Pause holds new entries back; resume shows them.
+  await page.click('#pause');
+  await post(server.url, entry('Hunter1', 'A', 'Info', 'while paused'));
+  await eventually('held while paused', async () => /new while paused/.test(await page.textContent('#counts')));
+  assert.ok(!(await shown()).includes('while paused'));
+  await page.click('#pause');
+  await eventually('shown after resume', async () => (await shown()).includes('while paused'));
+
+  // Following one room: its entries and the room-less ones, older ones loaded from the store.
+  await page.fill('#room', 'B');
+  await eventually('room B', async () => {
+    const v = await shown();
+    return v.includes('needle in B') && v.includes('room-less debug') && !v.includes('hello from A');
+  });
+  await page.fill('#room', '');
+  await eventually('all rooms again', async () => (await shown()).includes('hello from A'));
+
+  // The server restarts on the same port and data: the page reconnects by itself.
+  const port = server.port;
+  await server.stop();
+  await eventually('the page sees the server go', async () =>
+    !(await page.evaluate(() => window.logViewer.connected)));
+  assert.match(await page.textContent('#status'), /retrying/);
+  const down = Date.now();
+  server = await startServer(['--port', String(port), ...args]);
+  await eventually('the page reconnects', () => page.evaluate(() => window.logViewer.connected), 15000);
+  const reconnectMs = Date.now() - down;
+  await post(server.url, entry('Hunter9', 'A', 'Info', 'after the restart'));
+  await eventually('a new entry after the restart', async () => (await visible()).includes('after the restart'));
+
+  // 100,000 entries: the DOM keeps a few dozen rows and filtering stays quick.
+  const N = 100000, BATCH = 1000;
+  const before = await page.evaluate(() => window.logViewer.total);
+  const t0 = Date.now();
+  for (let i = 0; i < N; i += BATCH) {
+    const batch = [];
+    for (let j = i; j < i + BATCH; j++) {
+      batch.push(entry(`user${j % 50}`, `room${j % 7}`, ['Info', 'Warn', 'Error', 'Debug'][j % 4], `bulk entry ${j}`));
+    }
+    await post(server.url, batch);
+  }
+  await eventually('100,000 entries in the page', () =>
+    page.evaluate((n) => window.logViewer.total >= n, before + N), 60000);
+  const loadMs = Date.now() - t0;
+  const rowsInDom = await page.evaluate(() => document.querySelectorAll('#rows .row').length);
+  assert.ok(rowsInDom < 150, `only the visible rows are in the DOM (${rowsInDom})`);
+  const filterMs = await page.evaluate(async () => {
+    const input = document.getElementById('text');
+    const t = performance.now();
+    input.value = 'bulk entry 9999';
+    input.dispatchEvent(new Event('input'));
+    await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
+    return performance.now() - t;
+  });
+  assert.equal(await page.evaluate(() => window.logViewer.shown), 11); // 9999 and 99990..99999
+  const clearMs = await page.evaluate(async () => {
+    const input = document.getElementById('text');
+    const t = performance.now();
+    input.value = '';
+    input.dispatchEvent(new Event('input'));
+    await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
+    return performance.now() - t;
+  });
+  const scrollMs = await page.evaluate(async () => {
+    const list = document.getElementById('list');
+    const t = performance.now();
+    list.scrollTop = list.scrollHeight / 2;
+    await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
+    return performance.now() - t;
+  });
+  const middle = await visible();
+  assert.ok(middle.some((m) => m.startsWith('bulk entry 4')), `mid-scroll rows: ${middle.slice(0, 3)}`);
+  const heapMb = await page.evaluate(() => (performance.memory?.usedJSHeapSize ?? 0) / 1048576);
+  console.log(JSON.stringify({
+    reconnectMs, loadMs, rowsInDom, filterMs: Math.round(filterMs), clearFilterMs: Math.round(clearMs),
+    scrollMs: Math.round(scrollMs), heapMb: Math.round(heapMb),
+  }));
+} finally {
+  await browser.close();
+  await server.stop();
+}

@@ -1,0 +1,736 @@
+//! The log front-end: the plugin's exact bodies, stamping and order, room routing, listener
+//! lifetime and back-pressure, errors, access, persistence across restarts (SQLite and a
+//! real PostgreSQL), the examples of protocol/logs.md, and the viewer in Chromium.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{WAIT, Ws, http, http_with, metric};
+use futures::{SinkExt, StreamExt};
+use serde_json::Value;
+use supersynk::config::Settings;
+use tokio_tungstenite::tungstenite::Message;
+
+/// One entry exactly as the deployed plugin posts it.
+fn plugin_entry(user: &str, room: &str, level: &str, msg: &str) -> String {
+    format!(
+        r#"{{"timestamp":1700000000123,"level":"{level}","msg":"{msg}","text":"22:13:20:123 [{level}] {msg}","user":"{user}","room":"{room}"}}"#
+    )
+}
+
+async fn post(addr: SocketAddr, body: &str) -> (u16, String) {
+    let (status, _, body) = http(addr, "POST", "/logs/add", body).await;
+    (status, body)
+}
+
+async fn listener(addr: SocketAddr, query: &str) -> Ws {
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/logs/listen{query}"))
+        .await
+        .expect("listener connects");
+    ws
+}
+
+/// Reads arrays from a listener until `n` entries from users other than "server" came.
+async fn entries(ws: &mut Ws, n: usize) -> Vec<Value> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let v = common::next_json(ws).await;
+        for e in v.as_array().expect("every message is a JSON array") {
+            if e["user"] != "server" {
+                out.push(e.clone());
+            }
+        }
+    }
+    out
+}
+
+fn msgs(entries: &[Value]) -> Vec<&str> {
+    entries.iter().map(|e| e["msg"].as_str().unwrap()).collect()
+}
+
+/// Polls `/logs/query?{q}` until `check` accepts the answer.
+async fn query_until(addr: SocketAddr, q: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, _, body) = http(addr, "GET", &format!("/logs/query?{q}"), "").await;
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        if check(&v) {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "query {q}: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn plugin_users(v: &Value) -> Vec<Value> {
+    v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["user"] != "server")
+        .cloned()
+        .collect()
+}
+
+#[tokio::test]
+async fn plugin_bodies_are_stamped_in_order_and_routed_by_room() {
+    let server = common::start_default().await;
+    let addr = server.local_addr;
+    let mut all = listener(addr, "").await;
+    let mut room_a = listener(addr, "?room=A").await;
+    let mut room_b = listener(addr, "?roomId=B").await;
+    // The listeners are registered once their upgrade is served.
+    common::until_metric(&[addr], "supersynk_logs_listeners", 3.0).await;
+
+    let before = supersynk::logs::entry::now_ms();
+    // One object, then the plugin's batch of five (and a room-less entry).
+    let (status, body) = post(addr, &plugin_entry("Hunter1", "A", "Info", "a1")).await;
+    assert_eq!((status, body.as_str()), (200, ""));
+    let batch = format!(
+        "[{},{},{},{},{}]",
+        plugin_entry("Hunter2", "B", "Warn", "b1"),
+        plugin_entry("Hunter1", "A", "Error", "a2"),
+        plugin_entry("Hunter3", "", "Info", "none1"),
+        plugin_entry("Hunter2", "B", "Debug", "b2"),
+        plugin_entry("Hunter1", "A", "Info", "a3"),
+    );
+    let (status, body) = post(addr, &batch).await;
+    assert_eq!((status, body.as_str()), (200, ""));
+
+    let got = entries(&mut all, 6).await;
+    assert_eq!(msgs(&got), ["a1", "b1", "a2", "none1", "b2", "a3"]);
+    let seqs: Vec<i64> = got
+        .iter()
+        .map(|e| e["seqNumber"].as_i64().unwrap())
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[1] > w[0]),
+        "strictly increasing: {seqs:?}"
+    );
+    for e in &got {
+        let t = e["serverTime"].as_i64().unwrap();
+        assert!(t >= before && t <= supersynk::logs::entry::now_ms());
+        assert_eq!(e["timestamp"], 1700000000123i64);
+    }
+    // The plugin's fields come back exactly.
+    let first: Value = serde_json::from_str(&plugin_entry("Hunter1", "A", "Info", "a1")).unwrap();
+    for (k, v) in first.as_object().unwrap() {
+        assert_eq!(&got[0][k], v, "field {k}");
+    }
+    assert_eq!(got[3]["room"], Value::Null, "an empty room is room-less");
+
+    assert_eq!(
+        msgs(&entries(&mut room_a, 4).await),
+        ["a1", "a2", "none1", "a3"]
+    );
+    assert_eq!(msgs(&entries(&mut room_b, 3).await), ["b1", "none1", "b2"]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_listener_that_goes_away_is_forgotten_at_once() {
+    let server = common::start_default().await;
+    let addr = server.local_addr;
+    let mut ws = listener(addr, "?room=r").await;
+    common::until_metric(&[addr], "supersynk_logs_listeners", 1.0).await;
+    // The original's log page pings every 3 s and gets "pong".
+    ws.send(Message::text("ping")).await.unwrap();
+    loop {
+        let m = tokio::time::timeout(common::WAIT, ws.next())
+            .await
+            .expect("an answer in time")
+            .expect("open")
+            .expect("no error");
+        if m.to_text().unwrap() == "pong" {
+            break;
+        }
+    }
+    ws.close(None).await.unwrap();
+    common::until_metric(&[addr], "supersynk_logs_listeners", 0.0).await;
+    // A listener whose connection just drops is forgotten too.
+    let ws = listener(addr, "").await;
+    common::until_metric(&[addr], "supersynk_logs_listeners", 1.0).await;
+    drop(ws);
+    common::until_metric(&[addr], "supersynk_logs_listeners", 0.0).await;
+    // Posting with nobody listening is fine.
+    assert_eq!(
+        post(addr, &plugin_entry("u", "r", "Info", "x")).await.0,
+        200
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_slow_listener_is_told_how_many_entries_it_missed() {
+    let server = common::start(Settings {
+        logs_listener_buffer_bytes: Some(64 * 1024),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    // A listener that does not read, with a small receive buffer.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(addr).await.unwrap();
+    let (mut slow, _) = tokio_tungstenite::client_async(format!("ws://{addr}/logs/listen"), tcp)
+        .await
+        .unwrap();
+    common::until_metric(&[addr], "supersynk_logs_listeners", 1.0).await;
+    let big = "x".repeat(1000);
+    let body = format!(
+        "[{}]",
+        vec![plugin_entry("u", "r", "Info", &big); 300].join(",")
+    );
+    let mut posted = 0;
+    while metric(addr, "supersynk_logs_listener_missed_total").await == 0.0 {
+        assert!(posted < 100, "the listener never fell behind");
+        assert_eq!(post(addr, &body).await.0, 200);
+        posted += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The server's memory did not grow with it: the listener is still connected, and once it
+    // reads it is told how many entries it missed.
+    assert_eq!(metric(addr, "supersynk_logs_listeners").await, 1.0);
+    let missed = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let msg = slow.next().await.unwrap().unwrap();
+            let v: Value = serde_json::from_str(msg.to_text().unwrap()).unwrap();
+            if let Some(n) = v[0]["missed"].as_u64() {
+                assert_eq!(v[0]["user"], "server");
+                assert_eq!(v[0]["level"], "Warn");
+                return n;
+            }
+        }
+    })
+    .await
+    .expect("a missed notice");
+    assert!(missed > 0);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_bodies_get_a_json_error_and_nothing_crashes() {
+    let server = common::start(Settings {
+        max_http_body_bytes: Some(4096),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    for (body, want) in [
+        ("{\"msg\":", "body is not valid JSON"),
+        (
+            "\"hello\"",
+            "body must be a JSON object or an array of objects",
+        ),
+        ("[{\"msg\":\"ok\"},null]", "entry 1 is not a JSON object"),
+        (
+            "{\"timestamp\":\"now\"}",
+            "entry 0: \"timestamp\" must be a number (unix ms)",
+        ),
+        ("[{\"level\":3}]", "entry 0: \"level\" must be a string"),
+        ("", "body is not valid JSON"),
+    ] {
+        let (status, text) = post(addr, body).await;
+        assert_eq!(status, 400, "{body}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert!(
+            v["error"].as_str().unwrap().starts_with(want),
+            "{body}: {v}"
+        );
+    }
+    let (status, text) = post(addr, &format!("{{\"msg\":\"{}\"}}", "x".repeat(5000))).await;
+    assert_eq!(status, 413);
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert!(v["error"].as_str().unwrap().contains("4096"), "{v}");
+    // Nothing of a refused batch is kept, and the server still serves.
+    let (status, _) = post(addr, "[{\"msg\":\"kept\"},{\"msg\":1}]").await;
+    assert_eq!(status, 400);
+    assert_eq!(post(addr, "{\"msg\":\"after\"}").await.0, 200);
+    let v = query_until(addr, "limit=10", |v| !plugin_users(v).is_empty()).await;
+    assert_eq!(msgs(&plugin_users(&v)), ["after"]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_token_guards_viewer_listen_and_query_but_not_add() {
+    let server = common::start(Settings {
+        logs_token: Some("s3cret".into()),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    assert_eq!(
+        post(addr, &plugin_entry("u", "elsewhere", "Info", "open"))
+            .await
+            .0,
+        200
+    );
+    for path in ["/logs.html", "/logs/query", "/logs/listen"] {
+        let (status, _, body) = http(addr, "GET", path, "").await;
+        assert_eq!(status, 401, "{path}");
+        assert!(body.contains("token"), "{body}");
+        let (status, _, _) = http(addr, "GET", &format!("{path}?token=wrong"), "").await;
+        assert_eq!(status, 401, "{path}");
+    }
+    let (status, head, body) = http(addr, "GET", "/logs.html?token=s3cret", "").await;
+    assert_eq!(status, 200);
+    assert!(head.to_ascii_lowercase().contains("text/html"));
+    assert!(body.contains("supersynk logs"));
+    let (status, _, _) = http_with(
+        addr,
+        "GET",
+        "/logs/query",
+        &[("Authorization", "Bearer s3cret")],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(
+        tokio_tungstenite::connect_async(format!("ws://{addr}/logs/listen"))
+            .await
+            .is_err()
+    );
+    let mut ws = listener(addr, "?token=s3cret&room=r").await;
+    common::until_metric(&[addr], "supersynk_logs_listeners", 1.0).await;
+    post(addr, &plugin_entry("u", "r", "Info", "seen")).await;
+    assert_eq!(msgs(&entries(&mut ws, 1).await), ["seen"]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn add_is_rate_limited_per_client_address() {
+    let server = common::start(Settings {
+        logs_per_second: Some(2),
+        trusted_proxies: Some(vec!["127.0.0.1/32".parse().unwrap()]),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    let from = |ip: &'static str| [("X-Forwarded-For", ip)];
+    let body = plugin_entry("u", "r", "Info", "x");
+    let mut refused = 0;
+    for _ in 0..10 {
+        let (status, _, text) =
+            http_with(addr, "POST", "/logs/add", &from("203.0.113.7"), &body).await;
+        if status == 429 {
+            refused += 1;
+            assert!(text.contains("rate limit"), "{text}");
+        } else {
+            assert_eq!(status, 200);
+        }
+    }
+    assert!(refused >= 5, "refused {refused} of 10");
+    // Another address has its own allowance.
+    let (status, _, _) = http_with(addr, "POST", "/logs/add", &from("203.0.113.8"), &body).await;
+    assert_eq!(status, 200);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn query_filters_and_pages_newest_first() {
+    let server = common::start_default().await;
+    let addr = server.local_addr;
+    let batch: Vec<String> = (0..10)
+        .map(|i| {
+            let room = if i % 2 == 0 { "A" } else { "B" };
+            let level = if i % 3 == 0 { "Error" } else { "Info" };
+            let user = if i < 5 { "ann" } else { "bob" };
+            plugin_entry(user, room, level, &format!("Message {i}"))
+        })
+        .collect();
+    assert_eq!(post(addr, &format!("[{}]", batch.join(","))).await.0, 200);
+    let v = query_until(addr, "user=ann&limit=100", |v| plugin_users(v).len() == 5).await;
+    assert_eq!(
+        msgs(&plugin_users(&v)),
+        [
+            "Message 4",
+            "Message 3",
+            "Message 2",
+            "Message 1",
+            "Message 0"
+        ]
+    );
+    let v = query_until(addr, "room=A&level=error", |_| true).await;
+    assert_eq!(msgs(&plugin_users(&v)), ["Message 6", "Message 0"]);
+    let v = query_until(addr, "text=message%209", |_| true).await;
+    assert_eq!(msgs(&plugin_users(&v)), ["Message 9"]);
+    // Pages of 3 with the cursor, plugin entries only.
+    let mut seen = Vec::new();
+    let mut q = "user=bob&limit=3".to_string();
+    loop {
+        let v = query_until(addr, &q, |_| true).await;
+        seen.extend(msgs(&plugin_users(&v)).into_iter().map(String::from));
+        match v["next"].as_str() {
+            Some(c) => q = format!("user=bob&limit=3&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            "Message 9",
+            "Message 8",
+            "Message 7",
+            "Message 6",
+            "Message 5"
+        ]
+    );
+    let now = supersynk::logs::entry::now_ms();
+    let v = query_until(addr, &format!("since={}&user=ann", now + 60_000), |_| true).await;
+    assert!(plugin_users(&v).is_empty());
+    let v = query_until(addr, &format!("until={}&user=ann", now + 60_000), |_| true).await;
+    assert_eq!(plugin_users(&v).len(), 5);
+    for bad in ["limit=0", "limit=abc", "since=yesterday", "cursor=zz"] {
+        let (status, _, body) = http(addr, "GET", &format!("/logs/query?{bad}"), "").await;
+        assert_eq!(status, 400, "{bad}");
+        assert!(serde_json::from_str::<Value>(&body).unwrap()["error"].is_string());
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn entries_survive_a_restart_of_the_binary_and_numbering_goes_on() {
+    let dir = common::data_dir();
+    let dir = dir.to_str().unwrap();
+    let (proc, addr) = common::spawn(&["--port", "0", "--data-dir", dir], &[]);
+    let batch = format!(
+        "[{},{}]",
+        plugin_entry("Hunter1", "R", "Info", "before restart 1"),
+        plugin_entry("Hunter1", "R", "Warn", "before restart 2")
+    );
+    assert_eq!(post(addr, &batch).await.0, 200);
+    common::sigterm(&proc);
+    assert!(common::exits_cleanly(proc).await);
+
+    let (proc, addr) = common::spawn(&["--port", "0", "--data-dir", dir], &[]);
+    let v = query_until(addr, "user=Hunter1", |v| plugin_users(v).len() == 2).await;
+    let old = plugin_users(&v);
+    assert_eq!(msgs(&old), ["before restart 2", "before restart 1"]);
+    let old_max = old[0]["seqNumber"].as_i64().unwrap();
+    // The server's own events went into the same stream and store.
+    let v = query_until(addr, "user=server&text=listening", |v| {
+        v["entries"].as_array().unwrap().len() >= 2
+    })
+    .await;
+    assert_eq!(v["entries"][0]["level"], "Info");
+    let mut ws = listener(addr, "?room=R").await;
+    common::until_metric(&[addr], "supersynk_logs_listeners", 1.0).await;
+    assert_eq!(
+        post(addr, &plugin_entry("Hunter1", "R", "Info", "after"))
+            .await
+            .0,
+        200
+    );
+    let got = entries(&mut ws, 1).await;
+    assert!(got[0]["seqNumber"].as_i64().unwrap() > old_max);
+    common::sigterm(&proc);
+    assert!(common::exits_cleanly(proc).await);
+}
+
+#[tokio::test]
+async fn retention_keeps_the_newest_rows_and_shutdown_writes_what_is_queued() {
+    let dir = common::data_dir();
+    let server = common::start(Settings {
+        data_dir: Some(dir.clone()),
+        ..Settings::default()
+    })
+    .await;
+    let batch: Vec<String> = (0..10)
+        .map(|i| plugin_entry("keep", "r", "Info", &format!("m{i}")))
+        .collect();
+    assert_eq!(
+        post(server.local_addr, &format!("[{}]", batch.join(",")))
+            .await
+            .0,
+        200
+    );
+    // At once: what is still queued for the store is written on the way out.
+    server.shutdown().await;
+    let server = common::start(Settings {
+        data_dir: Some(dir.clone()),
+        logs_retention_rows: Some(4),
+        logs_server_level: Some("off".into()),
+        ..Settings::default()
+    })
+    .await;
+    let v = query_until(server.local_addr, "limit=100", |v| {
+        v["entries"].as_array().unwrap().len() <= 4
+    })
+    .await;
+    let kept = plugin_users(&v);
+    assert_eq!(msgs(&kept), ["m9", "m8", "m7", "m6"]);
+    server.shutdown().await;
+}
+
+/// A fresh schema of the test database, dropped when this goes.
+struct Schema {
+    name: String,
+    client: tokio_postgres::Client,
+}
+
+impl Schema {
+    async fn create() -> Schema {
+        let (client, conn) = tokio_postgres::connect(
+            "postgres://postgres@127.0.0.1:5432/test",
+            tokio_postgres::NoTls,
+        )
+        .await
+        .expect("PostgreSQL on 127.0.0.1:5432 (scripts/deps.sh installs it)");
+        tokio::spawn(conn);
+        let name = format!(
+            "logs_test_{}_{}",
+            std::process::id(),
+            supersynk::logs::entry::now_ms()
+        );
+        client
+            .batch_execute(&format!("CREATE SCHEMA {name}"))
+            .await
+            .unwrap();
+        Schema { name, client }
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{}",
+            self.name
+        )
+    }
+
+    async fn drop_schema(self) {
+        self.client
+            .batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name))
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn postgres_store_keeps_entries_across_restarts() {
+    let schema = Schema::create().await;
+    let settings = || Settings {
+        database_url: Some(schema.url()),
+        ..Settings::default()
+    };
+    let server = common::start(settings()).await;
+    let batch: Vec<String> = (0..5)
+        .map(|i| {
+            plugin_entry(
+                "pg",
+                if i % 2 == 0 { "A" } else { "B" },
+                "Info",
+                &format!("p{i}"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        post(server.local_addr, &format!("[{}]", batch.join(",")))
+            .await
+            .0,
+        200
+    );
+    server.shutdown().await;
+    // The rows are in the table the original dumper had, in this test's schema.
+    let rows = schema
+        .client
+        .query(
+            &format!(
+                "SELECT msg, room, \"user\", level, text, client_time, server_time, seq_number FROM {}.log_entries WHERE \"user\" = 'pg' ORDER BY seq_number",
+                schema.name
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 5);
+    assert_eq!(rows[0].get::<_, String>(0), "p0");
+    assert_eq!(rows[0].get::<_, i64>(5), 1700000000123);
+
+    let server = common::start(settings()).await;
+    let addr = server.local_addr;
+    let v = query_until(addr, "user=pg&room=A", |v| plugin_users(v).len() == 3).await;
+    assert_eq!(msgs(&plugin_users(&v)), ["p4", "p2", "p0"]);
+    let old_max = v["entries"][0]["seqNumber"].as_i64().unwrap();
+    let v = query_until(addr, "user=pg&limit=2", |_| true).await;
+    let c = v["next"].as_str().unwrap().to_string();
+    let v = query_until(addr, &format!("user=pg&limit=2&cursor={c}"), |_| true).await;
+    assert_eq!(msgs(&plugin_users(&v)), ["p2", "p1"]);
+    assert_eq!(
+        post(addr, &plugin_entry("pg", "A", "Info", "new")).await.0,
+        200
+    );
+    let v = query_until(addr, "user=pg&limit=1", |v| v["entries"][0]["msg"] == "new").await;
+    assert!(v["entries"][0]["seqNumber"].as_i64().unwrap() > old_max);
+    assert!(metric(addr, "supersynk_logs_stored_total").await >= 1.0);
+    server.shutdown().await;
+    schema.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_failing_store_does_not_block_the_relay() {
+    // A PostgreSQL nobody listens on: posting and listening go on; the failures are counted.
+    let server = common::start(Settings {
+        database_url: Some("postgres://postgres@127.0.0.1:1/none".into()),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    let mut ws = listener(addr, "").await;
+    common::until_metric(&[addr], "supersynk_logs_listeners", 1.0).await;
+    for i in 0..3 {
+        assert_eq!(
+            post(addr, &plugin_entry("u", "r", "Info", &format!("{i}")))
+                .await
+                .0,
+            200
+        );
+    }
+    assert_eq!(msgs(&entries(&mut ws, 3).await), ["0", "1", "2"]);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while metric(addr, "supersynk_logs_store_failures_total").await == 0.0 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, _, body) = http(addr, "GET", "/logs/query", "").await;
+    assert_eq!(status, 503, "{body}");
+    server.shutdown().await;
+}
+
+/// Replays the request/answer pairs of protocol/logs.md. In answers, `serverTime`,
+/// `seqNumber` and `next` only need the same JSON type as the example.
+#[tokio::test]
+async fn protocol_doc_examples_replay_against_the_server() {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/protocol/logs.md")).unwrap();
+    let server = common::start(Settings {
+        logs_server_level: Some("off".into()),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    let mut request: Option<String> = None;
+    let mut pairs = 0;
+    for (info, body) in common::fenced_blocks(&doc) {
+        match info.as_str() {
+            "http request" => request = Some(body),
+            "http answer" => {
+                let req = request.take().expect("an answer follows a request");
+                let (head, req_body) = req.split_once("\n\n").unwrap_or((req.trim_end(), ""));
+                let mut parts = head.lines().next().unwrap().split(' ');
+                let (method, path) = (parts.next().unwrap(), parts.next().unwrap());
+                let (want_status, want_body) = body
+                    .trim_end()
+                    .split_once('\n')
+                    .unwrap_or((body.trim_end(), ""));
+                let want_status: u16 = want_status.parse().unwrap();
+                let deadline = tokio::time::Instant::now() + WAIT;
+                loop {
+                    let (status, _, got) = http(addr, method, path, req_body.trim_end()).await;
+                    let ok = status == want_status
+                        && if want_body.is_empty() {
+                            got.is_empty()
+                        } else {
+                            let got: Value = serde_json::from_str(&got).unwrap_or(Value::Null);
+                            let want: Value = serde_json::from_str(want_body).unwrap();
+                            same_shape(&got, &want)
+                        };
+                    if ok {
+                        break;
+                    }
+                    // Stored entries reach queries within a write batch: try again briefly.
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "{method} {path}: got {status} {got}, want {want_status} {want_body}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                pairs += 1;
+            }
+            _ => {}
+        }
+    }
+    assert!(pairs >= 5, "found {pairs} pairs");
+    server.shutdown().await;
+}
+
+fn same_shape(got: &Value, want: &Value) -> bool {
+    match (got, want) {
+        (Value::Object(g), Value::Object(w)) => {
+            g.len() == w.len()
+                && w.iter().all(|(k, wv)| match g.get(k) {
+                    Some(gv) if ["serverTime", "seqNumber", "next"].contains(&k.as_str()) => {
+                        std::mem::discriminant(gv) == std::mem::discriminant(wv)
+                            || (gv.is_number() && wv.is_number())
+                    }
+                    Some(gv) => same_shape(gv, wv),
+                    None => false,
+                })
+        }
+        (Value::Array(g), Value::Array(w)) => {
+            g.len() == w.len() && g.iter().zip(w).all(|(g, w)| same_shape(g, w))
+        }
+        _ => got == want,
+    }
+}
+
+#[tokio::test]
+async fn viewer_in_chromium_shows_filters_and_reconnects() {
+    common::browser::run("logs.mjs").await;
+}
+
+#[tokio::test]
+async fn in_a_cluster_a_listener_on_any_node_sees_every_node_s_entries() {
+    let prefix = common::cluster::unique_prefix();
+    let settings = || Settings {
+        redis_url: Some(common::cluster::redis_url()),
+        redis_prefix: Some(prefix.to_string()),
+        ..Settings::default()
+    };
+    let one = common::start(settings()).await;
+    let two = common::start(settings()).await;
+    // Both nodes follow the channel before anything is posted.
+    let client = redis::Client::open(common::cluster::redis_url()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let channel = format!("{}logs:live", &*prefix);
+    let until = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, n): (String, i64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(&channel)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        if n == 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "nodes never subscribed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut on_two = listener(two.local_addr, "?room=r").await;
+    common::until_metric(&[two.local_addr], "supersynk_logs_listeners", 1.0).await;
+    let body = format!(
+        "[{},{}]",
+        plugin_entry("Hunter", "r", "Info", "posted to node one"),
+        plugin_entry("Other", "elsewhere", "Info", "another room")
+    );
+    assert_eq!(post(one.local_addr, &body).await.0, 200);
+    assert_eq!(
+        post(
+            two.local_addr,
+            &plugin_entry("Hunter", "r", "Warn", "posted to node two")
+        )
+        .await
+        .0,
+        200
+    );
+    let mut got = entries(&mut on_two, 2).await;
+    got.sort_by_key(|e| e["msg"].as_str().unwrap().to_string());
+    assert_eq!(msgs(&got), ["posted to node one", "posted to node two"]);
+    // Stamped by the node that received it.
+    assert!(got[0]["seqNumber"].as_i64().is_some() && got[0]["serverTime"].as_i64().is_some());
+}

@@ -1,0 +1,553 @@
+//! Direct messages (seed 002) over real sockets: delivery, the original's error texts, the
+//! durable offline queue across restarts and kills, logins and bad input.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::{WAIT, Ws, metric};
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use supersynk::config::Settings;
+use tokio_tungstenite::tungstenite::Message;
+
+const OFFLINE: &str = "messages will be send as B comes back online";
+
+/// A peer of the direct-message protocol.
+struct Peer(Ws);
+
+impl Peer {
+    async fn connect(addr: SocketAddr) -> Peer {
+        Peer::connect_url(&format!("ws://{addr}/messages")).await
+    }
+
+    async fn connect_url(url: &str) -> Peer {
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("connects");
+        Peer(ws)
+    }
+
+    async fn login(addr: SocketAddr, name: &str) -> Peer {
+        let mut p = Peer::connect(addr).await;
+        p.send(json!({ "login": name })).await;
+        p
+    }
+
+    async fn send(&mut self, v: Value) {
+        self.text(&v.to_string()).await;
+    }
+
+    async fn text(&mut self, t: &str) {
+        self.0.send(Message::text(t)).await.expect("sent");
+    }
+
+    async fn msg(&mut self, from: &str, to: &str, msg: &str) -> String {
+        let frame = json!({ "from": from, "to": to, "msg": msg }).to_string();
+        self.text(&frame).await;
+        frame
+    }
+
+    /// The next text message, within [`WAIT`].
+    async fn next(&mut self) -> String {
+        loop {
+            let m = tokio::time::timeout(WAIT, self.0.next())
+                .await
+                .expect("a message in time")
+                .expect("socket open")
+                .expect("no socket error");
+            match m {
+                Message::Text(t) => return t.to_string(),
+                Message::Close(c) => panic!("closed: {c:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next message's `error` text.
+    async fn error(&mut self) -> String {
+        let v: Value = serde_json::from_str(&self.next().await).expect("JSON");
+        v["error"].as_str().expect("an error").to_string()
+    }
+
+    /// Proves nothing arrived before now: a bad frame's answer is the next message.
+    async fn nothing_pending(&mut self) {
+        self.text("not json").await;
+        let e = self.error().await;
+        assert!(
+            e.starts_with("invalid JSON"),
+            "unexpected message first: {e}"
+        );
+    }
+
+    /// The close code, once the server closes.
+    async fn closed(&mut self) -> Option<u16> {
+        loop {
+            match tokio::time::timeout(WAIT, self.0.next())
+                .await
+                .expect("closes in time")
+            {
+                Some(Ok(Message::Close(c))) => return c.map(|c| c.code.into()),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    }
+}
+
+/// Waits until the server has seen `n` peers online.
+async fn online(addr: SocketAddr, n: f64) {
+    common::until_metric(&[addr], "supersynk_direct_peers_online", n).await;
+}
+
+/// Logs `name` in once and out again, so it is a known peer that is offline.
+async fn known_offline(addr: SocketAddr, name: &str) {
+    let mut p = Peer::login(addr, name).await;
+    p.nothing_pending().await;
+    let before = metric(addr, "supersynk_direct_peers_online").await;
+    drop(p);
+    online(addr, before - 1.0).await;
+}
+
+#[tokio::test]
+async fn a_message_reaches_an_online_peer_unchanged_and_the_sender_hears_nothing() {
+    let server = common::start_default().await;
+    let addr = server.local_addr;
+    let mut a = Peer::login(addr, "A").await;
+    let mut b = Peer::login(addr, "B").await;
+    online(addr, 2.0).await;
+    let frame = r#"{"from": "A", "to":"B",  "msg":"hello \u00e9 B"}"#;
+    a.text(frame).await;
+    assert_eq!(b.next().await, frame);
+    a.nothing_pending().await;
+}
+
+#[tokio::test]
+async fn the_original_error_texts_and_the_queue() {
+    let server = common::start_default().await;
+    let addr = server.local_addr;
+    let mut a = Peer::login(addr, "A").await;
+    a.msg("A", "B", "who?").await;
+    assert_eq!(a.error().await, "peer B does not exist");
+
+    known_offline(addr, "B").await;
+    let sent = a.msg("A", "B", "while you were away").await;
+    assert_eq!(
+        a.error().await,
+        "connection to B closed, messages will be send as B comes back online"
+    );
+    let mut b = Peer::login(addr, "B").await;
+    assert_eq!(b.next().await, sent);
+    b.nothing_pending().await;
+}
+
+#[tokio::test]
+async fn queued_messages_from_several_senders_arrive_in_order_once() {
+    let server = common::start_default().await;
+    let addr = server.local_addr;
+    known_offline(addr, "B").await;
+    let mut a = Peer::login(addr, "A").await;
+    let mut c = Peer::login(addr, "C").await;
+    let mut sent = Vec::new();
+    for i in 0..20 {
+        let (p, name) = if i % 3 == 0 {
+            (&mut c, "C")
+        } else {
+            (&mut a, "A")
+        };
+        sent.push(p.msg(name, "B", &format!("m{i}")).await);
+        assert!(p.error().await.ends_with(OFFLINE));
+    }
+    let mut b = Peer::login(addr, "B").await;
+    for s in &sent {
+        assert_eq!(&b.next().await, s);
+    }
+    b.nothing_pending().await;
+    drop(b);
+    online(addr, 2.0).await;
+    // Delivered once: the next login finds an empty queue, and a live message is next.
+    let mut b = Peer::login(addr, "B").await;
+    online(addr, 3.0).await;
+    let live = a.msg("A", "B", "live").await;
+    assert_eq!(b.next().await, live);
+    assert_eq!(
+        metric(addr, "supersynk_direct_messages_total{kind=\"drained\"}").await,
+        20.0
+    );
+}
+
+#[tokio::test]
+async fn a_closed_socket_is_offline_at_once() {
+    let server = common::start_default().await;
+    let addr = server.local_addr;
+    let mut a = Peer::login(addr, "A").await;
+    let b = Peer::login(addr, "B").await;
+    online(addr, 2.0).await;
+    // Gone without a close frame: the TCP connection just ends.
+    drop(b);
+    online(addr, 1.0).await;
+    a.msg("A", "B", "are you there").await;
+    assert!(a.error().await.ends_with(OFFLINE));
+}
+
+#[tokio::test]
+async fn messages_before_login_or_in_another_name_are_refused() {
+    let server = common::start_default().await;
+    let addr = server.local_addr;
+    let mut b = Peer::login(addr, "B").await;
+    let mut x = Peer::connect(addr).await;
+    x.msg("X", "B", "hi").await;
+    assert_eq!(
+        x.error().await,
+        r#"not logged in: send {"login":"<name>"} first"#
+    );
+    x.send(json!({"login": "X"})).await;
+    x.msg("A", "B", "I am A").await;
+    assert_eq!(
+        x.error().await,
+        "\"from\" must be the name this connection logged in with (X)"
+    );
+    x.send(json!({"login": "Y"})).await;
+    assert_eq!(x.error().await, "already logged in as X");
+    // Still usable, still X.
+    let ok = x.msg("X", "B", "hi, X here").await;
+    assert_eq!(b.next().await, ok);
+    b.nothing_pending().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_an_error_and_the_connection_stays_usable() {
+    let server = common::start(Settings {
+        messages_max_bytes: Some(200),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    let mut b = Peer::login(addr, "B").await;
+    let mut a = Peer::login(addr, "A").await;
+    let cases: &[(&str, &str)] = &[
+        ("{nope", "invalid JSON"),
+        ("[1,2]", "expected a JSON object"),
+        ("42", "expected a JSON object"),
+        (r#"{"hello":1}"#, "expected {"),
+        (r#"{"from":"A","to":"B"}"#, "missing field \"msg\""),
+        (r#"{"from":"A","msg":"x"}"#, "missing field \"to\""),
+        (
+            r#"{"from":"A","to":"B","msg":7}"#,
+            "\"msg\" must be a string",
+        ),
+        (
+            r#"{"from":"A","to":["B"],"msg":"x"}"#,
+            "\"to\" must be a string",
+        ),
+        (
+            r#"{"from":"A","to":"B","msg":"x","x":1}"#,
+            "unknown field \"x\"",
+        ),
+        (
+            r#"{"from":"A","to":"","msg":"x"}"#,
+            "\"to\": a peer name cannot be empty",
+        ),
+        (r#"{"login":null}"#, "\"login\" must be a string"),
+    ];
+    for (frame, error) in cases {
+        a.text(frame).await;
+        let got = a.error().await;
+        assert!(got.starts_with(error), "{frame}: {got}");
+    }
+    let big = format!(r#"{{"from":"A","to":"B","msg":"{}"}}"#, "x".repeat(300));
+    a.text(&big).await;
+    assert_eq!(a.error().await, "message too large: at most 200 bytes");
+    a.0.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    assert_eq!(
+        a.error().await,
+        "binary frames are not supported: send JSON text"
+    );
+    let ok = a.msg("A", "B", "still here").await;
+    assert_eq!(b.next().await, ok);
+    b.nothing_pending().await;
+}
+
+#[tokio::test]
+async fn a_full_queue_refuses_instead_of_losing() {
+    let server = common::start(Settings {
+        messages_queue_limit: Some(2),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    known_offline(addr, "B").await;
+    let mut a = Peer::login(addr, "A").await;
+    let first = a.msg("A", "B", "1").await;
+    assert!(a.error().await.ends_with(OFFLINE));
+    let second = a.msg("A", "B", "2").await;
+    assert!(a.error().await.ends_with(OFFLINE));
+    a.msg("A", "B", "3").await;
+    assert_eq!(
+        a.error().await,
+        "the queue of B is full (2 messages): message not stored"
+    );
+    let mut b = Peer::login(addr, "B").await;
+    assert_eq!(b.next().await, first);
+    assert_eq!(b.next().await, second);
+    b.nothing_pending().await;
+}
+
+#[tokio::test]
+async fn with_a_secret_logins_need_the_hmac_token_and_a_second_login_takes_over() {
+    let secret = "s3cret";
+    let server = common::start(Settings {
+        messages_secret: Some(secret.into()),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    let mut x = Peer::connect(addr).await;
+    x.send(json!({"login": "A"})).await;
+    assert_eq!(x.error().await, "login as A requires a token");
+    x.send(json!({"login": "A", "token": "00ff"})).await;
+    assert_eq!(x.error().await, "invalid token for A");
+    x.send(json!({"login": "A", "token": supersynk::messages::login_token(secret, "B")}))
+        .await;
+    assert_eq!(x.error().await, "invalid token for A");
+
+    // The documented token: HMAC-SHA256 of the name under the secret, in hex.
+    let token = |n: &str| {
+        use hmac::{Hmac, Mac};
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(n.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    };
+    assert_eq!(token("A"), supersynk::messages::login_token(secret, "A"));
+    let mut a1 = Peer::connect(addr).await;
+    a1.send(json!({"login": "A", "token": token("A")})).await;
+    let mut b = Peer::connect(addr).await;
+    b.send(json!({"login": "B", "token": token("B").to_uppercase()}))
+        .await;
+    online(addr, 2.0).await;
+    let mut a2 = Peer::connect(addr).await;
+    a2.send(json!({"login": "A", "token": token("A")})).await;
+    assert_eq!(
+        a1.error().await,
+        "A logged in from another connection: closing this one"
+    );
+    assert_eq!(a1.closed().await, Some(4009));
+    let m = b.msg("B", "A", "to the new A").await;
+    assert_eq!(a2.next().await, m);
+}
+
+#[tokio::test]
+async fn the_original_clients_port_speaks_the_same_protocol_at_root() {
+    let server = common::start(Settings {
+        messages_port: Some(0),
+        ..Settings::default()
+    })
+    .await;
+    let compat = server.messages_addr.expect("the compatibility port is on");
+    let mut a = Peer::connect_url(&format!("ws://{compat}/")).await;
+    a.send(json!({"login": "A"})).await;
+    // Peers on either port reach each other.
+    let mut b = Peer::login(server.local_addr, "B").await;
+    online(server.local_addr, 2.0).await;
+    let m = a.msg("A", "B", "from the old port").await;
+    assert_eq!(b.next().await, m);
+    let m = b.msg("B", "A", "to the old port").await;
+    assert_eq!(a.next().await, m);
+}
+
+/// Queues a message for B in a server process, stops it with `signal`, starts another on
+/// the same data directory and checks B gets the message.
+async fn survives(signal: &str) {
+    let dir = common::data_dir();
+    let dir = dir.to_str().unwrap();
+    let (proc, addr) = common::spawn(&["--port", "0", "--data-dir", dir], &[]);
+    known_offline(addr, "B").await;
+    let mut a = Peer::login(addr, "A").await;
+    let sent = a.msg("A", "B", &format!("before {signal}")).await;
+    assert!(a.error().await.ends_with(OFFLINE));
+    let status = std::process::Command::new("kill")
+        .args([signal, &proc.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let _ = common::exits_cleanly(proc).await;
+
+    let (_proc, addr) = common::spawn(&["--port", "0", "--data-dir", dir], &[]);
+    let mut b = Peer::login(addr, "B").await;
+    assert_eq!(b.next().await, sent);
+    b.nothing_pending().await;
+    // Known peers are kept too.
+    let mut c = Peer::login(addr, "C").await;
+    c.msg("C", "A", "A is still known").await;
+    assert!(c.error().await.starts_with("connection to A closed"));
+}
+
+#[tokio::test]
+async fn the_queue_survives_sigterm() {
+    survives("-TERM").await;
+}
+
+#[tokio::test]
+async fn the_queue_survives_sigkill() {
+    survives("-KILL").await;
+}
+
+/// A fresh schema in the test database; the URL puts it first on the search path.
+async fn postgres_schema() -> (String, tokio_postgres::Client, String) {
+    let (client, conn) = tokio_postgres::connect(
+        "host=127.0.0.1 user=postgres dbname=test",
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("PostgreSQL on 127.0.0.1:5432 (scripts/deps.sh starts it)");
+    tokio::spawn(conn);
+    let schema = format!("dm_{}", uuid::Uuid::new_v4().simple());
+    client
+        .batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .await
+        .unwrap();
+    let url = format!("postgres://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}");
+    (url, client, schema)
+}
+
+#[tokio::test]
+async fn the_queue_in_postgresql_outlives_the_server() {
+    let (url, pg, schema) = postgres_schema().await;
+    let settings = || Settings {
+        database_url: Some(url.clone()),
+        ..Settings::default()
+    };
+    let server = common::start(settings()).await;
+    let addr = server.local_addr;
+    known_offline(addr, "B").await;
+    let mut a = Peer::login(addr, "A").await;
+    let sent = a.msg("A", "B", "kept in PostgreSQL").await;
+    assert!(a.error().await.ends_with(OFFLINE));
+    drop(a);
+    server.shutdown().await;
+
+    // Another server (a fresh data directory: nothing local) on the same database.
+    let server = common::start(settings()).await;
+    let mut b = Peer::login(server.local_addr, "B").await;
+    assert_eq!(b.next().await, sent);
+    b.nothing_pending().await;
+    pg.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}
+
+/// Waits until `n` nodes listen for direct messages under `prefix` on the Redis at `url`.
+async fn nodes_listening(url: &str, prefix: &str, n: usize) {
+    let client = redis::Client::open(url).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let until = tokio::time::Instant::now() + WAIT;
+    loop {
+        let channels: Vec<String> = redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .arg(format!("{prefix}dm:node:*"))
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        if channels.len() == n {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < until, "nodes never listened");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn in_a_cluster_peers_on_different_nodes_reach_each_other_and_share_the_queue() {
+    let prefix = common::cluster::unique_prefix();
+    let (url, pg, schema) = postgres_schema().await;
+    let settings = || Settings {
+        redis_url: Some(common::cluster::redis_url()),
+        redis_prefix: Some(prefix.to_string()),
+        database_url: Some(url.clone()),
+        ..Settings::default()
+    };
+    let one = common::start(settings()).await;
+    let two = common::start(settings()).await;
+    nodes_listening(&common::cluster::redis_url(), &prefix, 2).await;
+    let (n1, n2) = (one.local_addr, two.local_addr);
+
+    let mut a = Peer::login(n1, "A").await;
+    let mut b = Peer::login(n2, "B").await;
+    online(n1, 1.0).await;
+    online(n2, 1.0).await;
+    let m = a.msg("A", "B", "across nodes").await;
+    assert_eq!(b.next().await, m);
+    a.nothing_pending().await;
+
+    // B goes offline on node two; the message waits in the shared queue, and B gets it
+    // when it logs in on node one.
+    drop(b);
+    online(n2, 0.0).await;
+    let queued = a.msg("A", "B", "queued for B").await;
+    assert!(a.error().await.ends_with(OFFLINE));
+    let mut b = Peer::login(n1, "B").await;
+    assert_eq!(b.next().await, queued);
+
+    // A second login on the other node takes over.
+    let mut b2 = Peer::login(n2, "B").await;
+    assert_eq!(
+        b.error().await,
+        "B logged in from another connection: closing this one"
+    );
+    assert_eq!(b.closed().await, Some(4009));
+    online(n1, 1.0).await;
+    let m = a.msg("A", "B", "to the newest B").await;
+    assert_eq!(b2.next().await, m);
+    pg.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_try_it_page_works_in_chromium() {
+    common::browser::run("messages.mjs").await;
+}
+
+#[tokio::test]
+async fn after_redis_restarts_empty_the_nodes_write_their_peers_back() {
+    use common::cluster::{Redis, free_port};
+    let port = free_port();
+    let redis = Redis::start(port);
+    let (url, pg, schema) = postgres_schema().await;
+    let settings = || Settings {
+        redis_url: Some(redis.url()),
+        database_url: Some(url.clone()),
+        ..Settings::default()
+    };
+    let one = common::start(settings()).await;
+    let two = common::start(settings()).await;
+    let redis_url = redis.url();
+    nodes_listening(&redis_url, "supersynk:", 2).await;
+    let mut a = Peer::login(one.local_addr, "A").await;
+    let mut b = Peer::login(two.local_addr, "B").await;
+    online(one.local_addr, 1.0).await;
+    online(two.local_addr, 1.0).await;
+
+    // Redis restarts with nothing: where B is was lost with it.
+    drop(redis);
+    let _redis = Redis::start(port);
+    nodes_listening(&redis_url, "supersynk:", 2).await;
+    let client = redis::Client::open(redis_url.as_str()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let until = tokio::time::Instant::now() + WAIT;
+    while !redis::cmd("EXISTS")
+        .arg("supersynk:dm:peer:B")
+        .query_async::<bool>(&mut con)
+        .await
+        .unwrap()
+    {
+        assert!(tokio::time::Instant::now() < until, "B never written back");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let m = a.msg("A", "B", "after the restart").await;
+    assert_eq!(b.next().await, m);
+    a.nothing_pending().await;
+    pg.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}

@@ -1,0 +1,715 @@
+//! The reliable protocol on `/v1/reliable` (protocol/reliable.md), over real sockets against
+//! the real server: the doc's transcripts replayed, then every rule one by one.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{WAIT, Ws, metric};
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use supersynk::config::Settings;
+use tokio_tungstenite::tungstenite::Message;
+
+/// A raw protocol client: sends frames, reads frames as JSON.
+struct Client {
+    ws: Ws,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/reliable"))
+            .await
+            .expect("upgrade");
+        Client { ws }
+    }
+
+    async fn send(&mut self, frame: &str) {
+        self.ws
+            .send(Message::text(frame.to_owned()))
+            .await
+            .expect("send");
+    }
+
+    async fn send_json(&mut self, v: Value) {
+        self.send(&v.to_string()).await;
+    }
+
+    /// The next frame, within [`WAIT`].
+    async fn recv(&mut self) -> Value {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("a frame in time")
+                .expect("socket open")
+                .expect("no socket error");
+            match msg {
+                Message::Text(t) => return serde_json::from_str(&t).expect("JSON frame"),
+                Message::Close(f) => panic!("closed: {f:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next frame that is not a heartbeat.
+    async fn recv_data(&mut self) -> Value {
+        loop {
+            let v = self.recv().await;
+            if v["t"] != "hb" {
+                return v;
+            }
+        }
+    }
+
+    /// Reads until the server closes; returns the close code.
+    async fn close_code(&mut self) -> Option<u16> {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
+                    Some(Ok(_)) => continue,
+                    Some(Err(_)) | None => return None,
+                }
+            }
+        })
+        .await
+        .expect("closed in time")
+    }
+
+    /// Says hello; returns (clientId, token) of the welcome.
+    async fn hello(&mut self) -> (String, String) {
+        self.send(r#"{"t":"hello"}"#).await;
+        let w = self.recv().await;
+        assert_eq!(w["t"], "welcome", "{w}");
+        assert_eq!(w["resumed"], false);
+        assert_eq!(w["seq"], 0);
+        (
+            w["clientId"].as_str().unwrap().to_owned(),
+            w["token"].as_str().unwrap().to_owned(),
+        )
+    }
+}
+
+/// Expects a frame with these fields (others ignored, in nested objects too).
+fn expect(v: &Value, fields: Value) {
+    fn subset(want: &Value, got: &Value) -> bool {
+        match (want, got) {
+            (Value::Object(w), Value::Object(g)) => w
+                .iter()
+                .all(|(k, wv)| g.get(k).is_some_and(|gv| subset(wv, gv))),
+            _ => want == got,
+        }
+    }
+    assert!(subset(&fields, v), "expected {fields}\n     got {v}");
+}
+
+async fn join(c: &mut Client, seq: u64, room: &str, id: &str) {
+    c.send_json(json!({"t":"msg","seq":seq,"op":"join","room":room}))
+        .await;
+    expect(
+        &c.recv_data().await,
+        json!({"t":"msg","op":"join","room":room,"from":id}),
+    );
+    expect(&c.recv_data().await, json!({"t":"ack","seq":seq}));
+}
+
+fn short(heartbeat_ms: u64, resend_ms: u64, window_ms: u64) -> Settings {
+    Settings {
+        reliable_heartbeat_ms: Some(heartbeat_ms),
+        reliable_resend_ms: Some(resend_ms),
+        reliable_resume_window_ms: Some(window_ms),
+        ..Settings::default()
+    }
+}
+
+// ---- the doc's transcripts ----
+
+/// Matches a received frame against an expected one, binding `$variables`.
+fn matches(want: &Value, got: &Value, vars: &mut HashMap<String, Value>) -> bool {
+    match (want, got) {
+        (Value::String(w), _) if w.starts_with('$') => match vars.get(w) {
+            Some(bound) => bound == got,
+            None => {
+                vars.insert(w.clone(), got.clone());
+                true
+            }
+        },
+        (Value::Object(w), Value::Object(g)) => {
+            w.len() == g.len()
+                && w.iter()
+                    .all(|(k, wv)| g.get(k).is_some_and(|gv| matches(wv, gv, vars)))
+        }
+        (Value::Array(w), Value::Array(g)) => {
+            w.len() == g.len() && w.iter().zip(g).all(|(wv, gv)| matches(wv, gv, vars))
+        }
+        _ => want == got,
+    }
+}
+
+/// Replaces `$variables` in a frame to send.
+fn substitute(v: &Value, vars: &HashMap<String, Value>) -> Value {
+    match v {
+        Value::String(s) if s.starts_with('$') => vars
+            .get(s)
+            .cloned()
+            .unwrap_or_else(|| panic!("{s} is not bound yet")),
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .map(|(k, v)| (k.clone(), substitute(v, vars)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(|v| substitute(v, vars)).collect()),
+        other => other.clone(),
+    }
+}
+
+#[tokio::test]
+async fn doc_transcripts_replay_against_the_server() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/protocol/reliable.md"))
+        .unwrap();
+    let mut transcripts = 0;
+    let mut lines_checked = 0;
+    for (info, body) in common::fenced_blocks(&doc) {
+        if info != "transcript" {
+            continue;
+        }
+        transcripts += 1;
+        let server = common::start_default().await;
+        let mut clients: HashMap<String, Client> = HashMap::new();
+        let mut vars = HashMap::new();
+        for line in body.lines().filter(|l| !l.trim().is_empty()) {
+            let (who, rest) = line.split_at(1);
+            if rest.trim() == "cut" {
+                // Drops the socket without a close handshake.
+                clients.remove(who);
+                continue;
+            }
+            let (dir, frame) = rest.split_at(1);
+            let frame: Value =
+                serde_json::from_str(frame.trim()).unwrap_or_else(|e| panic!("{line}: {e}"));
+            if !clients.contains_key(who) {
+                clients.insert(who.to_owned(), Client::connect(server.local_addr).await);
+            }
+            let c = clients.get_mut(who).unwrap();
+            match dir {
+                ">" => c.send_json(substitute(&frame, &vars)).await,
+                "<" => {
+                    let got = c.recv().await;
+                    assert!(
+                        matches(&frame, &got, &mut vars),
+                        "transcript line {line}\n  got {got}"
+                    );
+                }
+                _ => panic!("bad transcript line {line}"),
+            }
+            lines_checked += 1;
+        }
+        // Gone before the shutdown, so it does not wait for their close handshakes.
+        drop(clients);
+        server.shutdown().await;
+    }
+    assert!(
+        transcripts >= 5 && lines_checked >= 60,
+        "{transcripts} transcripts, {lines_checked} lines"
+    );
+}
+
+// ---- rule by rule ----
+
+#[tokio::test]
+async fn resume_after_a_cut_delivers_what_was_missed_in_order() {
+    let server = common::start_default().await;
+    let addr = server.local_addr;
+    let mut a = Client::connect(addr).await;
+    let (a_id, _) = a.hello().await;
+    join(&mut a, 1, "r", &a_id).await;
+    let mut b = Client::connect(addr).await;
+    let (b_id, b_token) = b.hello().await;
+    join(&mut b, 1, "r", &b_id).await;
+    b.send(r#"{"t":"ack","seq":1}"#).await;
+    // B sends two messages; the second one's ack is lost with the cut.
+    b.send(r#"{"t":"msg","seq":2,"op":"publish","room":"r","data":"b1"}"#)
+        .await;
+    expect(&b.recv().await, json!({"t":"ack","seq":2}));
+    drop(b);
+    expect(&a.recv().await, json!({"op":"join","from":b_id}));
+    expect(&a.recv().await, json!({"seq":3,"data":"b1"}));
+    for (i, text) in ["m1", "m2", "m3"].iter().enumerate() {
+        a.send_json(json!({"t":"msg","seq":2 + i,"op":"publish","room":"r","data":text}))
+            .await;
+        expect(&a.recv().await, json!({"t":"ack","seq":2 + i}));
+    }
+    // The issue's resume hello, as it is: the id and the last seq, no token.
+    let mut b = Client::connect(addr).await;
+    b.send_json(json!({"t":"hello","clientId":b_id,"lastSeq":1}))
+        .await;
+    expect(
+        &b.recv().await,
+        json!({"t":"welcome","clientId":b_id,"resumed":true,"seq":2,"token":b_token}),
+    );
+    for (seq, text) in [(2, "m1"), (3, "m2"), (4, "m3")] {
+        expect(
+            &b.recv().await,
+            json!({"t":"msg","seq":seq,"room":"r","from":a_id,"data":text}),
+        );
+    }
+    b.send(r#"{"t":"ack","seq":4}"#).await;
+    // Live again: numbering goes on, both ways.
+    b.send(r#"{"t":"msg","seq":3,"op":"publish","room":"r","data":"back"}"#)
+        .await;
+    expect(&b.recv().await, json!({"t":"ack","seq":3}));
+    expect(&a.recv().await, json!({"seq":4,"from":b_id,"data":"back"}));
+    assert_eq!(metric(addr, "supersynk_reliable_resumes_total").await, 1.0);
+}
+
+#[tokio::test]
+async fn resume_after_the_window_gets_a_new_id_and_the_room_hears_the_leave() {
+    let server = common::start(short(15_000, 2000, 200)).await;
+    let addr = server.local_addr;
+    let mut a = Client::connect(addr).await;
+    let (a_id, _) = a.hello().await;
+    join(&mut a, 1, "r", &a_id).await;
+    let mut b = Client::connect(addr).await;
+    let (b_id, b_token) = b.hello().await;
+    join(&mut b, 1, "r", &b_id).await;
+    expect(&a.recv().await, json!({"op":"join","from":b_id}));
+    drop(b);
+    // The window ends: the room is told B left.
+    expect(
+        &a.recv().await,
+        json!({"t":"msg","seq":3,"op":"leave","room":"r","from":b_id}),
+    );
+    let mut b = Client::connect(addr).await;
+    b.send_json(json!({"t":"hello","clientId":b_id,"lastSeq":1,"token":b_token}))
+        .await;
+    let w = b.recv().await;
+    expect(&w, json!({"t":"welcome","resumed":false,"seq":0}));
+    assert_ne!(w["clientId"], json!(b_id));
+    assert_eq!(metric(addr, "supersynk_reliable_expired_total").await, 1.0);
+}
+
+#[tokio::test]
+async fn resume_refuses_a_wrong_token_and_an_unprovable_last_seq() {
+    let server = common::start_default().await;
+    let addr = server.local_addr;
+    let mut b = Client::connect(addr).await;
+    let (b_id, b_token) = b.hello().await;
+    drop(b);
+    for hello in [
+        json!({"t":"hello","clientId":b_id,"lastSeq":0,"token":"guess"}),
+        // The server never sent seq 5: continuity cannot be proven.
+        json!({"t":"hello","clientId":b_id,"lastSeq":5,"token":b_token}),
+        json!({"t":"hello","clientId":b_id,"lastSeq":5}),
+    ] {
+        let mut c = Client::connect(addr).await;
+        c.send_json(hello).await;
+        let w = c.recv().await;
+        expect(&w, json!({"t":"welcome","resumed":false}));
+        assert_ne!(w["clientId"], json!(b_id));
+    }
+    let mut c = Client::connect(addr).await;
+    c.send_json(json!({"t":"hello","clientId":b_id,"lastSeq":0,"token":b_token}))
+        .await;
+    expect(&c.recv().await, json!({"resumed":true,"clientId":b_id}));
+}
+
+#[tokio::test]
+async fn with_require_token_a_resume_by_id_alone_is_refused() {
+    let server = common::start(Settings {
+        reliable_require_token: Some(true),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    let mut b = Client::connect(addr).await;
+    let (b_id, b_token) = b.hello().await;
+    drop(b);
+    let mut c = Client::connect(addr).await;
+    c.send_json(json!({"t":"hello","clientId":b_id,"lastSeq":0}))
+        .await;
+    let w = c.recv().await;
+    expect(&w, json!({"t":"welcome","resumed":false}));
+    assert_ne!(w["clientId"], json!(b_id));
+    let mut c = Client::connect(addr).await;
+    c.send_json(json!({"t":"hello","clientId":b_id,"lastSeq":0,"token":b_token}))
+        .await;
+    expect(&c.recv().await, json!({"resumed":true,"clientId":b_id}));
+}
+
+#[tokio::test]
+async fn a_resume_elsewhere_replaces_the_old_connection() {
+    let server = common::start_default().await;
+    let mut a = Client::connect(server.local_addr).await;
+    let (id, token) = a.hello().await;
+    let mut a2 = Client::connect(server.local_addr).await;
+    a2.send_json(json!({"t":"hello","clientId":id,"lastSeq":0,"token":token}))
+        .await;
+    expect(&a2.recv().await, json!({"resumed":true}));
+    expect(&a.recv().await, json!({"t":"error","code":"replaced"}));
+    assert_eq!(a.close_code().await, Some(4001));
+}
+
+#[tokio::test]
+async fn duplicates_and_stale_resends_are_delivered_once() {
+    let server = common::start_default().await;
+    let addr = server.local_addr;
+    let mut a = Client::connect(addr).await;
+    let (a_id, _) = a.hello().await;
+    join(&mut a, 1, "r", &a_id).await;
+    let mut b = Client::connect(addr).await;
+    let (b_id, _) = b.hello().await;
+    join(&mut b, 1, "r", &b_id).await;
+    expect(&a.recv().await, json!({"op":"join","from":b_id}));
+    let p = |seq: u64, data: &str| {
+        json!({"t":"msg","seq":seq,"op":"publish","room":"r","data":data}).to_string()
+    };
+    b.send(&p(2, "one")).await;
+    b.send(&p(2, "one")).await; // duplicate
+    b.send(&p(3, "two")).await;
+    b.send(&p(2, "one")).await; // stale
+    b.send(&p(5, "ahead")).await; // gap: dropped
+    b.send(&p(4, "three")).await;
+    expect(&b.recv().await, json!({"t":"ack","seq":2}));
+    expect(&b.recv().await, json!({"t":"ack","seq":2}));
+    expect(&b.recv().await, json!({"t":"ack","seq":3}));
+    expect(&b.recv().await, json!({"t":"ack","seq":3}));
+    expect(
+        &b.recv().await,
+        json!({"t":"error","code":"seq_gap","seq":5}),
+    );
+    expect(&b.recv().await, json!({"t":"ack","seq":4}));
+    // A got each once, in order, and nothing else.
+    for (seq, data) in [(3, "one"), (4, "two"), (5, "three")] {
+        expect(&a.recv().await, json!({"seq":seq,"data":data}));
+    }
+    a.send_json(
+        json!({"t":"msg","seq":2,"op":"request","id":1,"to":"server","data":{"presence":"r"}}),
+    )
+    .await;
+    expect(
+        &a.recv().await,
+        json!({"op":"response","id":1,"data":{"room":"r","members":[a_id,b_id]}}),
+    );
+}
+
+#[tokio::test]
+async fn unacknowledged_messages_are_resent_after_the_timeout_until_acked() {
+    let server = common::start(short(15_000, 100, 120_000)).await;
+    let addr = server.local_addr;
+    let mut a = Client::connect(addr).await;
+    let (a_id, _) = a.hello().await;
+    a.send(r#"{"t":"msg","seq":1,"op":"join","room":"r"}"#)
+        .await;
+    let first = a.recv().await;
+    expect(&first, json!({"seq":1,"op":"join","from":a_id}));
+    expect(&a.recv().await, json!({"t":"ack","seq":1}));
+    let sent = tokio::time::Instant::now();
+    // Not acknowledged: the same message again, after the resend timeout.
+    assert_eq!(a.recv().await, first);
+    assert!(sent.elapsed() >= Duration::from_millis(60));
+    assert_eq!(a.recv().await, first);
+    a.send(r#"{"t":"ack","seq":1}"#).await;
+    // Acknowledged: after a few resend periods, the next frame is the presence answer.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    a.send(r#"{"t":"msg","seq":2,"op":"request","id":1,"to":"server","data":{"presence":"r"}}"#)
+        .await;
+    loop {
+        let v = a.recv().await;
+        if v == first {
+            // Resent before the ack arrived; nothing after it.
+            continue;
+        }
+        expect(&v, json!({"seq":2,"op":"response","id":1}));
+        break;
+    }
+    assert!(metric(addr, "supersynk_reliable_resends_total").await >= 2.0);
+}
+
+#[tokio::test]
+async fn heartbeats_carry_the_last_seq_and_a_silent_peer_is_dropped_but_resumable() {
+    let server = common::start(short(100, 2000, 120_000)).await;
+    let addr = server.local_addr;
+    let mut a = Client::connect(addr).await;
+    a.send(r#"{"t":"hello"}"#).await;
+    let w = a.recv().await;
+    expect(&w, json!({"t":"welcome","heartbeatMs":100}));
+    let (id, token) = (w["clientId"].clone(), w["token"].clone());
+    a.send(r#"{"t":"msg","seq":1,"op":"join","room":"r"}"#)
+        .await;
+    a.recv().await;
+    a.recv().await;
+    a.send(r#"{"t":"ack","seq":1}"#).await;
+    // A heartbeat within about 100 ms, carrying the last seq received.
+    let started = tokio::time::Instant::now();
+    expect(&a.recv().await, json!({"t":"hb","ack":1}));
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // Silent from now on (we only read): closed within about 2 x 100 ms, code 4000.
+    assert_eq!(a.close_code().await, Some(4000));
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let mut a = Client::connect(addr).await;
+    a.send_json(json!({"t":"hello","clientId":id,"lastSeq":1,"token":token}))
+        .await;
+    expect(
+        &a.recv().await,
+        json!({"t":"welcome","resumed":true,"seq":1}),
+    );
+    // A client that never says hello is dropped the same way.
+    let mut mute = Client::connect(addr).await;
+    assert_eq!(mute.close_code().await, Some(4000));
+}
+
+#[tokio::test]
+async fn a_client_sending_heartbeats_stays_connected() {
+    let server = common::start(short(60, 2000, 120_000)).await;
+    let mut a = Client::connect(server.local_addr).await;
+    a.hello().await;
+    let until = tokio::time::Instant::now() + Duration::from_millis(500);
+    let mut hbs = 0;
+    while tokio::time::Instant::now() < until {
+        let v = a.recv().await;
+        expect(&v, json!({"t":"hb","ack":0}));
+        hbs += 1;
+        a.send(r#"{"t":"hb","ack":0}"#).await;
+    }
+    assert!(hbs >= 4, "{hbs} heartbeats");
+}
+
+#[tokio::test]
+async fn room_fan_out_gives_every_other_member_its_own_seq() {
+    let server = common::start_default().await;
+    let addr = server.local_addr;
+    let mut members = Vec::new();
+    for i in 0..5u64 {
+        let mut c = Client::connect(addr).await;
+        let (id, _) = c.hello().await;
+        join(&mut c, 1, "fan", &id).await;
+        // Earlier members hear the join.
+        for (_, m) in members.iter_mut() {
+            let m: &mut Client = m;
+            expect(&m.recv().await, json!({"op":"join","from":id}));
+        }
+        members.push((id, c));
+        let _ = i;
+    }
+    let (sender_id, sender) = &mut members[2];
+    let sender_id = sender_id.clone();
+    sender
+        .send(r#"{"t":"msg","seq":2,"op":"publish","room":"fan","data":{"n":1}}"#)
+        .await;
+    expect(&sender.recv().await, json!({"t":"ack","seq":2}));
+    for (i, (_, m)) in members.iter_mut().enumerate() {
+        if i == 2 {
+            continue;
+        }
+        // Member i heard 5 - i joins (its own included): the publish is the next seq.
+        expect(
+            &m.recv().await,
+            json!({"t":"msg","seq":5 - i + 1,"room":"fan","from":sender_id,"data":{"n":1}}),
+        );
+    }
+    // The publisher got nothing but its ack: its next frame is the answer to a request.
+    let (_, sender) = &mut members[2];
+    sender
+        .send(r#"{"t":"msg","seq":3,"op":"leave","room":"fan"}"#)
+        .await;
+    expect(&sender.recv().await, json!({"t":"ack","seq":3}));
+    for (i, (_, m)) in members.iter_mut().enumerate() {
+        if i != 2 {
+            expect(&m.recv().await, json!({"op":"leave","from":sender_id}));
+        }
+    }
+}
+
+#[tokio::test]
+async fn requests_reach_a_client_away_on_its_resume_and_time_out_otherwise() {
+    let server = common::start(Settings {
+        reliable_request_timeout_ms: Some(300),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    let mut a = Client::connect(addr).await;
+    let (a_id, _) = a.hello().await;
+    let mut b = Client::connect(addr).await;
+    let (b_id, b_token) = b.hello().await;
+    drop(b);
+    // A request to B while B is away: buffered for B.
+    a.send_json(
+        json!({"t":"msg","seq":1,"op":"request","id":1,"to":b_id,"data":"ping","timeoutMs":60000}),
+    )
+    .await;
+    expect(&a.recv().await, json!({"t":"ack","seq":1}));
+    let mut b = Client::connect(addr).await;
+    b.send_json(json!({"t":"hello","clientId":b_id,"lastSeq":0,"token":b_token}))
+        .await;
+    expect(&b.recv().await, json!({"resumed":true}));
+    expect(
+        &b.recv().await,
+        json!({"seq":1,"op":"request","id":1,"from":a_id,"data":"ping"}),
+    );
+    b.send_json(json!({"t":"msg","seq":1,"op":"response","id":1,"to":a_id,"data":"pong"}))
+        .await;
+    expect(&b.recv().await, json!({"t":"ack","seq":1}));
+    expect(
+        &a.recv().await,
+        json!({"seq":1,"op":"response","id":1,"from":b_id,"data":"pong"}),
+    );
+    // timeoutMs is capped by the server's 300 ms.
+    let started = tokio::time::Instant::now();
+    a.send_json(
+        json!({"t":"msg","seq":2,"op":"request","id":2,"to":b_id,"data":null,"timeoutMs":60000}),
+    )
+    .await;
+    expect(&a.recv().await, json!({"t":"ack","seq":2}));
+    expect(
+        &a.recv().await,
+        json!({"seq":2,"op":"response","id":2,"from":b_id,"error":{"code":"timeout"}}),
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // A pending id cannot be reused until it is answered.
+    a.send_json(json!({"t":"msg","seq":3,"op":"request","id":3,"to":b_id,"data":null}))
+        .await;
+    expect(&a.recv().await, json!({"t":"ack","seq":3}));
+    a.send_json(json!({"t":"msg","seq":4,"op":"request","id":3,"to":b_id,"data":null}))
+        .await;
+    expect(&a.recv().await, json!({"t":"ack","seq":4}));
+    expect(
+        &a.recv().await,
+        json!({"t":"error","code":"duplicate_request","seq":4}),
+    );
+}
+
+#[tokio::test]
+async fn malformed_frames_get_documented_errors_and_nothing_else_breaks() {
+    let server = common::start_default().await;
+    let addr = server.local_addr;
+    let mut bystander = Client::connect(addr).await;
+    let (by_id, _) = bystander.hello().await;
+    join(&mut bystander, 1, "r", &by_id).await;
+
+    let mut c = Client::connect(addr).await;
+    c.send(r#"{"t":"msg","seq":1,"op":"join","room":"r"}"#)
+        .await;
+    expect(
+        &c.recv().await,
+        json!({"t":"error","code":"hello_required"}),
+    );
+    c.ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    expect(&c.recv().await, json!({"t":"error","code":"binary_frame"}));
+    let (id, _) = c.hello().await;
+    for (frame, code) in [
+        ("not json", "bad_json"),
+        ("[1,2,3]", "bad_frame"),
+        ("{}", "bad_frame"),
+        (r#"{"t":"dance"}"#, "bad_frame"),
+        (r#"{"t":"hello"}"#, "already_welcomed"),
+        (r#"{"t":"msg","seq":"1"}"#, "bad_frame"),
+        (r#"{"t":"msg","seq":-1}"#, "bad_frame"),
+        (r#"{"t":"msg","seq":1e300}"#, "bad_frame"),
+        (
+            r#"{"t":"msg","seq":123456789012345678901234567890}"#,
+            "bad_frame",
+        ),
+        (r#"{"t":"ack","seq":99}"#, "bad_ack"),
+        (r#"{"t":"hb","ack":"x"}"#, "bad_frame"),
+        (r#"{"t":"msg","seq":9,"op":"join","room":"r"}"#, "seq_gap"),
+    ] {
+        c.send(frame).await;
+        expect(&c.recv().await, json!({"t":"error","code":code}));
+    }
+    // In-order messages with a bad operation are consumed (acked), then refused.
+    for (seq, frame, code) in [
+        (1, json!({"op":"dance"}), "bad_op"),
+        (2, json!({"op":"join","room":7}), "bad_op"),
+        (3, json!({"op":"join"}), "bad_op"),
+        (4, json!({"op":"join","room":"x".repeat(129)}), "bad_op"),
+        (5, json!({"op":"publish","room":"r","data":1}), "not_member"),
+        (6, json!({"op":"leave","room":"r"}), "not_member"),
+        (
+            7,
+            json!({"op":"response","id":1,"to":by_id,"data":1}),
+            "unknown_request",
+        ),
+        (
+            8,
+            json!({"op":"response","id":1,"to":"ghost","data":1}),
+            "unknown_client",
+        ),
+        (9, json!({"op":"request","id":1.5,"to":by_id}), "bad_op"),
+    ] {
+        let mut f = frame.as_object().unwrap().clone();
+        f.insert("t".into(), json!("msg"));
+        f.insert("seq".into(), json!(seq));
+        c.send_json(Value::Object(f)).await;
+        expect(&c.recv().await, json!({"t":"ack","seq":seq}));
+        expect(&c.recv().await, json!({"t":"error","code":code,"seq":seq}));
+    }
+    // Bad server requests get an error response and an error.
+    c.send(r#"{"t":"msg","seq":10,"op":"request","id":4,"to":"server","data":{"x":1}}"#)
+        .await;
+    expect(
+        &c.recv().await,
+        json!({"op":"response","id":4,"from":"server","error":{"code":"bad_request"}}),
+    );
+    expect(&c.recv().await, json!({"t":"ack","seq":10}));
+    expect(&c.recv().await, json!({"t":"error","code":"bad_request"}));
+    // Still working, and the bystander saw nothing but this join.
+    join(&mut c, 11, "r", &id).await;
+    expect(
+        &bystander.recv().await,
+        json!({"seq":2,"op":"join","from":id}),
+    );
+    c.send(r#"{"t":"msg","seq":12,"op":"publish","room":"r","data":"fine"}"#)
+        .await;
+    expect(&bystander.recv().await, json!({"seq":3,"data":"fine"}));
+}
+
+#[tokio::test]
+async fn a_full_buffer_drops_the_state_and_a_resume_starts_over() {
+    let server = common::start(Settings {
+        reliable_buffer_messages: Some(4),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    let mut a = Client::connect(addr).await;
+    let (a_id, _) = a.hello().await;
+    join(&mut a, 1, "r", &a_id).await;
+    a.send(r#"{"t":"ack","seq":1}"#).await;
+    let mut b = Client::connect(addr).await;
+    let (b_id, b_token) = b.hello().await;
+    join(&mut b, 1, "r", &b_id).await;
+    expect(&a.recv().await, json!({"op":"join","from":b_id}));
+    a.send(r#"{"t":"ack","seq":2}"#).await;
+    // B holds its join (seq 1) unacked; three more fill its buffer, the fourth overflows:
+    // B's state is dropped and A, the member left, hears B leave.
+    for seq in 2..=5u64 {
+        a.send_json(json!({"t":"msg","seq":seq,"op":"publish","room":"r","data":seq}))
+            .await;
+        if seq == 5 {
+            expect(&a.recv().await, json!({"seq":3,"op":"leave","from":b_id}));
+        }
+        expect(&a.recv().await, json!({"t":"ack","seq":seq}));
+    }
+    let mut seen = Vec::new();
+    loop {
+        let v = b.recv().await;
+        if v["t"] == "error" {
+            expect(&v, json!({"code":"overflow"}));
+            break;
+        }
+        seen.push(v["seq"].as_u64().unwrap());
+    }
+    assert_eq!(seen, vec![2, 3, 4]);
+    assert_eq!(b.close_code().await, Some(4008));
+    let mut b = Client::connect(addr).await;
+    b.send_json(json!({"t":"hello","clientId":b_id,"lastSeq":4,"token":b_token}))
+        .await;
+    expect(&b.recv().await, json!({"resumed":false}));
+    assert_eq!(
+        metric(addr, "supersynk_reliable_overflows_total").await,
+        1.0
+    );
+}
