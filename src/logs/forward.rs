@@ -66,7 +66,7 @@ impl<S: Subscriber> Layer<S> for ForwardLayer {
         FORWARDING.with(|f| f.set(true));
         let posted = to_posted(event);
         for sink in sinks {
-            sink.publish(vec![posted.clone()]);
+            sink.publish_own(vec![posted.clone()]);
         }
         FORWARDING.with(|f| f.set(false));
     }

@@ -207,13 +207,24 @@ impl Logs {
 }
 
 impl LogsInner {
-    /// Stamps entries, queues them for listeners and for the store. Never waits.
+    /// Stamps entries posted by clients, queues them for listeners, for the store and (in
+    /// cluster mode) for the other nodes. Never waits.
     pub fn publish(&self, posted: Vec<Posted>) {
+        self.stamp_and_queue(posted, true);
+    }
+
+    /// The same for the server's own events, which stay on this node (protocol/logs.md).
+    pub(super) fn publish_own(&self, posted: Vec<Posted>) {
+        self.stamp_and_queue(posted, false);
+    }
+
+    fn stamp_and_queue(&self, posted: Vec<Posted>, relay: bool) {
         self.metrics.logs_received.inc_by(posted.len() as u64);
         let mut dropped = 0u64;
         let mut not_relayed = 0u64;
         self.stream.publish(posted, |e| {
-            if let Some(tx) = &self.relay_tx
+            if relay
+                && let Some(tx) = &self.relay_tx
                 && tx.try_send(e.clone()).is_err()
             {
                 not_relayed += 1;
