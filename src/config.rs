@@ -194,6 +194,10 @@ pub struct Settings {
     /// Direct messages: messages kept for one offline peer at most [default: 1000]
     #[arg(long, env = "SUPERSYNK_MESSAGES_QUEUE_LIMIT")]
     pub messages_queue_limit: Option<usize>,
+    /// Direct messages: ping a quiet connection after this long, and count it gone after
+    /// twice this with no answer, in ms [default: 20000]
+    #[arg(long, env = "SUPERSYNK_MESSAGES_PING_INTERVAL_MS")]
+    pub messages_ping_interval_ms: Option<u64>,
     /// Token required by /logs.html, /logs/listen and /logs/query (as ?token= or a Bearer
     /// header); /logs/add stays open [default: none, open]
     #[arg(long, env = "SUPERSYNK_LOGS_TOKEN")]
@@ -277,6 +281,8 @@ pub struct MessagesConfig {
     pub secret: Option<String>,
     pub max_bytes: usize,
     pub queue_limit: usize,
+    /// Server pings on a quiet connection; silence for twice this is a lost connection.
+    pub ping_interval: Duration,
 }
 
 /// The log front-end's settings.
@@ -395,6 +401,7 @@ impl Settings {
             messages_secret,
             messages_max_bytes,
             messages_queue_limit,
+            messages_ping_interval_ms,
             logs_token,
             logs_retention_days,
             logs_retention_rows,
@@ -511,6 +518,7 @@ impl Config {
                 secret: s.messages_secret.filter(|v| !v.is_empty()),
                 max_bytes: s.messages_max_bytes.unwrap_or(16 * 1024),
                 queue_limit: s.messages_queue_limit.unwrap_or(1000),
+                ping_interval: ms(s.messages_ping_interval_ms.unwrap_or(20_000)),
             },
             store: match s.database_url.filter(|u| !u.is_empty()) {
                 Some(url) => StoreConfig::Postgres(url),
@@ -582,6 +590,18 @@ impl Config {
         if config.messages.queue_limit == 0 || config.messages.max_bytes == 0 {
             return Err(ConfigError::Invalid(
                 "messages-queue-limit and messages-max-bytes must be above 0".into(),
+            ));
+        }
+        if config.messages.max_bytes > config.max_message_bytes {
+            return Err(ConfigError::Invalid(format!(
+                "messages-max-bytes ({}) cannot be above max-message-bytes ({}): larger \
+                 frames are closed by the WebSocket layer",
+                config.messages.max_bytes, config.max_message_bytes
+            )));
+        }
+        if config.messages.ping_interval < Duration::from_millis(100) {
+            return Err(ConfigError::Invalid(
+                "messages-ping-interval-ms must be at least 100".into(),
             ));
         }
         if config.logs.per_second == 0 || config.logs.store_queue_entries == 0 {

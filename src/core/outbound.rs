@@ -20,29 +20,43 @@ use crate::ws::deflate::deflate_message;
 #[derive(Debug)]
 pub struct Payload {
     data: Bytes,
-    binary: bool,
+    kind: Kind,
     /// The permessage-deflate payload, computed on first use. `OnceLock` so concurrent
     /// writers on both runtime threads share one compression.
     deflated: OnceLock<Bytes>,
 }
 
+/// What a [`Payload`] is sent as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Text,
+    Binary,
+    /// A WebSocket ping (a keep-alive probe of the server's; never compressed).
+    Ping,
+}
+
 impl Payload {
-    /// A text message; `data` must be UTF-8 (it comes from a `&str` or a validated frame).
-    pub fn text(data: impl Into<Bytes>) -> Arc<Payload> {
+    fn new(data: Bytes, kind: Kind) -> Arc<Payload> {
         Arc::new(Payload {
-            data: data.into(),
-            binary: false,
+            data,
+            kind,
             deflated: OnceLock::new(),
         })
     }
 
+    /// A text message; `data` must be UTF-8 (it comes from a `&str` or a validated frame).
+    pub fn text(data: impl Into<Bytes>) -> Arc<Payload> {
+        Payload::new(data.into(), Kind::Text)
+    }
+
     /// A binary message.
     pub fn binary(data: impl Into<Bytes>) -> Arc<Payload> {
-        Arc::new(Payload {
-            data: data.into(),
-            binary: true,
-            deflated: OnceLock::new(),
-        })
+        Payload::new(data.into(), Kind::Binary)
+    }
+
+    /// A ping frame with an empty payload.
+    pub fn ping() -> Arc<Payload> {
+        Payload::new(Bytes::new(), Kind::Ping)
     }
 
     /// The uncompressed bytes.
@@ -52,7 +66,12 @@ impl Payload {
 
     /// Whether this is a binary (not text) message.
     pub fn is_binary(&self) -> bool {
-        self.binary
+        self.kind == Kind::Binary
+    }
+
+    /// Whether this is a ping frame.
+    pub fn is_ping(&self) -> bool {
+        self.kind == Kind::Ping
     }
 
     /// The compressed form, computed once for all receivers; the flag says whether this

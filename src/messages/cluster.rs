@@ -2,22 +2,32 @@
 //!
 //! Owns where each online peer is: the key `{prefix}dm:peer:{name}` names the node it is
 //! logged in on, and every node listens on its own channel `{prefix}dm:node:{node}`. A
-//! sender's node publishes the message there; a node that finds nobody listening (a dead
-//! node, a stale key) queues the message in the shared store (PostgreSQL) instead. After
-//! queueing, a node pokes the recipient's node, if any, so a peer that logged in elsewhere
-//! meanwhile drains its queue. A login claims the key and tells the node that held it to
-//! close its older connection. Frames on a node channel: `m\n{to}\n{from}\n{raw}` (deliver),
-//! `p\n{to}` (drain the queue), `t\n{to}` (taken over).
+//! sender's node publishes the message there and waits for that node's answer (delivered,
+//! not logged in here, queue full, store down); a node that gets no answer (a dead node)
+//! or "not here" (a stale key) queues the message in the shared store (PostgreSQL) instead.
+//! After queueing, a node pokes the recipient's node, if any, so a peer that logged in
+//! elsewhere meanwhile drains its queue. A login claims the key and tells the node that held
+//! it to close its older connection. Frames on a node channel:
+//! `m\n{node}\n{id}\n{to}\n{from}\n{raw}` (deliver, answer to `node` under `id`),
+//! `a\n{id}\n{d|n|f|s}` (the answer), `p\n{to}` (drain the queue), `t\n{to}` (taken over).
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
 use redis::aio::ConnectionManager;
-use tokio::sync::OnceCell;
+use tokio::sync::{OnceCell, oneshot};
 use tracing::{debug, info, warn};
 
+use super::Delivery;
 use crate::config::ClusterConfig;
 use crate::server::App;
+
+/// How long a sender's node waits for the recipient's node to answer before it takes the
+/// recipient for gone and queues the message itself.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One node's link to the others.
 #[derive(Debug)]
@@ -28,15 +38,25 @@ pub struct Relay {
     /// Commands; reconnects by itself.
     cmd: OnceCell<ConnectionManager>,
     client: redis::Client,
+    /// Deliveries waiting for the other node's answer, by id. A std mutex, held for one
+    /// map operation.
+    waiting: Mutex<HashMap<u64, oneshot::Sender<Delivery>>>,
+    next_id: AtomicU64,
 }
 
 /// What a node channel carries.
 #[derive(Debug, PartialEq, Eq)]
 enum Frame<'a> {
     Deliver {
+        node: &'a str,
+        id: u64,
         to: &'a str,
         from: &'a str,
         raw: &'a str,
+    },
+    Answer {
+        id: u64,
+        delivery: Delivery,
     },
     Poke {
         to: &'a str,
@@ -50,9 +70,31 @@ fn decode(payload: &str) -> Option<Frame<'_>> {
     let (kind, rest) = payload.split_once('\n')?;
     match kind {
         "m" => {
+            let (node, rest) = rest.split_once('\n')?;
+            let (id, rest) = rest.split_once('\n')?;
             let (to, rest) = rest.split_once('\n')?;
             let (from, raw) = rest.split_once('\n')?;
-            Some(Frame::Deliver { to, from, raw })
+            Some(Frame::Deliver {
+                node,
+                id: id.parse().ok()?,
+                to,
+                from,
+                raw,
+            })
+        }
+        "a" => {
+            let (id, delivery) = rest.split_once('\n')?;
+            let delivery = match delivery {
+                "d" => Delivery::Delivered,
+                "n" => Delivery::NotHere,
+                "f" => Delivery::Full,
+                "s" => Delivery::StoreDown,
+                _ => return None,
+            };
+            Some(Frame::Answer {
+                id: id.parse().ok()?,
+                delivery,
+            })
         }
         "p" => Some(Frame::Poke { to: rest }),
         "t" => Some(Frame::TakenOver { to: rest }),
@@ -75,6 +117,8 @@ impl Relay {
             prefix: config.prefix.clone(),
             cmd: OnceCell::new(),
             client,
+            waiting: Mutex::default(),
+            next_id: AtomicU64::new(1),
         })
     }
 
@@ -216,21 +260,68 @@ impl Relay {
         node.filter(|n| *n != self.node)
     }
 
-    /// Hands `raw` to the node `to` is logged in on; false if it is on none (or Redis is
-    /// unreachable), and the message must be queued.
-    pub async fn deliver(&self, to: &str, from: &str, raw: &str) -> bool {
+    /// Hands `raw` to the node `to` is logged in on and returns that node's answer;
+    /// [`Delivery::NotHere`] if it is on none, the node does not answer in time, or Redis
+    /// is unreachable: the message must then be queued here.
+    pub async fn deliver(&self, to: &str, from: &str, raw: &str) -> Delivery {
         let Ok(mut cmd) = self.cmd().await else {
-            return false;
+            return Delivery::NotHere;
         };
         let Some(node) = self.elsewhere(&mut cmd, to).await else {
-            return false;
+            return Delivery::NotHere;
         };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.waiting().insert(id, tx);
+        let frame = format!("m\n{}\n{id}\n{to}\n{from}\n{raw}", self.node);
         let listeners: redis::RedisResult<i64> = redis::cmd("PUBLISH")
             .arg(self.channel(&node))
-            .arg(format!("m\n{to}\n{from}\n{raw}"))
+            .arg(frame)
             .query_async(&mut cmd)
             .await;
-        matches!(listeners, Ok(n) if n > 0)
+        let answer = match listeners {
+            Ok(n) if n > 0 => tokio::time::timeout(ANSWER_TIMEOUT, rx).await.ok(),
+            _ => None,
+        };
+        self.waiting().remove(&id);
+        match answer {
+            Some(Ok(delivery)) => delivery,
+            _ => {
+                debug!(
+                    to,
+                    node, "direct messages: no answer from the recipient's node"
+                );
+                Delivery::NotHere
+            }
+        }
+    }
+
+    fn waiting(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Delivery>>> {
+        // One map operation at a time: poisoning cannot leave it torn.
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tells `node` what became of its delivery `id`.
+    async fn answer(&self, node: &str, id: u64, delivery: Delivery) {
+        let code = match delivery {
+            Delivery::Delivered => "d",
+            Delivery::NotHere => "n",
+            Delivery::Full => "f",
+            Delivery::StoreDown => "s",
+        };
+        let sent: redis::RedisResult<i64> = async {
+            let mut cmd = self.cmd().await?;
+            redis::cmd("PUBLISH")
+                .arg(self.channel(node))
+                .arg(format!("a\n{id}\n{code}"))
+                .query_async(&mut cmd)
+                .await
+        }
+        .await;
+        if let Err(e) = sent {
+            // The sender's node times out and queues the message itself.
+            debug!(error = %e, "direct messages: cannot answer a delivery");
+        }
     }
 
     /// A message was queued for `to`: if it logged in on another node meanwhile, that node
@@ -281,11 +372,21 @@ pub async fn run(app: App) {
                         m = stream.next() => m,
                     };
                     let Some(msg) = msg else { break };
-                    let Ok(payload) = std::str::from_utf8(msg.get_payload_bytes()) else {
+                    let Ok(payload) = String::from_utf8(msg.get_payload_bytes().to_vec()) else {
                         continue;
                     };
-                    match decode(payload) {
-                        Some(frame) => on_frame(&app, frame).await,
+                    // Answers are handled here, so a delivery that waits for a peer's lock
+                    // never holds up the answers this node's own senders wait for.
+                    match decode(&payload) {
+                        Some(Frame::Answer { id, delivery }) => {
+                            if let Some(tx) = relay.waiting().remove(&id) {
+                                // The sender may have timed out already.
+                                let _ = tx.send(delivery);
+                            }
+                        }
+                        Some(_) => {
+                            app.tracker.spawn(on_frame(app.clone(), payload));
+                        }
                         None => debug!("direct messages: unknown frame from another node"),
                     }
                 }
@@ -301,10 +402,26 @@ pub async fn run(app: App) {
     }
 }
 
-async fn on_frame(app: &App, frame: Frame<'_>) {
+/// Acts on a frame from another node (not an answer).
+async fn on_frame(app: App, payload: String) {
     let m = &app.messages;
+    let Some(frame) = decode(&payload) else {
+        return;
+    };
     match frame {
-        Frame::Deliver { to, from, raw } => m.deliver_from_node(to, from, raw).await,
+        Frame::Deliver {
+            node,
+            id,
+            to,
+            from,
+            raw,
+        } => {
+            let delivery = m.deliver_from_node(to, from, raw).await;
+            if let Some(relay) = m.relay() {
+                relay.answer(node, id, delivery).await;
+            }
+        }
+        Frame::Answer { .. } => {}
         Frame::Poke { to } => m.drain_if_online(to).await,
         Frame::TakenOver { to } => m.taken_over(to).await,
     }
@@ -317,13 +434,23 @@ mod tests {
     #[test]
     fn frames() {
         assert_eq!(
-            decode("m\nB\nA\n{\"x\":\"a\nb\"}"),
+            decode("m\nn1\n7\nB\nA\n{\"x\":\"a\nb\"}"),
             Some(Frame::Deliver {
+                node: "n1",
+                id: 7,
                 to: "B",
                 from: "A",
                 raw: "{\"x\":\"a\nb\"}"
             })
         );
+        assert_eq!(
+            decode("a\n7\nf"),
+            Some(Frame::Answer {
+                id: 7,
+                delivery: Delivery::Full
+            })
+        );
+        assert_eq!(decode("a\n7\nx"), None);
         assert_eq!(decode("p\nB"), Some(Frame::Poke { to: "B" }));
         assert_eq!(decode("t\nB"), Some(Frame::TakenOver { to: "B" }));
         assert_eq!(decode("x\nB"), None);

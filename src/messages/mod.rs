@@ -21,12 +21,12 @@ use axum::response::{Html, Response};
 use axum::routing::get;
 use bytes::Bytes;
 use hyper::upgrade::Upgraded;
-use tokio::sync::OnceCell;
+use tokio::sync::{Notify, OnceCell};
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, MessagesConfig, StoreConfig};
 use crate::core::hub::ConnId;
-use crate::core::outbound::{Close, Outbound, Payload};
+use crate::core::outbound::{Close, Outbound, Payload, SLOW_CONSUMER};
 use crate::metrics::Metrics;
 use crate::server::{App, Peer, upgrade_with};
 use crate::store::StoreError;
@@ -43,12 +43,15 @@ pub const REPLACED: Close = Close {
     reason: "logged in from another connection",
 };
 
-/// How long the drain at login waits for queued messages to reach the socket before it
-/// leaves them queued (and the connection is dropped as stuck).
+/// How long a drain round waits for its batch to reach the socket before the connection is
+/// closed as a slow consumer (the batch stays queued for the next login).
 const DRAIN_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Messages taken from the queue per round of a drain.
 const DRAIN_BATCH: usize = 100;
+
+/// How long a drain waits before it reads a failing store again.
+const STORE_RETRY: Duration = Duration::from_secs(1);
 
 const STORE_DOWN: &str = "message store unavailable: message not stored, try again";
 
@@ -60,11 +63,38 @@ pub struct Messages {
     queue: OnceCell<Queue>,
     store: StoreConfig,
     config: MessagesConfig,
-    /// Bytes a drain round may queue on a connection: half its outbound queue.
-    drain_bytes: usize,
+    /// Bytes a recipient's outbound queue may hold before further messages to it spill
+    /// into its durable queue: half the queue, so the connection is never closed as a slow
+    /// consumer with messages in it.
+    live_bytes: usize,
+    /// The answer to a message over the connection's rate limit.
+    over_rate: Arc<Payload>,
     metrics: Arc<Metrics>,
     /// Cluster mode: the way to peers on other nodes.
     relay: Option<cluster::Relay>,
+}
+
+/// What became of a message handed to the node where its recipient is logged in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Written to the recipient's connection, or queued behind its backlog: it will be.
+    Delivered,
+    /// The recipient is not logged in there.
+    NotHere,
+    /// The recipient's queue is full: the message was not kept.
+    Full,
+    /// The store failed: the message was not kept.
+    StoreDown,
+}
+
+/// How one round of a drain ended.
+enum Round {
+    /// A batch was written and removed: go on.
+    More,
+    /// The queue is empty and the backlog cleared: sleep until woken.
+    Empty,
+    /// The connection is gone or replaced: the task ends.
+    Stop,
 }
 
 /// Routes on the main port.
@@ -104,12 +134,15 @@ async fn connect(State(app): State<App>, mut req: Request) -> Response {
 
 async fn serve(upgraded: Upgraded, deflate: Option<Deflate>, app: App, peer: Peer) {
     let mut conn = Connection::start(upgraded, deflate, app.conn_context(), peer).await;
+    let m = &app.messages;
+    conn.keepalive(m.config.ping_interval);
+    conn.answer_over_rate(m.over_rate.clone());
     let mut me: Option<Arc<str>> = None;
     loop {
         match conn.next().await {
-            Event::Text(text) => app.messages.on_text(&conn, &mut me, text).await,
+            Event::Text(text) => m.on_text(&app, &conn, &mut me, text).await,
             Event::Binary(_) => {
-                app.messages.refuse(
+                m.refuse(
                     &conn.outbound,
                     "binary frames are not supported: send JSON text",
                 );
@@ -119,19 +152,24 @@ async fn serve(upgraded: Upgraded, deflate: Option<Deflate>, app: App, peer: Pee
         }
     }
     if let Some(name) = me {
-        app.messages.logout(&name, conn.id).await;
+        m.logout(&name, conn.id).await;
     }
     conn.finish().await;
 }
 
 impl Messages {
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> Messages {
+        let over_rate = wire::error(format!(
+            "rate limit: at most {} messages per second (bursts of {}): message not sent",
+            config.limits.messages_per_second, config.limits.message_burst
+        ));
         Messages {
             peers: Peers::default(),
             queue: OnceCell::new(),
             store: config.store.clone(),
             config: config.messages.clone(),
-            drain_bytes: (config.outbound_queue_bytes / 2).max(1),
+            live_bytes: (config.outbound_queue_bytes / 2).max(1),
+            over_rate,
             metrics,
             relay: config.cluster.as_ref().and_then(cluster::Relay::new),
         }
@@ -154,7 +192,7 @@ impl Messages {
         let _ = to.send(wire::error(text));
     }
 
-    async fn on_text(&self, conn: &Connection, me: &mut Option<Arc<str>>, raw: Bytes) {
+    async fn on_text(&self, app: &App, conn: &Connection, me: &mut Option<Arc<str>>, raw: Bytes) {
         let out = &conn.outbound;
         if raw.len() > self.config.max_bytes {
             let max = self.config.max_bytes;
@@ -167,7 +205,7 @@ impl Messages {
                 debug!(conn = conn.id.0, error = %e, "bad frame");
                 self.refuse(out, e)
             }
-            Ok(Frame::Login { name, token }) => self.login(conn, me, name, token).await,
+            Ok(Frame::Login { name, token }) => self.login(app, conn, me, name, token).await,
             Ok(Frame::Send { from, to }) => {
                 let Some(name) = me.as_deref() else {
                     return self.refuse(out, r#"not logged in: send {"login":"<name>"} first"#);
@@ -190,6 +228,7 @@ impl Messages {
 
     async fn login(
         &self,
+        app: &App,
         conn: &Connection,
         me: &mut Option<Arc<str>>,
         name: String,
@@ -227,6 +266,8 @@ impl Messages {
             warn!(error = %e, "direct messages: cannot register a peer");
             return self.refuse(out, "message store unavailable: not logged in, try again");
         }
+        let name: Arc<str> = name.into();
+        let wake = Arc::new(Notify::new());
         let mut slot = self.peers.lock(&name).await;
         match slot.online.take() {
             Some(old) => replace(&old, &name),
@@ -237,136 +278,197 @@ impl Messages {
         slot.online = Some(Online {
             conn: conn.id,
             outbound: out.clone(),
+            wake: wake.clone(),
         });
+        // Whatever waits in the queue goes before anything new.
+        slot.backlog = true;
         if let Some(relay) = &self.relay {
             relay.claim(&name).await;
         }
-        debug!(conn = conn.id.0, name, "logged in");
-        *me = Some(name.as_str().into());
-        self.drain(&mut slot, queue, &name, out).await;
+        drop(slot);
+        debug!(conn = conn.id.0, %name, "logged in");
+        *me = Some(name.clone());
+        app.tracker
+            .spawn(drain(app.clone(), name, conn.id, out.clone(), wake));
     }
 
-    /// Delivers `name`'s queued messages to `out`, oldest first, removing each batch from
-    /// the queue once it is written to the socket. Holding the peer's lock, so nothing
-    /// overtakes the queue.
-    async fn drain(&self, slot: &mut SlotGuard<'_>, queue: &Queue, name: &str, out: &Outbound) {
-        match &self.relay {
-            Some(relay) => {
-                relay.drain_lease(name).await;
-                self.drain_batches(slot, queue, name, out).await;
-                relay.drain_done(name).await;
+    /// One round of `name`'s drain on connection `conn`: under the peer's lock, takes the
+    /// oldest batch from the queue and hands it to the connection (or, if the queue is
+    /// empty, clears the backlog); then, without the lock, waits for the batch to be written
+    /// to the socket and removes it from the queue.
+    async fn drain_round(&self, queue: &Queue, name: &str, conn: ConnId, out: &Outbound) -> Round {
+        let batch = {
+            let mut slot = self.peers.lock(name).await;
+            if slot.online.as_ref().is_none_or(|o| o.conn != conn) {
+                return Round::Stop;
             }
-            None => self.drain_batches(slot, queue, name, out).await,
-        }
-    }
-
-    async fn drain_batches(
-        &self,
-        _slot: &mut SlotGuard<'_>,
-        queue: &Queue,
-        name: &str,
-        out: &Outbound,
-    ) {
-        loop {
-            let batch = match queue.pending(name, DRAIN_BATCH, self.drain_bytes).await {
-                Ok(b) if b.is_empty() => return,
+            let budget = self.live_bytes.saturating_sub(out.queued_bytes());
+            let batch = match queue.pending(name, DRAIN_BATCH, budget).await {
                 Ok(b) => b,
                 Err(e) => {
                     warn!(error = %e, name, "direct messages: cannot read the queue");
-                    return;
+                    drop(slot);
+                    tokio::select! {
+                        _ = out.closed() => return Round::Stop,
+                        _ = tokio::time::sleep(STORE_RETRY) => return Round::More,
+                    }
                 }
             };
+            if batch.is_empty() {
+                slot.backlog = false;
+                return Round::Empty;
+            }
             for q in &batch {
                 if out.send(Payload::text(q.body.clone())).is_err() {
-                    return;
+                    return Round::Stop;
                 }
             }
-            let written = tokio::time::timeout(DRAIN_WRITE_TIMEOUT, out.flushed()).await;
-            if written != Ok(true) {
-                // Not known to be written: the messages stay queued for the next login.
-                if written.is_err() {
-                    out.close(codes::IDLE);
-                }
-                return;
+            batch
+        };
+        match tokio::time::timeout(DRAIN_WRITE_TIMEOUT, out.flushed()).await {
+            Ok(true) => {}
+            // Not known to be written: the batch stays queued for the next login.
+            Ok(false) => return Round::Stop,
+            Err(_) => {
+                debug!(
+                    conn = conn.0,
+                    name, "queued messages not read: slow consumer"
+                );
+                out.close(SLOW_CONSUMER);
+                return Round::Stop;
             }
-            let n = batch.len() as u64;
-            if let Err(e) = queue
-                .remove(batch.into_iter().map(|q| q.id).collect())
-                .await
-            {
-                warn!(error = %e, name, "direct messages: delivered messages not removed");
-                return;
-            }
-            self.metrics
-                .direct_messages
-                .get_or_create(&crate::metrics::KindLabel { kind: "drained" })
-                .inc_by(n);
         }
+        let n = batch.len() as u64;
+        if let Err(e) = queue
+            .remove(batch.into_iter().map(|q| q.id).collect())
+            .await
+        {
+            // They were written: the next login gets them once more (at least once).
+            warn!(error = %e, name, "direct messages: delivered messages not removed");
+            return Round::Stop;
+        }
+        self.metrics
+            .direct_messages
+            .get_or_create(&crate::metrics::KindLabel { kind: "drained" })
+            .inc_by(n);
+        Round::More
     }
 
     /// Delivers `raw` from `from` to `to`, or queues it; returns the answer for the sender,
-    /// if any (a delivered message gets none, as in the original).
+    /// if any (a delivered message gets none, as in the original). Holds `to`'s lock
+    /// throughout, so a login of `to` (here) sees the message either online or queued.
     async fn send(&self, from: &str, to: &str, raw: Bytes) -> Option<Arc<Payload>> {
-        let slot = self.peers.lock(to).await;
-        // A closing connection refuses: the peer is going offline, so the message is queued.
-        if let Some(online) = &slot.online
-            && online.outbound.send(Payload::text(raw.clone())).is_ok()
-        {
-            self.metrics.direct("delivered");
-            return None;
-        }
         // The WebSocket layer hands over valid UTF-8 only.
         let body = String::from_utf8_lossy(&raw);
-        if let Some(relay) = &self.relay
-            && relay.deliver(to, from, &body).await
+        let mut slot = self.peers.lock(to).await;
+        let mut delivery = self.deliver_here(&mut slot, to, from, &body).await;
+        if delivery == Delivery::NotHere
+            && let Some(relay) = &self.relay
         {
-            self.metrics.direct("delivered");
-            return None;
+            delivery = relay.deliver(to, from, &body).await;
+        }
+        let answer = match delivery {
+            Delivery::Delivered => return None,
+            Delivery::Full => self.full(to),
+            Delivery::StoreDown => STORE_DOWN.into(),
+            Delivery::NotHere => return Some(self.queue_offline(to, from, &body).await),
+        };
+        self.metrics.direct("refused");
+        Some(wire::error(answer))
+    }
+
+    /// Delivers to `to` if it is logged in on this node: written to its connection, or
+    /// queued behind its backlog (when older messages wait, or its connection has more
+    /// than `live_bytes` unwritten) and its drain woken.
+    async fn deliver_here(
+        &self,
+        slot: &mut SlotGuard<'_>,
+        to: &str,
+        from: &str,
+        body: &str,
+    ) -> Delivery {
+        let Some(online) = &slot.online else {
+            return Delivery::NotHere;
+        };
+        if online.outbound.closing().is_some() {
+            // Going offline: the message waits in the queue for the next login.
+            return Delivery::NotHere;
+        }
+        if !slot.backlog && online.outbound.queued_bytes() + body.len() <= self.live_bytes {
+            if online.outbound.send(Payload::text(body.to_owned())).is_ok() {
+                self.metrics.direct("delivered");
+                return Delivery::Delivered;
+            }
+            return Delivery::NotHere;
         }
         let queue = match self.queue().await {
             Ok(q) => q,
             Err(e) => {
                 warn!(error = %e, "direct messages: store unavailable");
-                self.metrics.direct("refused");
-                return Some(wire::error(STORE_DOWN));
+                return Delivery::StoreDown;
+            }
+        };
+        match queue.enqueue(to, from, body, self.config.queue_limit).await {
+            Ok(()) => {
+                self.metrics.direct("spilled");
+                online.wake.notify_one();
+                slot.backlog = true;
+                Delivery::Delivered
+            }
+            Err(QueueError::Full(_)) => Delivery::Full,
+            Err(QueueError::Store(e)) => {
+                warn!(error = %e, "direct messages: cannot queue a message");
+                Delivery::StoreDown
+            }
+        }
+    }
+
+    fn full(&self, to: &str) -> String {
+        format!(
+            "the queue of {to} is full ({} messages): message not stored",
+            self.config.queue_limit
+        )
+    }
+
+    /// `to` is logged in nowhere: queues the message if `to` is a known peer. The answer
+    /// is the original's "connection closed" text once the message is committed.
+    async fn queue_offline(&self, to: &str, from: &str, body: &str) -> Arc<Payload> {
+        let refused = |text: String| {
+            self.metrics.direct("refused");
+            wire::error(text)
+        };
+        let queue = match self.queue().await {
+            Ok(q) => q,
+            Err(e) => {
+                warn!(error = %e, "direct messages: store unavailable");
+                return refused(STORE_DOWN.into());
             }
         };
         match queue.is_known(to).await {
             Ok(true) => {}
             Ok(false) => {
                 self.metrics.direct("refused");
-                return Some(wire::unknown_peer(to));
+                return wire::unknown_peer(to);
             }
             Err(e) => {
                 warn!(error = %e, "direct messages: store unavailable");
-                self.metrics.direct("refused");
-                return Some(wire::error(STORE_DOWN));
+                return refused(STORE_DOWN.into());
             }
         }
-        let answer = match queue
-            .enqueue(to, from, &body, self.config.queue_limit)
-            .await
-        {
+        match queue.enqueue(to, from, body, self.config.queue_limit).await {
             Ok(()) => {
                 self.metrics.direct("queued");
-                drop(slot);
                 if let Some(relay) = &self.relay {
                     relay.poke(to).await;
                 }
-                return Some(wire::offline_peer(to));
+                wire::offline_peer(to)
             }
-            Err(QueueError::Full(_)) => format!(
-                "the queue of {to} is full ({} messages): message not stored",
-                self.config.queue_limit
-            ),
+            Err(QueueError::Full(_)) => refused(self.full(to)),
             Err(QueueError::Store(e)) => {
                 warn!(error = %e, "direct messages: cannot queue a message");
-                STORE_DOWN.into()
+                refused(STORE_DOWN.into())
             }
-        };
-        drop(slot);
-        self.metrics.direct("refused");
-        Some(wire::error(answer))
+        }
     }
 
     /// `conn` is gone: `name` is offline unless it logged in again elsewhere.
@@ -374,6 +476,7 @@ impl Messages {
         let mut slot = self.peers.lock(name).await;
         if slot.online.as_ref().is_some_and(|o| o.conn == conn) {
             slot.online = None;
+            slot.backlog = false;
             self.metrics.direct_peers_online.dec();
             debug!(conn = conn.0, name, "logged out");
             if let Some(relay) = &self.relay {
@@ -382,36 +485,10 @@ impl Messages {
         }
     }
 
-    /// Cluster mode: another node's sender wrote to `to`, which was logged in here.
-    async fn deliver_from_node(&self, to: &str, from: &str, raw: &str) {
-        let slot = self.peers.lock(to).await;
-        if let Some(online) = &slot.online
-            && online.outbound.send(Payload::text(raw.to_owned())).is_ok()
-        {
-            self.metrics.direct("delivered");
-            return;
-        }
-        // Gone meanwhile: the sender was told it was delivered, so it is queued here.
-        let queued = match self.queue().await {
-            Ok(q) => q
-                .enqueue(to, from, raw, self.config.queue_limit)
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        drop(slot);
-        match queued {
-            Ok(()) => {
-                self.metrics.direct("queued");
-                if let Some(relay) = &self.relay {
-                    relay.poke(to).await;
-                }
-            }
-            Err(e) => {
-                self.metrics.direct("lost");
-                warn!(error = %e, to, from, "direct messages: a relayed message could not be queued");
-            }
-        }
+    /// Cluster mode: another node's sender wrote to `to`, which it found logged in here.
+    async fn deliver_from_node(&self, to: &str, from: &str, raw: &str) -> Delivery {
+        let mut slot = self.peers.lock(to).await;
+        self.deliver_here(&mut slot, to, from, raw).await
     }
 
     /// Cluster mode, after (re)connecting to Redis: every peer online here is written back.
@@ -423,14 +500,13 @@ impl Messages {
         }
     }
 
-    /// Cluster mode: a message was queued for `to` on another node.
+    /// Cluster mode: a message was queued for `to` on another node; if `to` is logged in
+    /// here, it goes behind the backlog and the drain is woken.
     async fn drain_if_online(&self, to: &str) {
         let mut slot = self.peers.lock(to).await;
-        let Some(out) = slot.online.as_ref().map(|o| o.outbound.clone()) else {
-            return;
-        };
-        if let Ok(queue) = self.queue().await {
-            self.drain(&mut slot, queue, to, &out).await;
+        if let Some(online) = &slot.online {
+            online.wake.notify_one();
+            slot.backlog = true;
         }
     }
 
@@ -438,8 +514,42 @@ impl Messages {
     async fn taken_over(&self, to: &str) {
         let mut slot = self.peers.lock(to).await;
         if let Some(old) = slot.online.take() {
+            slot.backlog = false;
             self.metrics.direct_peers_online.dec();
             replace(&old, to);
+        }
+    }
+}
+
+/// The drain task of one logged-in connection: delivers `name`'s queue, oldest first,
+/// whenever it is woken (at login, when a message spills into the queue, when another node
+/// queued one), until the connection is gone or replaced. In cluster mode each drain holds
+/// a lease in Redis, so two nodes never deliver the same queued message.
+async fn drain(app: App, name: Arc<str>, conn: ConnId, out: Outbound, wake: Arc<Notify>) {
+    let m = &app.messages;
+    let Ok(queue) = m.queue().await else {
+        // The login registered the peer, so the store opened; it cannot be gone now.
+        return;
+    };
+    loop {
+        if let Some(relay) = &m.relay {
+            relay.drain_lease(&name).await;
+        }
+        let round = loop {
+            match m.drain_round(queue, &name, conn, &out).await {
+                Round::More => continue,
+                other => break other,
+            }
+        };
+        if let Some(relay) = &m.relay {
+            relay.drain_done(&name).await;
+        }
+        if let Round::Stop = round {
+            return;
+        }
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = out.closed() => return,
         }
     }
 }

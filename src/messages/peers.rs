@@ -1,16 +1,17 @@
 //! The peers logged in on this node, each behind its own delivery lock.
 //!
-//! Owns who is online here. Everything that delivers to a peer (a sender, the drain of its
-//! queue at login, a takeover, a logout) holds that peer's lock, so a peer sees its queued
-//! messages before any new one and two senders' messages in one order. Slots exist only
-//! while a peer is online or someone holds its lock: memory follows the peers online, not
-//! every name ever seen.
+//! Owns who is online here and whether their durable queue must go first. Everything that
+//! delivers to a peer (a sender, a round of the drain of its queue, a takeover, a logout)
+//! holds that peer's lock, so a peer sees its queued messages before any new one and two
+//! senders' messages in one order. The lock is held for one decision and one store call,
+//! never while waiting for a socket. Slots exist only while a peer is online or someone
+//! holds its lock: memory follows the peers online, not every name ever seen.
 
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
+use tokio::sync::{Mutex as AsyncMutex, Notify, OwnedMutexGuard};
 
 use crate::core::hub::ConnId;
 use crate::core::outbound::Outbound;
@@ -20,12 +21,19 @@ use crate::core::outbound::Outbound;
 pub struct Online {
     pub conn: ConnId,
     pub outbound: Outbound,
+    /// Wakes the connection's drain task: something was queued for it.
+    pub wake: Arc<Notify>,
 }
 
 /// One peer name's delivery state on this node.
 #[derive(Debug, Default)]
 pub struct Slot {
     pub online: Option<Online>,
+    /// The durable queue may hold messages for the online peer: new messages are queued
+    /// behind them (and the drain task woken) instead of written, so nothing overtakes.
+    /// Set at login and when a message spills into the queue; cleared by the drain task
+    /// when it finds the queue empty, under this lock.
+    pub backlog: bool,
 }
 
 type SlotRef = Arc<AsyncMutex<Slot>>;
@@ -124,6 +132,7 @@ mod tests {
             g.online = Some(Online {
                 conn: ConnId(1),
                 outbound: Outbound::new(1024),
+                wake: Arc::default(),
             });
         }
         assert_eq!(peers.slots().len(), 1);

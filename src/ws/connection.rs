@@ -133,8 +133,20 @@ pub struct Connection {
     writer: JoinHandle<()>,
     idle: Interval,
     last_activity: Instant,
+    /// Server pings, for front-ends whose clients may only listen: see
+    /// [`Connection::keepalive`].
+    keepalive: Option<Keepalive>,
+    /// What a message over the rate limit gets instead of a close: see
+    /// [`Connection::answer_over_rate`].
+    over_rate: Option<Arc<Payload>>,
     shutdown_seen: bool,
     ctx: ConnContext,
+}
+
+/// Server pings on a quiet connection, and the silence after which it is dead.
+struct Keepalive {
+    tick: Interval,
+    every: Duration,
 }
 
 impl Connection {
@@ -182,9 +194,27 @@ impl Connection {
             writer,
             idle,
             last_activity: Instant::now(),
+            keepalive: None,
+            over_rate: None,
             shutdown_seen: false,
             ctx,
         }
+    }
+
+    /// Pings the peer after `every` of silence, and closes the connection as idle (4000)
+    /// after twice that with no frame at all (a pong counts). For clients that may only
+    /// listen, so a live one is never taken for idle and a dead one is noticed within
+    /// `2 x every`, whatever the idle timeout.
+    pub fn keepalive(&mut self, every: Duration) {
+        let mut tick = tokio::time::interval_at(Instant::now() + every / 2, every / 2);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        self.keepalive = Some(Keepalive { tick, every });
+    }
+
+    /// A message over the rate limit is dropped and answered with `answer` instead of
+    /// closing the connection (1008), for protocols where every message gets an answer.
+    pub fn answer_over_rate(&mut self, answer: Arc<Payload>) {
+        self.over_rate = Some(answer);
     }
 
     /// Queues a message for the peer. A refusal means the connection is closing, which the
@@ -214,9 +244,17 @@ impl Connection {
                 }
                 _ = self.idle.tick() => {
                     if self.last_activity.elapsed() >= self.ctx.settings.idle_timeout {
-                        debug!(conn = self.id.0, "idle timeout");
-                        self.ctx.metrics.idle_timeouts.inc();
-                        self.outbound.close(codes::IDLE);
+                        self.close_idle();
+                    }
+                }
+                _ = keepalive_tick(&mut self.keepalive) => {
+                    let silent = self.last_activity.elapsed();
+                    let every = self.keepalive.as_ref().map_or(Duration::MAX, |k| k.every);
+                    if silent >= every * 2 {
+                        self.close_idle();
+                    } else if silent >= every {
+                        // Refused only when closing, which `next` reports.
+                        let _ = self.outbound.send(Payload::ping());
                     }
                 }
                 msg = self.stream.next() => {
@@ -224,7 +262,14 @@ impl Connection {
                     if matches!(msg, Some(Ok(Message::Text(_) | Message::Binary(_) | Message::Ping(_)))) && self.rate.check().is_err() {
                         debug!(conn = self.id.0, addr = %self.peer.addr, "message rate limit");
                         self.ctx.metrics.error("limit_message_rate");
-                        self.outbound.close(codes::RATE_LIMITED);
+                        match (&self.over_rate, &msg) {
+                            (Some(answer), Some(Ok(Message::Text(_) | Message::Binary(_)))) => {
+                                // Refused only when closing, which `next` reports.
+                                let _ = self.outbound.send(answer.clone());
+                            }
+                            (Some(_), _) => {}
+                            (None, _) => self.outbound.close(codes::RATE_LIMITED),
+                        }
                         continue;
                     }
                     match msg {
@@ -253,6 +298,12 @@ impl Connection {
                 }
             }
         }
+    }
+
+    fn close_idle(&self) {
+        debug!(conn = self.id.0, "idle timeout");
+        self.ctx.metrics.idle_timeouts.inc();
+        self.outbound.close(codes::IDLE);
     }
 
     fn count_in(&self, len: usize) {
@@ -323,6 +374,16 @@ fn close_kind(code: u16) -> &'static str {
     }
 }
 
+/// The next keep-alive tick, or never without keep-alive.
+async fn keepalive_tick(keepalive: &mut Option<Keepalive>) {
+    match keepalive {
+        Some(k) => {
+            k.tick.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// Maps a read error to a metrics kind and the close to send.
 fn classify(e: &WsError) -> (&'static str, Close) {
     match e {
@@ -344,6 +405,9 @@ fn classify(e: &WsError) -> (&'static str, Close) {
 /// message is long enough, else plain. The payload bytes are shared, never copied here.
 /// The flag says whether this call compressed the payload (first receiver to need it).
 fn frame_for(p: &Payload, deflate: Option<Deflate>, s: &WsSettings) -> (Frame, bool) {
+    if p.is_ping() {
+        return (Frame::ping(p.data().clone()), false);
+    }
     let opcode = OpCode::Data(if p.is_binary() {
         Data::Binary
     } else {
