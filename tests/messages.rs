@@ -551,3 +551,201 @@ async fn after_redis_restarts_empty_the_nodes_write_their_peers_back() {
         .await
         .unwrap();
 }
+
+impl Peer {
+    /// Logs in on a socket with a tiny receive buffer, which reads nothing until the test
+    /// calls [`Peer::next`]: a recipient that falls behind, or one that is stuck.
+    async fn login_slow_reader(addr: SocketAddr, name: &str) -> Peer {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let stream = tokio_tungstenite::MaybeTlsStream::Plain(socket.connect(addr).await.unwrap());
+        let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/messages"), stream)
+            .await
+            .expect("connects");
+        let mut p = Peer(ws);
+        p.send(json!({ "login": name })).await;
+        p
+    }
+}
+
+/// Frames of about 15 KB, numbered, from A to B.
+fn big_frames(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| json!({ "from": "A", "to": "B", "msg": format!("{i}:{}", "x".repeat(15_000)) }))
+        .map(|v| v.to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_recipient_that_falls_behind_loses_nothing_and_holds_up_nobody() {
+    let server = common::start(Settings {
+        outbound_queue_bytes: Some(64 * 1024),
+        messages_queue_limit: Some(10_000),
+        messages_per_second: Some(100_000),
+        message_burst: Some(100_000),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    let mut a = Peer::login(addr, "A").await;
+    let mut c = Peer::login(addr, "C").await;
+    let mut b = Peer::login_slow_reader(addr, "B").await;
+    online(addr, 3.0).await;
+
+    // Far more than the kernel's buffers and B's outbound queue hold: the rest waits in
+    // B's durable queue, and A is told nothing (every message will be delivered).
+    let frames = big_frames(600);
+    for f in &frames {
+        a.text(f).await;
+    }
+    a.nothing_pending().await;
+    assert!(metric(addr, r#"supersynk_direct_messages_total{kind="spilled"}"#).await > 0.0);
+
+    // B, still not reading, holds up neither A nor A's messages to others.
+    let m = a.msg("A", "C", "not stuck behind B").await;
+    assert_eq!(c.next().await, m);
+
+    // Once B reads, it gets every message, in order, once.
+    for f in &frames {
+        assert_eq!(&b.next().await, f);
+    }
+    let m = a.msg("A", "B", "after the backlog").await;
+    assert_eq!(b.next().await, m);
+    b.nothing_pending().await;
+}
+
+#[tokio::test]
+async fn a_listening_peer_is_kept_alive_by_pings_and_a_dead_one_is_noticed() {
+    let server = common::start(Settings {
+        socket_timeout_ms: Some(600),
+        socket_timeout_check_interval_ms: Some(100),
+        messages_ping_interval_ms: Some(200),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    // B only listens; its client answers the server's pings as it reads.
+    let b = Peer::login(addr, "B").await;
+    let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel();
+    let listener = tokio::spawn(async move {
+        let mut b = b;
+        loop {
+            let text = b.next().await;
+            if got_tx.send(text).is_err() {
+                return;
+            }
+        }
+    });
+    // D is connected but never reads again: no pongs, as a peer whose machine vanished.
+    let d = Peer::login_slow_reader(addr, "D").await;
+    online(addr, 2.0).await;
+    // D goes offline within twice the ping interval; B stays, past the idle timeout too.
+    online(addr, 1.0).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let mut a = Peer::login(addr, "A").await;
+    let m = a.msg("A", "B", "still there?").await;
+    assert_eq!(got_rx.recv().await.as_deref(), Some(m.as_str()));
+    a.msg("A", "D", "gone?").await;
+    assert!(a.error().await.starts_with("connection to D closed"));
+    listener.abort();
+    drop(d);
+}
+
+#[tokio::test]
+async fn a_message_over_the_rate_limit_is_answered_and_the_connection_stays() {
+    let server = common::start(Settings {
+        messages_per_second: Some(5),
+        message_burst: Some(5),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    let mut a = Peer::login(addr, "A").await;
+    let mut c = Peer::login(addr, "C").await;
+    online(addr, 2.0).await;
+    let frames: Vec<String> = (0..20)
+        .map(|i| json!({ "from": "A", "to": "C", "msg": i.to_string() }).to_string())
+        .collect();
+    for f in &frames {
+        a.text(f).await;
+    }
+    // Every message is either delivered or answered: none is lost unseen.
+    let mut refused = 0;
+    let mut delivered = Vec::new();
+    while refused + delivered.len() < frames.len() {
+        tokio::select! {
+            e = a.error() => {
+                assert!(e.starts_with("rate limit: at most 5 messages per second"), "{e}");
+                refused += 1;
+            }
+            m = c.next() => delivered.push(m),
+        }
+    }
+    assert!(refused > 0 && !delivered.is_empty());
+    // Delivered ones in the order sent.
+    let mut expected = frames.iter().filter(|f| delivered.contains(f));
+    assert!(delivered.iter().all(|d| Some(d) == expected.next()));
+    // Once the rate allows again, the connection works as before.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let m = a.msg("A", "C", "later").await;
+    assert_eq!(c.next().await, m);
+}
+
+#[tokio::test]
+async fn in_a_cluster_a_stale_location_gets_the_message_queued_not_lost() {
+    let prefix = common::cluster::unique_prefix();
+    let (url, pg, schema) = postgres_schema().await;
+    let settings = || Settings {
+        redis_url: Some(common::cluster::redis_url()),
+        redis_prefix: Some(prefix.to_string()),
+        database_url: Some(url.clone()),
+        messages_queue_limit: Some(3),
+        ..Settings::default()
+    };
+    let one = common::start(settings()).await;
+    let two = common::start(settings()).await;
+    nodes_listening(&common::cluster::redis_url(), &prefix, 2).await;
+    let (n1, n2) = (one.local_addr, two.local_addr);
+
+    // B was on node two; its entry in Redis outlives it (as after an outage there).
+    let redis = redis::Client::open(common::cluster::redis_url()).unwrap();
+    let mut con = redis.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("{}dm:peer:B", &*prefix);
+    known_offline(n2, "B").await;
+    let mut b = Peer::login(n2, "B").await;
+    online(n2, 1.0).await;
+    let node_two: String = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    drop(b);
+    online(n2, 0.0).await;
+    let () = redis::cmd("SET")
+        .arg(&key)
+        .arg(&node_two)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+
+    // Node two answers that B is not there: the sender's node queues, and says so.
+    let mut a = Peer::login(n1, "A").await;
+    let mut queued = Vec::new();
+    for i in 0..3 {
+        queued.push(a.msg("A", "B", &format!("q{i}")).await);
+        assert!(a.error().await.ends_with(OFFLINE));
+    }
+    a.msg("A", "B", "one too many").await;
+    assert_eq!(
+        a.error().await,
+        "the queue of B is full (3 messages): message not stored"
+    );
+    b = Peer::login(n1, "B").await;
+    for q in &queued {
+        assert_eq!(&b.next().await, q);
+    }
+    b.nothing_pending().await;
+    pg.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value};
 
 use crate::core::outbound::Payload;
@@ -21,9 +22,11 @@ pub enum Request {
 
 /// Reads one text frame. The error is the text of the `{"error": ...}` answer.
 pub fn parse(text: &str) -> Result<Request, String> {
-    let value: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
-    let Value::Object(mut obj) = value else {
-        return Err("expected a JSON object".into());
+    let mut obj = match serde_json::from_str(text) {
+        Ok(Object::Unique(obj)) => obj,
+        Ok(Object::Duplicate(key)) => return Err(format!("duplicate field {key:?}")),
+        Err(e) if e.is_data() => return Err("expected a JSON object".into()),
+        Err(e) => return Err(format!("invalid JSON: {e}")),
     };
     if obj.contains_key("login") {
         only(&obj, &["login", "token"])?;
@@ -45,6 +48,39 @@ pub fn parse(text: &str) -> Result<Request, String> {
         return Ok(Request::Send { from, to });
     }
     Err(r#"expected {"login":"<name>"} or {"from":"<name>","to":"<name>","msg":"<text>"}"#.into())
+}
+
+/// A JSON object read with its duplicate keys noticed (serde_json would keep the last one,
+/// so `{"from":"Z","from":"A"}` would pass the name check while other parsers read `Z`).
+enum Object {
+    Unique(Map<String, Value>),
+    Duplicate(String),
+}
+
+impl<'de> Deserialize<'de> for Object {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Object, D::Error> {
+        struct ObjectVisitor;
+        impl<'de> Visitor<'de> for ObjectVisitor {
+            type Value = Object;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Object, A::Error> {
+                let mut obj = Map::new();
+                while let Some(key) = access.next_key::<String>()? {
+                    let value: Value = access.next_value()?;
+                    if obj.contains_key(&key) {
+                        // The rest is still read, so invalid JSON after it is reported.
+                        while access.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                        return Ok(Object::Duplicate(key));
+                    }
+                    obj.insert(key, value);
+                }
+                Ok(Object::Unique(obj))
+            }
+        }
+        d.deserialize_map(ObjectVisitor)
+    }
 }
 
 fn only(obj: &Map<String, Value>, allowed: &[&str]) -> Result<(), String> {
@@ -129,6 +165,12 @@ mod tests {
         let err = |t: &str| parse(t).unwrap_err();
         assert!(err("{").starts_with("invalid JSON"));
         assert_eq!(err("[1]"), "expected a JSON object");
+        assert_eq!(err("\"text\""), "expected a JSON object");
+        assert_eq!(
+            err(r#"{"from":"Z","from":"A","to":"B","msg":"x"}"#),
+            "duplicate field \"from\""
+        );
+        assert!(err(r#"{"a":1,"a":2,"#).starts_with("invalid JSON"));
         assert!(err("{}").starts_with("expected {"));
         assert_eq!(err(r#"{"login":5}"#), "\"login\" must be a string");
         assert_eq!(err(r#"{"login":""}"#), "a peer name cannot be empty");

@@ -1,5 +1,5 @@
-// /messages.html in Chromium: two peers side by side exchange messages, and a message to a
-// closed peer is queued and shown when it logs in again.
+// /messages.html in Chromium: two peers side by side exchange messages, a message to a
+// closed peer is queued and shown when it logs in again, and a refused login says so.
 import assert from 'node:assert/strict';
 import { startServer, launchBrowser, eventually } from './lib.mjs';
 
@@ -34,6 +34,20 @@ try {
   await eventually('B gets the queued message', async () =>
     (await b.locator('li.in').allTextContents()).includes('A: while B was away'));
 } finally {
-  await browser.close();
   await server.stop();
+}
+
+// A server with a secret: a login without a token is refused, and the page says so.
+const guarded = await startServer(['--messages-secret', 's3cret']);
+try {
+  const page = await browser.newPage();
+  await page.goto(guarded.url + '/messages.html');
+  const [a] = await page.locator('section.peer').all();
+  await a.locator('.login').click();
+  await eventually('the refusal shown as the status', async () =>
+    (await a.locator('.status').textContent()) === 'not logged in: login as A requires a token');
+  assert.equal(await a.locator('.login').isDisabled(), false);
+} finally {
+  await browser.close();
+  await guarded.stop();
 }
