@@ -306,7 +306,8 @@ impl Metrics {
         self.errors.get_or_create(&KindLabel { kind }).inc();
     }
 
-    /// Counts one direct message that was `kind` (delivered, queued, drained, refused).
+    /// Counts one direct message that was `kind` (delivered, spilled into the queue of an online
+    /// peer that was behind, queued, drained from a queue, refused).
     pub fn direct(&self, kind: &'static str) {
         self.direct_messages
             .get_or_create(&KindLabel { kind })

@@ -23,6 +23,8 @@ pub enum StoreError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("PostgreSQL pool: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
     #[error("invalid PostgreSQL URL: {0}")]
     Url(String),
     #[error("the store's worker thread failed")]

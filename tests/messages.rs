@@ -749,3 +749,31 @@ async fn in_a_cluster_a_stale_location_gets_the_message_queued_not_lost() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn in_a_cluster_without_postgresql_the_queue_is_shared_through_redis() {
+    let prefix = common::cluster::unique_prefix();
+    let settings = || Settings {
+        redis_url: Some(common::cluster::redis_url()),
+        redis_prefix: Some(prefix.to_string()),
+        ..Settings::default()
+    };
+    let one = common::start(settings()).await;
+    let two = common::start(settings()).await;
+    nodes_listening(&common::cluster::redis_url(), &prefix, 2).await;
+    let (n1, n2) = (one.local_addr, two.local_addr);
+
+    // B is known to every node once it logged in on one.
+    known_offline(n2, "B").await;
+    let mut a = Peer::login(n1, "A").await;
+    let first = a.msg("A", "B", "queued on node one").await;
+    assert!(a.error().await.ends_with(OFFLINE));
+    drop(a);
+    online(n1, 0.0).await;
+
+    // Node one goes away; its queue was not its own.
+    drop(one);
+    let mut b = Peer::login(n2, "B").await;
+    assert_eq!(b.next().await, first);
+    b.nothing_pending().await;
+}

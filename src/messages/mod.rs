@@ -10,6 +10,7 @@
 pub mod cluster;
 pub mod peers;
 pub mod queue;
+pub mod redis_queue;
 pub mod wire;
 
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use hyper::upgrade::Upgraded;
 use tokio::sync::{Notify, OnceCell};
 use tracing::{debug, info, warn};
 
-use crate::config::{Config, MessagesConfig, StoreConfig};
+use crate::config::{ClusterConfig, Config, MessagesConfig, StoreConfig};
 use crate::core::hub::ConnId;
 use crate::core::outbound::{Close, Outbound, Payload, SLOW_CONSUMER};
 use crate::metrics::Metrics;
@@ -62,6 +63,8 @@ pub struct Messages {
     /// Opened once, at start (retried on use if that failed: the relay starts without it).
     queue: OnceCell<Queue>,
     store: StoreConfig,
+    /// Cluster mode: where the queue is when there is no PostgreSQL.
+    cluster: Option<ClusterConfig>,
     config: MessagesConfig,
     /// Bytes a recipient's outbound queue may hold before further messages to it spill
     /// into its durable queue: half the queue, so the connection is never closed as a slow
@@ -113,14 +116,9 @@ pub fn compat_router(app: App) -> Router {
 /// Opens the store at start, so a missing or broken one is in the log at once.
 pub async fn open_store(app: App) {
     match app.messages.queue().await {
+        Ok(Queue::Redis(_)) => info!("direct messages: store open in Redis (the cluster's)"),
         Ok(_) => info!(store = %app.config.store.describe(), "direct messages: store open"),
         Err(e) => warn!(error = %e, "direct messages: store unavailable; will retry on use"),
-    }
-    if app.config.cluster.is_some() && matches!(app.config.store, StoreConfig::Sqlite(_)) {
-        warn!(
-            "direct messages: cluster mode with a SQLite queue: each node keeps its own queue; \
-             give every node the same --database-url to share it"
-        );
     }
 }
 
@@ -167,6 +165,7 @@ impl Messages {
             peers: Peers::default(),
             queue: OnceCell::new(),
             store: config.store.clone(),
+            cluster: config.cluster.clone(),
             config: config.messages.clone(),
             live_bytes: (config.outbound_queue_bytes / 2).max(1),
             over_rate,
@@ -182,7 +181,7 @@ impl Messages {
 
     async fn queue(&self) -> Result<&Queue, StoreError> {
         self.queue
-            .get_or_try_init(|| Queue::open(&self.store))
+            .get_or_try_init(|| Queue::open(&self.store, self.cluster.as_ref()))
             .await
     }
 
@@ -340,7 +339,7 @@ impl Messages {
         }
         let n = batch.len() as u64;
         if let Err(e) = queue
-            .remove(batch.into_iter().map(|q| q.id).collect())
+            .remove(name, batch.into_iter().map(|q| q.id).collect())
             .await
         {
             // They were written: the next login gets them once more (at least once).

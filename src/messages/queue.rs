@@ -2,18 +2,29 @@
 //!
 //! Owns the tables and their SQL, on SQLite (`messages.sqlite3` in the data directory,
 //! synchronous=FULL: a queued message is on the disk before the sender hears it was queued)
-//! or PostgreSQL (shared by the nodes of a cluster). Knows nothing of sockets: the front-end
-//! decides when a message may leave the queue.
+//! or PostgreSQL (shared by the nodes of a cluster); a cluster without PostgreSQL keeps them
+//! in Redis ([`super::redis_queue`]). Knows nothing of sockets: the front-end decides when a
+//! message may leave the queue.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::config::StoreConfig;
+use super::redis_queue::RedisQueue;
+use crate::config::{ClusterConfig, StoreConfig};
 use crate::store::{Durability, Sqlite, StoreError, postgres_pool};
+
+/// Where a queued message is, to remove it once delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MessageId {
+    /// A row of the SQL table.
+    Row(i64),
+    /// An entry of the recipient's Redis stream.
+    Stream(String),
+}
 
 /// One queued message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Queued {
-    pub id: i64,
+    pub id: MessageId,
     /// The frame as the sender sent it, delivered unchanged.
     pub body: String,
 }
@@ -32,6 +43,7 @@ pub enum QueueError {
 pub enum Queue {
     Sqlite(Sqlite),
     Postgres(deadpool_postgres::Pool),
+    Redis(RedisQueue),
 }
 
 const SQLITE_SCHEMA: &str = "
@@ -72,9 +84,16 @@ fn now_ms() -> i64 {
 }
 
 impl Queue {
-    /// Opens the store and creates its tables if missing.
-    pub async fn open(config: &StoreConfig) -> Result<Queue, StoreError> {
+    /// Opens the store and creates its tables if missing: PostgreSQL when configured, else
+    /// Redis in a cluster (so the nodes share it), else SQLite.
+    pub async fn open(
+        config: &StoreConfig,
+        cluster: Option<&ClusterConfig>,
+    ) -> Result<Queue, StoreError> {
         match config {
+            StoreConfig::Sqlite(_) if let Some(cluster) = cluster => {
+                Ok(Queue::Redis(RedisQueue::open(cluster).await?))
+            }
             StoreConfig::Sqlite(dir) => {
                 let db = Sqlite::open(dir, "messages.sqlite3", Durability::Disk)?;
                 db.call(|c| c.execute_batch(SQLITE_SCHEMA)).await?;
@@ -112,6 +131,7 @@ impl Queue {
                     )
                     .await?;
             }
+            Queue::Redis(r) => r.register(&name).await?,
         }
         Ok(())
     }
@@ -137,6 +157,7 @@ impl Queue {
                 .query_opt("SELECT 1 FROM dm_peers WHERE name = $1", &[&name])
                 .await?
                 .is_some()),
+            Queue::Redis(r) => Ok(r.is_known(&name).await?),
         }
     }
 
@@ -176,6 +197,10 @@ impl Queue {
                 )
                 .await
                 .map_err(StoreError::from)? as usize,
+            Queue::Redis(q) => q
+                .enqueue(&r, &s, &b, limit as usize)
+                .await
+                .map_err(StoreError::from)? as usize,
         };
         if inserted == 0 {
             return Err(QueueError::Full(recipient.to_owned()));
@@ -200,7 +225,7 @@ impl Queue {
                     )?;
                     let rows = stmt.query_map(rusqlite::params![r, max as i64], |row| {
                         Ok(Queued {
-                            id: row.get(0)?,
+                            id: MessageId::Row(row.get(0)?),
                             body: row.get(1)?,
                         })
                     })?;
@@ -218,8 +243,17 @@ impl Queue {
                 .await?
                 .iter()
                 .map(|row| Queued {
-                    id: row.get(0),
+                    id: MessageId::Row(row.get(0)),
                     body: row.get(1),
+                })
+                .collect(),
+            Queue::Redis(q) => q
+                .pending(&r, max)
+                .await?
+                .into_iter()
+                .map(|(id, body)| Queued {
+                    id: MessageId::Stream(id),
+                    body,
                 })
                 .collect(),
         };
@@ -235,10 +269,19 @@ impl Queue {
             .collect())
     }
 
-    /// Removes delivered messages.
-    pub async fn remove(&self, ids: Vec<i64>) -> Result<(), StoreError> {
+    /// Removes delivered messages of `recipient`.
+    pub async fn remove(&self, recipient: &str, ids: Vec<MessageId>) -> Result<(), StoreError> {
+        let rows = || -> Vec<i64> {
+            ids.iter()
+                .filter_map(|id| match id {
+                    MessageId::Row(r) => Some(*r),
+                    MessageId::Stream(_) => None,
+                })
+                .collect()
+        };
         match self {
             Queue::Sqlite(db) => {
+                let ids = rows();
                 db.call(move |c| {
                     let tx = c.transaction()?;
                     {
@@ -254,9 +297,19 @@ impl Queue {
             Queue::Postgres(pool) => {
                 pool.get()
                     .await?
-                    .execute("DELETE FROM dm_queue WHERE id = ANY($1)", &[&ids])
+                    .execute("DELETE FROM dm_queue WHERE id = ANY($1)", &[&rows()])
                     .await?;
                 Ok(())
+            }
+            Queue::Redis(q) => {
+                let ids: Vec<String> = ids
+                    .into_iter()
+                    .filter_map(|id| match id {
+                        MessageId::Stream(s) => Some(s),
+                        MessageId::Row(_) => None,
+                    })
+                    .collect();
+                Ok(q.remove(recipient, &ids).await?)
             }
         }
     }
@@ -283,6 +336,7 @@ impl Queue {
                     .await?;
                 Ok(row.get::<_, i64>(0) as usize)
             }
+            Queue::Redis(q) => Ok(q.len(&r).await?),
         }
     }
 }
@@ -293,7 +347,7 @@ mod tests {
 
     async fn sqlite() -> (Queue, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let q = Queue::open(&StoreConfig::Sqlite(dir.path().into()))
+        let q = Queue::open(&StoreConfig::Sqlite(dir.path().into()), None)
             .await
             .unwrap();
         (q, dir)
@@ -325,7 +379,9 @@ mod tests {
         assert_eq!(bodies, ["m0", "m1", "m2"]);
         // A byte budget keeps at least one message.
         assert_eq!(q.pending("B", 10, 1).await.unwrap().len(), 1);
-        q.remove(vec![p[0].id, p[1].id]).await.unwrap();
+        q.remove("B", vec![p[0].id.clone(), p[1].id.clone()])
+            .await
+            .unwrap();
         assert_eq!(q.len("B").await.unwrap(), 1);
         assert_eq!(q.len("C").await.unwrap(), 1);
     }
