@@ -1,11 +1,15 @@
 // Direct messages: delivery rate to an online peer, queueing rate to an offline one (each
 // message committed with an fsync before its answer), and the drain at login.
-//   node bench/messages.mjs ws://127.0.0.1:5001/messages [N]
-// Uses the ws package of clients/ts (npm ci there first).
+//   node bench/messages.mjs ws://127.0.0.1:5001/messages [N] [K]
+// K senders queue at once in the last phase (default 16). Start the server with a raised rate
+// limit (--messages-per-second 1000000 --message-burst 1000000 --messages-queue-limit 100000):
+// the online phase sends as fast as it can. Uses the ws package of clients/ts (npm ci there
+// first).
 import WebSocket from '../clients/ts/node_modules/ws/wrapper.mjs';
 
 const url = process.argv[2] ?? 'ws://127.0.0.1:5001/messages';
 const n = Number(process.argv[3] ?? 20000);
+const k = Number(process.argv[4] ?? 16);
 const run = Date.now().toString(36);
 const [A, B] = ['A' + run, 'B' + run];
 
@@ -52,8 +56,28 @@ await new Promise((resolve) => {
   b.on('message', () => { if (++got === m) resolve(); });
 });
 const drained = Date.now() - t0;
-a.close(); b.close();
+
+// Offline again: K senders at once, each sending m/K messages one after another.
+b.close();
+await settle();
+const senders = await Promise.all([...Array(k).keys()].map((i) => open(`S${i}${run}`)));
+await settle();
+const each = Math.ceil(m / k);
+t0 = Date.now();
+await Promise.all(senders.map((s, i) => new Promise((resolve) => {
+  let done = 0;
+  const from = `S${i}${run}`;
+  s.on('message', () => {
+    if (++done === each) resolve();
+    else s.send(JSON.stringify({ from, to: B, msg: `c${done}` }));
+  });
+  s.send(JSON.stringify({ from, to: B, msg: 'c0' }));
+})));
+const concurrent = Date.now() - t0;
+a.close();
+for (const s of senders) s.close();
 
 console.log(`online delivery:  ${n} messages in ${online} ms (${rate(n, online)})`);
 console.log(`queued (offline): ${m} messages one at a time in ${queued} ms (${rate(m, queued)}; ${(queued / m).toFixed(2)} ms each, fsync included)`);
 console.log(`drain at login:   ${m} messages in ${drained} ms (${rate(m, drained)})`);
+console.log(`queued by ${k} senders at once: ${each * k} messages in ${concurrent} ms (${rate(each * k, concurrent)})`);

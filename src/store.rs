@@ -27,6 +27,8 @@ pub enum StoreError {
     Redis(#[from] redis::RedisError),
     #[error("invalid PostgreSQL URL: {0}")]
     Url(String),
+    #[error("{0}")]
+    Failed(String),
     #[error("the store's worker thread failed")]
     Worker,
 }

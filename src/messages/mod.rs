@@ -8,6 +8,7 @@
 //! frames are [`wire`]. The wire protocol is in protocol/messages.md.
 
 pub mod cluster;
+pub mod group_commit;
 pub mod peers;
 pub mod queue;
 pub mod redis_queue;

@@ -8,6 +8,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use super::group_commit::GroupCommit;
 use super::redis_queue::RedisQueue;
 use crate::config::{ClusterConfig, StoreConfig};
 use crate::store::{Durability, Sqlite, StoreError, postgres_pool};
@@ -41,7 +42,11 @@ pub enum QueueError {
 /// The store of known peers and queued messages.
 #[derive(Debug, Clone)]
 pub enum Queue {
-    Sqlite(Sqlite),
+    /// SQLite, with messages committed in groups by [`GroupCommit`]'s thread.
+    Sqlite {
+        db: Sqlite,
+        commit: GroupCommit,
+    },
     Postgres(deadpool_postgres::Pool),
     Redis(RedisQueue),
 }
@@ -76,7 +81,7 @@ CREATE TABLE IF NOT EXISTS dm_queue (
 CREATE INDEX IF NOT EXISTS dm_queue_by_recipient ON dm_queue (recipient, id);
 ";
 
-fn now_ms() -> i64 {
+pub(super) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -97,7 +102,8 @@ impl Queue {
             StoreConfig::Sqlite(dir) => {
                 let db = Sqlite::open(dir, "messages.sqlite3", Durability::Disk)?;
                 db.call(|c| c.execute_batch(SQLITE_SCHEMA)).await?;
-                Ok(Queue::Sqlite(db))
+                let commit = GroupCommit::spawn(db.clone()).map_err(|_| StoreError::Worker)?;
+                Ok(Queue::Sqlite { db, commit })
             }
             StoreConfig::Postgres(url) => {
                 let pool = postgres_pool(url, 8)?;
@@ -112,7 +118,7 @@ impl Queue {
     pub async fn register(&self, name: &str) -> Result<(), StoreError> {
         let name = name.to_owned();
         match self {
-            Queue::Sqlite(db) => {
+            Queue::Sqlite { db, .. } => {
                 db.call(move |c| {
                     c.execute(
                         "INSERT OR IGNORE INTO peers (name, created_ms) VALUES (?1, ?2)",
@@ -140,7 +146,7 @@ impl Queue {
     pub async fn is_known(&self, name: &str) -> Result<bool, StoreError> {
         let name = name.to_owned();
         match self {
-            Queue::Sqlite(db) => {
+            Queue::Sqlite { db, .. } => {
                 db.call(move |c| {
                     c.query_row("SELECT 1 FROM peers WHERE name = ?1", [name], |_| Ok(()))
                         .map(|()| true)
@@ -173,17 +179,8 @@ impl Queue {
         let (r, s, b) = (recipient.to_owned(), sender.to_owned(), body.to_owned());
         let limit = limit as i64;
         let inserted = match self {
-            Queue::Sqlite(db) => {
-                db.call(move |c| {
-                    // One statement: the count and the insert see the same state.
-                    c.execute(
-                        "INSERT INTO queue (recipient, sender, body, queued_ms) \
-                         SELECT ?1, ?2, ?3, ?4 \
-                         WHERE (SELECT COUNT(*) FROM queue WHERE recipient = ?1) < ?5",
-                        rusqlite::params![r, s, b, now_ms(), limit],
-                    )
-                })
-                .await?
+            Queue::Sqlite { commit, .. } => {
+                commit.enqueue(&r, &s, &b, limit as usize).await? as usize
             }
             Queue::Postgres(pool) => pool
                 .get()
@@ -218,7 +215,7 @@ impl Queue {
     ) -> Result<Vec<Queued>, StoreError> {
         let r = recipient.to_owned();
         let rows: Vec<Queued> = match self {
-            Queue::Sqlite(db) => {
+            Queue::Sqlite { db, .. } => {
                 db.call(move |c| {
                     let mut stmt = c.prepare_cached(
                         "SELECT id, body FROM queue WHERE recipient = ?1 ORDER BY id LIMIT ?2",
@@ -280,7 +277,7 @@ impl Queue {
                 .collect()
         };
         match self {
-            Queue::Sqlite(db) => {
+            Queue::Sqlite { db, .. } => {
                 let ids = rows();
                 db.call(move |c| {
                     let tx = c.transaction()?;
@@ -318,7 +315,7 @@ impl Queue {
     pub async fn len(&self, recipient: &str) -> Result<usize, StoreError> {
         let r = recipient.to_owned();
         match self {
-            Queue::Sqlite(db) => db
+            Queue::Sqlite { db, .. } => db
                 .call(move |c| {
                     c.query_row(
                         "SELECT COUNT(*) FROM queue WHERE recipient = ?1",
