@@ -49,5 +49,6 @@ fn compose_file_is_valid_and_matches_the_nginx_upstream() {
         .filter(|h| h.starts_with("supersynk-"))
         .collect();
     upstream.sort();
+    upstream.dedup();
     assert_eq!(upstream, ["supersynk-1", "supersynk-2"]);
 }

@@ -1,5 +1,6 @@
 //! The repository's nginx configuration, run by a real nginx in front of two cluster nodes:
-//! the plugin's handshake, compression, pushes and sessionstate through the proxy.
+//! the plugin's handshake, compression, pushes and sessionstate through the proxy, and the
+//! reliable protocol's clients kept on one node.
 //!
 //! The configuration is the one in `nginx/`, adapted only where a test must: the upstream
 //! servers become the test's nodes, `listen 80` a free local port, and the paths that need
@@ -40,22 +41,22 @@ fn nginx_binary() -> &'static str {
         .expect("nginx is installed (scripts/deps.sh installs it)")
 }
 
-/// The repository's supersynk.conf with the test's nodes and port.
+/// The repository's supersynk.conf with the test's nodes and port: `server supersynk-K:5001`
+/// of every upstream becomes the test's K-th node, with the same parameters.
 fn adapted_site(nodes: &[SocketAddr], port: u16) -> String {
     let site =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/nginx/supersynk.conf"))
             .expect("nginx/supersynk.conf");
     let mut out = String::new();
-    let mut servers_written = false;
+    let mut servers = 0;
     for line in site.lines() {
         let t = line.trim_start();
-        if t.starts_with("server supersynk-") {
-            if !servers_written {
-                for n in nodes {
-                    out.push_str(&format!("    server {n} max_fails=3 fail_timeout=5s;\n"));
-                }
-                servers_written = true;
-            }
+        if let Some(rest) = t.strip_prefix("server supersynk-") {
+            let (k, params) = rest.split_once(':').expect("server supersynk-K:port");
+            let k: usize = k.parse().expect("a node number");
+            let params = params.split_once(' ').map_or("", |(_, p)| p);
+            out.push_str(&format!("    server {} {params}\n", nodes[k - 1]));
+            servers += 1;
         } else if t == "listen 80;" {
             out.push_str(&format!("    listen 127.0.0.1:{port};\n"));
         } else {
@@ -63,7 +64,10 @@ fn adapted_site(nodes: &[SocketAddr], port: u16) -> String {
             out.push('\n');
         }
     }
-    assert!(servers_written, "supersynk.conf lists its upstream nodes");
+    assert!(
+        servers >= nodes.len(),
+        "supersynk.conf lists its upstream nodes"
+    );
     out
 }
 
@@ -216,4 +220,89 @@ async fn a_follower_whose_node_dies_reconnects_through_nginx_to_the_other() {
     until_state(&mut leader, (2, true)).await;
     leader.send_text(&push(session, 1)).await.unwrap();
     assert_eq!(next_push(&mut follower).await, push(session, 1));
+}
+
+/// A bare client of the reliable protocol: JSON frames on `/v1/reliable` through nginx.
+struct Reliable(Ws);
+
+impl Reliable {
+    async fn hello(addr: SocketAddr) -> (Reliable, serde_json::Value) {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/reliable"))
+            .await
+            .expect("upgrade through nginx");
+        let mut c = Reliable(ws);
+        c.send(serde_json::json!({ "t": "hello" })).await;
+        let welcome = c.next_of("welcome").await;
+        (c, welcome)
+    }
+
+    async fn send(&mut self, v: serde_json::Value) {
+        use futures::SinkExt;
+        self.0
+            .send(tokio_tungstenite::tungstenite::Message::text(v.to_string()))
+            .await
+            .expect("sent");
+    }
+
+    /// The next frame of type `t` (acks, heartbeats and others in between are skipped).
+    async fn next_of(&mut self, t: &str) -> serde_json::Value {
+        use futures::StreamExt;
+        loop {
+            let m = tokio::time::timeout(WAIT, self.0.next())
+                .await
+                .expect("a frame in time")
+                .expect("open")
+                .expect("no error");
+            if let tokio_tungstenite::tungstenite::Message::Text(text) = m {
+                let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                if v["t"] == t {
+                    return v;
+                }
+            }
+        }
+    }
+
+    /// The next room message with `data`, acknowledged.
+    async fn next_data(&mut self) -> serde_json::Value {
+        loop {
+            let m = self.next_of("msg").await;
+            self.send(serde_json::json!({ "t": "ack", "seq": m["seq"] }))
+                .await;
+            if !m["data"].is_null() {
+                return m["data"].clone();
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn reliable_clients_through_nginx_share_one_node_and_its_rooms() {
+    let (redis, prefix) = (redis_url(), unique_prefix());
+    let (a_proc, a) = node(&redis, &prefix, &[]).await;
+    let (_b_proc, b) = node(&redis, &prefix, &[]).await;
+    let nginx = start_nginx(&[a, b]);
+
+    // However many there are, they all reach the first node, so a room has every member.
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (mut c, _) = Reliable::hello(nginx.addr).await;
+        c.send(serde_json::json!({ "t": "msg", "seq": 1, "op": "join", "room": "r" }))
+            .await;
+        clients.push(c);
+    }
+    assert_eq!(metric(a, "supersynk_connections_open").await, 4.0);
+    assert_eq!(metric(b, "supersynk_connections_open").await, 0.0);
+    clients[0]
+        .send(serde_json::json!({ "t": "msg", "seq": 2, "op": "publish", "room": "r", "data": "to all" }))
+        .await;
+    for c in &mut clients[1..] {
+        assert_eq!(c.next_data().await, "to all");
+    }
+
+    // When that node dies, clients start over on the other one: told, never silently.
+    drop(a_proc);
+    drop(clients);
+    let (_c, welcome) = Reliable::hello(nginx.addr).await;
+    assert_eq!(welcome["resumed"], false);
+    assert_eq!(metric(b, "supersynk_connections_open").await, 1.0);
 }
