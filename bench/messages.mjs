@@ -57,27 +57,34 @@ await new Promise((resolve) => {
 });
 const drained = Date.now() - t0;
 
-// Offline again: K senders at once, each sending m/K messages one after another.
+// Offline again: K senders at once, each sending m/K messages one after another, to B and
+// (the second time) each to an offline peer of its own.
 b.close();
+const others = await Promise.all([...Array(k).keys()].map((i) => open(`R${i}${run}`)));
 await settle();
+for (const o of others) o.close();
 const senders = await Promise.all([...Array(k).keys()].map((i) => open(`S${i}${run}`)));
 await settle();
 const each = Math.ceil(m / k);
-t0 = Date.now();
-await Promise.all(senders.map((s, i) => new Promise((resolve) => {
+const queueAll = (to) => Promise.all(senders.map((s, i) => new Promise((resolve) => {
   let done = 0;
   const from = `S${i}${run}`;
-  s.on('message', () => {
-    if (++done === each) resolve();
-    else s.send(JSON.stringify({ from, to: B, msg: `c${done}` }));
-  });
-  s.send(JSON.stringify({ from, to: B, msg: 'c0' }));
+  const send = () => s.send(JSON.stringify({ from, to: to(i), msg: `c${done}` }));
+  s.removeAllListeners('message');
+  s.on('message', () => { if (++done === each) resolve(); else send(); });
+  send();
 })));
+t0 = Date.now();
+await queueAll(() => B);
 const concurrent = Date.now() - t0;
+t0 = Date.now();
+await queueAll((i) => `R${i}${run}`);
+const spread = Date.now() - t0;
 a.close();
 for (const s of senders) s.close();
 
 console.log(`online delivery:  ${n} messages in ${online} ms (${rate(n, online)})`);
 console.log(`queued (offline): ${m} messages one at a time in ${queued} ms (${rate(m, queued)}; ${(queued / m).toFixed(2)} ms each, fsync included)`);
 console.log(`drain at login:   ${m} messages in ${drained} ms (${rate(m, drained)})`);
-console.log(`queued by ${k} senders at once: ${each * k} messages in ${concurrent} ms (${rate(each * k, concurrent)})`);
+console.log(`queued by ${k} senders at once, to one peer: ${each * k} messages in ${concurrent} ms (${rate(each * k, concurrent)})`);
+console.log(`queued by ${k} senders at once, to ${k} peers: ${each * k} messages in ${spread} ms (${rate(each * k, spread)})`);

@@ -355,13 +355,14 @@ impl Messages {
     }
 
     /// Delivers `raw` from `from` to `to`, or queues it; returns the answer for the sender,
-    /// if any (a delivered message gets none, as in the original). Holds `to`'s lock
-    /// throughout, so a login of `to` (here) sees the message either online or queued.
+    /// if any (a delivered message gets none, as in the original).
     async fn send(&self, from: &str, to: &str, raw: Bytes) -> Option<Arc<Payload>> {
         // The WebSocket layer hands over valid UTF-8 only.
         let body = String::from_utf8_lossy(&raw);
-        let mut slot = self.peers.lock(to).await;
-        let mut delivery = self.deliver_here(&mut slot, to, from, &body).await;
+        let mut delivery = {
+            let mut slot = self.peers.lock(to).await;
+            self.deliver_here(&mut slot, to, from, &body).await
+        };
         if delivery == Delivery::NotHere
             && let Some(relay) = &self.relay
         {
@@ -431,7 +432,8 @@ impl Messages {
     }
 
     /// `to` is logged in nowhere: queues the message if `to` is a known peer. The answer
-    /// is the original's "connection closed" text once the message is committed.
+    /// is the original's "connection closed" text once the message is committed. Runs
+    /// without the peer's lock, so senders to one offline peer share the store's commits.
     async fn queue_offline(&self, to: &str, from: &str, body: &str) -> Arc<Payload> {
         let refused = |text: String| {
             self.metrics.direct("refused");
@@ -458,6 +460,10 @@ impl Messages {
         match queue.enqueue(to, from, body, self.config.queue_limit).await {
             Ok(()) => {
                 self.metrics.direct("queued");
+                // The store was written without the peer's lock: if it logged in meanwhile,
+                // its drain may have found the queue empty already. Before the sender hears
+                // (and sends its next message), the peer's new messages go behind this one.
+                self.drain_if_online(to).await;
                 if let Some(relay) = &self.relay {
                     relay.poke(to).await;
                 }
@@ -500,8 +506,8 @@ impl Messages {
         }
     }
 
-    /// Cluster mode: a message was queued for `to` on another node; if `to` is logged in
-    /// here, it goes behind the backlog and the drain is woken.
+    /// A message was queued for `to` (here, or on another node in cluster mode); if `to` is
+    /// logged in here, its new messages go behind the queue and its drain is woken.
     async fn drain_if_online(&self, to: &str) {
         let mut slot = self.peers.lock(to).await;
         if let Some(online) = &slot.online {
