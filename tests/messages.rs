@@ -777,3 +777,53 @@ async fn in_a_cluster_without_postgresql_the_queue_is_shared_through_redis() {
     assert_eq!(b.next().await, first);
     b.nothing_pending().await;
 }
+
+#[tokio::test]
+async fn a_takeover_while_the_queue_is_delivered_repeats_nothing() {
+    let server = common::start(Settings {
+        messages_queue_limit: Some(10_000),
+        messages_per_second: Some(100_000),
+        message_burst: Some(100_000),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    known_offline(addr, "B").await;
+    let mut a = Peer::login(addr, "A").await;
+    let mut sent = Vec::new();
+    for i in 0..500 {
+        sent.push(a.msg("A", "B", &format!("q{i}")).await);
+        assert!(a.error().await.ends_with(OFFLINE));
+    }
+
+    // B logs in and starts getting its queue; a second login takes over mid-way.
+    let mut first = Peer::login(addr, "B").await;
+    let mut got_first = vec![first.next().await];
+    let mut second = Peer::login(addr, "B").await;
+    loop {
+        let m = first.next().await;
+        if m.contains("logged in from another connection") {
+            break;
+        }
+        got_first.push(m);
+    }
+    // A last message goes behind whatever still waits, so it ends the second's share.
+    let last = a.msg("A", "B", "last").await;
+    let mut got_second = Vec::new();
+    loop {
+        let m = second.next().await;
+        if m == last {
+            break;
+        }
+        got_second.push(m);
+    }
+
+    // In order, nothing twice: the second connection goes on after the first's last.
+    let index = |m: &String| sent.iter().position(|s| s == m).expect("a sent message");
+    let all: Vec<usize> = got_first.iter().chain(&got_second).map(index).collect();
+    assert!(
+        all.windows(2).all(|w| w[0] < w[1]),
+        "order or repeats: {all:?}"
+    );
+    assert_eq!(all.last(), Some(&499), "the queue was delivered to its end");
+}

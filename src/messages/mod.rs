@@ -529,8 +529,9 @@ impl Messages {
 
 /// The drain task of one logged-in connection: delivers `name`'s queue, oldest first,
 /// whenever it is woken (at login, when a message spills into the queue, when another node
-/// queued one), until the connection is gone or replaced. In cluster mode each drain holds
-/// a lease in Redis, so two nodes never deliver the same queued message.
+/// queued one), until the connection is gone or replaced. A cycle holds the peer's drain
+/// gate here and, in cluster mode, a lease in Redis, so two connections never deliver the
+/// same queued message.
 async fn drain(app: App, name: Arc<str>, conn: ConnId, out: Outbound, wake: Arc<Notify>) {
     let m = &app.messages;
     let Ok(queue) = m.queue().await else {
@@ -538,18 +539,23 @@ async fn drain(app: App, name: Arc<str>, conn: ConnId, out: Outbound, wake: Arc<
         return;
     };
     loop {
-        if let Some(relay) = &m.relay {
-            relay.drain_lease(&name).await;
-        }
-        let round = loop {
-            match m.drain_round(queue, &name, conn, &out).await {
-                Round::More => continue,
-                other => break other,
+        let gate = m.peers.lock(&name).await.drain_gate.clone();
+        let round = {
+            let _cycle = gate.lock().await;
+            if let Some(relay) = &m.relay {
+                relay.drain_lease(&name).await;
             }
+            let round = loop {
+                match m.drain_round(queue, &name, conn, &out).await {
+                    Round::More => continue,
+                    other => break other,
+                }
+            };
+            if let Some(relay) = &m.relay {
+                relay.drain_done(&name).await;
+            }
+            round
         };
-        if let Some(relay) = &m.relay {
-            relay.drain_done(&name).await;
-        }
         if let Round::Stop = round {
             return;
         }

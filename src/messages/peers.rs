@@ -34,6 +34,10 @@ pub struct Slot {
     /// Set at login and when a message spills into the queue; cleared by the drain task
     /// when it finds the queue empty, under this lock.
     pub backlog: bool,
+    /// Held by a drain for a whole cycle, so the drain of a newer login here waits for the
+    /// older connection's batch in flight to be removed before it reads the queue (no
+    /// message delivered to both).
+    pub drain_gate: Arc<AsyncMutex<()>>,
 }
 
 type SlotRef = Arc<AsyncMutex<Slot>>;
