@@ -486,13 +486,19 @@ impl Config {
     /// Fills in defaults and checks the values.
     pub fn resolve(s: Settings) -> Result<Config, ConfigError> {
         let ms = Duration::from_millis;
+        // Also copied into the reliable protocol's settings (announced in its welcome).
+        let max_message_bytes = s.max_message_bytes.unwrap_or(64 * 1024);
+        let outbound_queue_bytes = s.outbound_queue_bytes.unwrap_or(256 * 1024);
+        let messages_per_second = s.messages_per_second.unwrap_or(200);
+        let message_burst = s.message_burst.unwrap_or(400);
+        let reliable_heartbeat_ms = s.reliable_heartbeat_ms.unwrap_or(15_000);
         let config = Config {
             bind: s.bind.unwrap_or(IpAddr::from([0, 0, 0, 0])),
             port: s.port.unwrap_or(5001),
             socket_timeout: ms(s.socket_timeout_ms.unwrap_or(300_000)),
             socket_timeout_check_interval: ms(s.socket_timeout_check_interval_ms.unwrap_or(80_000)),
-            max_message_bytes: s.max_message_bytes.unwrap_or(64 * 1024),
-            outbound_queue_bytes: s.outbound_queue_bytes.unwrap_or(256 * 1024),
+            max_message_bytes,
+            outbound_queue_bytes,
             deflate: s.deflate.unwrap_or(true),
             deflate_threshold: s.deflate_threshold.unwrap_or(50),
             deflate_level: s.deflate_level.unwrap_or(1),
@@ -504,8 +510,8 @@ impl Config {
             limits: Limits {
                 max_connections: s.max_connections.unwrap_or(100_000),
                 max_connections_per_ip: s.max_connections_per_ip.unwrap_or(200),
-                messages_per_second: s.messages_per_second.unwrap_or(200),
-                message_burst: s.message_burst.unwrap_or(400),
+                messages_per_second,
+                message_burst,
                 session_switches_per_minute: s.session_switches_per_minute.unwrap_or(30),
                 max_session_members: s.max_session_members.unwrap_or(256),
                 max_http_body_bytes: s.max_http_body_bytes.unwrap_or(1 << 20),
@@ -527,16 +533,16 @@ impl Config {
                     node_timeout: ms(s.node_timeout_ms.unwrap_or(10_000)),
                 }),
             reliable: ReliableConfig {
-                heartbeat: ms(s.reliable_heartbeat_ms.unwrap_or(15_000)),
+                heartbeat: ms(reliable_heartbeat_ms),
                 backpressure: ms(s
                     .reliable_backpressure_ms
-                    .unwrap_or(s.reliable_heartbeat_ms.unwrap_or(15_000) / 2)),
+                    .unwrap_or(reliable_heartbeat_ms / 2)),
                 max_clients: s.reliable_max_clients.unwrap_or(100_000),
                 max_detached_per_ip: s.reliable_max_detached_per_ip.unwrap_or(100),
-                max_message_bytes: s.max_message_bytes.unwrap_or(64 * 1024),
-                outbound_queue_bytes: s.outbound_queue_bytes.unwrap_or(256 * 1024),
-                messages_per_second: s.messages_per_second.unwrap_or(200),
-                message_burst: s.message_burst.unwrap_or(400),
+                max_message_bytes,
+                outbound_queue_bytes,
+                messages_per_second,
+                message_burst,
                 resume_window: ms(s.reliable_resume_window_ms.unwrap_or(120_000)),
                 buffer_messages: s.reliable_buffer_messages.unwrap_or(1000),
                 buffer_bytes: s.reliable_buffer_bytes.unwrap_or(1 << 20),
@@ -681,5 +687,24 @@ mod tests {
         assert_eq!(c.port, 5001);
         assert_eq!(c.socket_timeout, Duration::from_secs(300));
         assert!(c.deflate);
+    }
+
+    #[test]
+    fn reliable_backpressure_defaults_to_half_the_heartbeat_and_is_at_most_it() {
+        let c = Config::resolve(
+            Settings::try_parse_from(["s", "--reliable-heartbeat-ms", "1000"]).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(c.reliable.backpressure, Duration::from_millis(500));
+        assert_eq!(c.reliable.max_message_bytes, c.max_message_bytes);
+        let too_long = Settings::try_parse_from([
+            "s",
+            "--reliable-heartbeat-ms",
+            "1000",
+            "--reliable-backpressure-ms",
+            "1001",
+        ])
+        .unwrap();
+        assert!(Config::resolve(too_long).is_err());
     }
 }

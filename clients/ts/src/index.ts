@@ -159,6 +159,12 @@ interface Outgoing {
   bytes: number;
   /** When it was last written on the current connection; 0: due now. */
   sentAt: number;
+  /**
+   * Times resent on the current connection after its timeout: each doubles the next timeout
+   * (up to 8x), so that a server holding this sender back (back-pressure) is not flooded
+   * with copies.
+   */
+  resends: number;
   /** The server's refusal (an error with this seq), settled when the ack comes. */
   refused: ProtocolError | null;
   /** No caller awaits it (rejoins after a reset, responses): refusals go to `error`. */
@@ -558,6 +564,7 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
       text: "",
       bytes: utf8Length(JSON.stringify({ t: "msg", seq: MAX_SEQ, ...body })),
       sentAt: 0,
+      resends: 0,
       refused: null,
       internal: !!how.internal,
       requestId: how.requestId,
@@ -581,7 +588,10 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
     if (!this.welcomed || !ws || ws.readyState !== OPEN || !pacer) return;
     const t = now();
     for (const out of this.unacked) {
-      if (out.sentAt !== 0 && t - out.sentAt < this.opts.resendMs) continue;
+      if (out.sentAt !== 0) {
+        if (t - out.sentAt < this.opts.resendMs * 2 ** Math.min(out.resends, 3)) continue;
+        out.resends++;
+      }
       if (!pacer.take(pacer.reserve)) return this.pumpLater();
       this.write(out);
     }
@@ -730,7 +740,10 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
       // A session restored from `session` learns its numbering here.
       this.outSeq = Math.max(this.outSeq, Number(f.seq));
       // Everything unacknowledged is resent on the new connection.
-      for (const o of this.unacked) o.sentAt = 0;
+      for (const o of this.unacked) {
+        o.sentAt = 0;
+        o.resends = 0;
+      }
     } else if (previousId !== null) {
       this.reset(previousId, f);
     }
