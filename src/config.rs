@@ -173,6 +173,20 @@ pub struct Settings {
     /// always refused) [default: false, as the issue's wire format resumes by id]
     #[arg(long, env = "SUPERSYNK_RELIABLE_REQUIRE_TOKEN")]
     pub reliable_require_token: Option<bool>,
+    /// Reliable protocol: how long a sender's messages wait for a room member whose
+    /// unacknowledged buffer is past half its bounds, in ms; 0 never waits. At most
+    /// reliable-heartbeat-ms [default: half of reliable-heartbeat-ms]
+    #[arg(long, env = "SUPERSYNK_RELIABLE_BACKPRESSURE_MS")]
+    pub reliable_backpressure_ms: Option<u64>,
+    /// Reliable protocol: client states held at most, connected or waiting for a resume; a
+    /// new client past it is refused (too_many_clients) [default: 100000]
+    #[arg(long, env = "SUPERSYNK_RELIABLE_MAX_CLIENTS")]
+    pub reliable_max_clients: Option<usize>,
+    /// Reliable protocol: client states waiting for a resume per client address (loopback
+    /// and trusted proxies exempt); a new client from an address past it is refused
+    /// (too_many_clients) [default: 100]
+    #[arg(long, env = "SUPERSYNK_RELIABLE_MAX_DETACHED_PER_IP")]
+    pub reliable_max_detached_per_ip: Option<usize>,
     /// Directory of the embedded store (SQLite), created if missing [default: ./data]
     #[arg(long, env = "SUPERSYNK_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -320,6 +334,18 @@ pub struct ReliableConfig {
     pub request_timeout: Duration,
     /// A resume without the welcome's token is refused.
     pub require_token: bool,
+    /// How long a sender's reader waits for congested receivers (zero: never).
+    pub backpressure: Duration,
+    /// Client states held at most.
+    pub max_clients: usize,
+    /// Client states without a connection per (non-exempt) client address.
+    pub max_detached_per_ip: usize,
+    /// Copied from the connection settings: announced in the welcome, and used to size a
+    /// reliable connection's outbound queue and what it reads ahead during a wait.
+    pub max_message_bytes: usize,
+    pub outbound_queue_bytes: usize,
+    pub messages_per_second: u32,
+    pub message_burst: u32,
 }
 
 /// Cluster mode: where the backplane is and how it is used.
@@ -415,7 +441,10 @@ impl Settings {
             reliable_buffer_bytes,
             reliable_resend_ms,
             reliable_request_timeout_ms,
-            reliable_require_token
+            reliable_require_token,
+            reliable_backpressure_ms,
+            reliable_max_clients,
+            reliable_max_detached_per_ip
         )
     }
 
@@ -464,13 +493,19 @@ impl Config {
     /// Fills in defaults and checks the values.
     pub fn resolve(s: Settings) -> Result<Config, ConfigError> {
         let ms = Duration::from_millis;
+        // Also copied into the reliable protocol's settings (announced in its welcome).
+        let max_message_bytes = s.max_message_bytes.unwrap_or(64 * 1024);
+        let outbound_queue_bytes = s.outbound_queue_bytes.unwrap_or(256 * 1024);
+        let messages_per_second = s.messages_per_second.unwrap_or(200);
+        let message_burst = s.message_burst.unwrap_or(400);
+        let reliable_heartbeat_ms = s.reliable_heartbeat_ms.unwrap_or(15_000);
         let config = Config {
             bind: s.bind.unwrap_or(IpAddr::from([0, 0, 0, 0])),
             port: s.port.unwrap_or(5001),
             socket_timeout: ms(s.socket_timeout_ms.unwrap_or(300_000)),
             socket_timeout_check_interval: ms(s.socket_timeout_check_interval_ms.unwrap_or(80_000)),
-            max_message_bytes: s.max_message_bytes.unwrap_or(64 * 1024),
-            outbound_queue_bytes: s.outbound_queue_bytes.unwrap_or(256 * 1024),
+            max_message_bytes,
+            outbound_queue_bytes,
             deflate: s.deflate.unwrap_or(true),
             deflate_threshold: s.deflate_threshold.unwrap_or(50),
             deflate_level: s.deflate_level.unwrap_or(1),
@@ -482,8 +517,8 @@ impl Config {
             limits: Limits {
                 max_connections: s.max_connections.unwrap_or(100_000),
                 max_connections_per_ip: s.max_connections_per_ip.unwrap_or(200),
-                messages_per_second: s.messages_per_second.unwrap_or(200),
-                message_burst: s.message_burst.unwrap_or(400),
+                messages_per_second,
+                message_burst,
                 session_switches_per_minute: s.session_switches_per_minute.unwrap_or(30),
                 max_session_members: s.max_session_members.unwrap_or(256),
                 max_http_body_bytes: s.max_http_body_bytes.unwrap_or(1 << 20),
@@ -505,7 +540,16 @@ impl Config {
                     node_timeout: ms(s.node_timeout_ms.unwrap_or(10_000)),
                 }),
             reliable: ReliableConfig {
-                heartbeat: ms(s.reliable_heartbeat_ms.unwrap_or(15_000)),
+                heartbeat: ms(reliable_heartbeat_ms),
+                backpressure: ms(s
+                    .reliable_backpressure_ms
+                    .unwrap_or(reliable_heartbeat_ms / 2)),
+                max_clients: s.reliable_max_clients.unwrap_or(100_000),
+                max_detached_per_ip: s.reliable_max_detached_per_ip.unwrap_or(100),
+                max_message_bytes,
+                outbound_queue_bytes,
+                messages_per_second,
+                message_burst,
                 resume_window: ms(s.reliable_resume_window_ms.unwrap_or(120_000)),
                 buffer_messages: s.reliable_buffer_messages.unwrap_or(1000),
                 buffer_bytes: s.reliable_buffer_bytes.unwrap_or(1 << 20),
@@ -576,11 +620,20 @@ impl Config {
             || r.request_timeout.is_zero()
             || r.buffer_messages == 0
             || r.buffer_bytes == 0
+            || r.max_clients == 0
+            || r.max_detached_per_ip == 0
         {
             return Err(ConfigError::Invalid(
                 "reliable-heartbeat-ms must be at least 20, reliable-resend-ms at least 10, \
                  and the other reliable settings above 0"
                     .into(),
+            ));
+        }
+        if r.backpressure > r.heartbeat {
+            // A waiting reader may stop reading (when its read-ahead is full): it must not
+            // wait long enough for its peer to look silent.
+            return Err(ConfigError::Invalid(
+                "reliable-backpressure-ms must be at most reliable-heartbeat-ms".into(),
             ));
         }
         if let StoreConfig::Postgres(url) = &config.store {
@@ -654,5 +707,24 @@ mod tests {
         assert_eq!(c.port, 5001);
         assert_eq!(c.socket_timeout, Duration::from_secs(300));
         assert!(c.deflate);
+    }
+
+    #[test]
+    fn reliable_backpressure_defaults_to_half_the_heartbeat_and_is_at_most_it() {
+        let c = Config::resolve(
+            Settings::try_parse_from(["s", "--reliable-heartbeat-ms", "1000"]).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(c.reliable.backpressure, Duration::from_millis(500));
+        assert_eq!(c.reliable.max_message_bytes, c.max_message_bytes);
+        let too_long = Settings::try_parse_from([
+            "s",
+            "--reliable-heartbeat-ms",
+            "1000",
+            "--reliable-backpressure-ms",
+            "1001",
+        ])
+        .unwrap();
+        assert!(Config::resolve(too_long).is_err());
     }
 }

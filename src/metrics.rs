@@ -62,6 +62,15 @@ pub struct Metrics {
     pub reliable_overflows: Counter,
     /// Reliable protocol: client states dropped at the end of their resume window.
     pub reliable_expired: Counter,
+    /// Reliable protocol: client states without a connection (waiting for a resume).
+    pub reliable_detached: Gauge,
+    /// Reliable protocol: hellos refused because too many client states are held (in all,
+    /// or waiting for a resume from the client's address).
+    pub reliable_refused: Counter,
+    /// Reliable protocol: times a sender's messages waited for a congested receiver, and
+    /// waits that ran out (the receiver is then stalled: no one waits for it any more).
+    pub reliable_backpressure_waits: Counter,
+    pub reliable_backpressure_stalls: Counter,
     /// Direct messages by what happened to them (delivered, queued, drained, refused).
     pub direct_messages: Family<KindLabel, Counter>,
     /// Direct messages: peers logged in on this node.
@@ -110,6 +119,10 @@ impl Metrics {
             reliable_resends: Counter::default(),
             reliable_overflows: Counter::default(),
             reliable_expired: Counter::default(),
+            reliable_detached: Gauge::default(),
+            reliable_refused: Counter::default(),
+            reliable_backpressure_waits: Counter::default(),
+            reliable_backpressure_stalls: Counter::default(),
             direct_messages: Family::default(),
             direct_peers_online: Gauge::default(),
             logs_received: Counter::default(),
@@ -256,6 +269,26 @@ impl Metrics {
             "reliable_expired",
             "Reliable protocol: client states dropped at the end of their resume window",
             m.reliable_expired.clone(),
+        );
+        r.register(
+            "reliable_detached",
+            "Reliable protocol: client states without a connection, waiting for a resume",
+            m.reliable_detached.clone(),
+        );
+        r.register(
+            "reliable_refused",
+            "Reliable protocol: hellos refused because too many client states are held",
+            m.reliable_refused.clone(),
+        );
+        r.register(
+            "reliable_backpressure_waits",
+            "Reliable protocol: times a sender's messages waited for a receiver's acks",
+            m.reliable_backpressure_waits.clone(),
+        );
+        r.register(
+            "reliable_backpressure_stalls",
+            "Reliable protocol: waits that ran out (the receiver is stalled: no one waits for it)",
+            m.reliable_backpressure_stalls.clone(),
         );
         r.register(
             "direct_messages",

@@ -574,11 +574,11 @@ async fn requests_reach_a_client_away_on_its_resume_and_time_out_otherwise() {
     expect(&a.recv().await, json!({"t":"ack","seq":3}));
     a.send_json(json!({"t":"msg","seq":4,"op":"request","id":3,"to":b_id,"data":null}))
         .await;
-    expect(&a.recv().await, json!({"t":"ack","seq":4}));
     expect(
         &a.recv().await,
         json!({"t":"error","code":"duplicate_request","seq":4}),
     );
+    expect(&a.recv().await, json!({"t":"ack","seq":4}));
 }
 
 #[tokio::test]
@@ -638,38 +638,50 @@ async fn malformed_frames_get_documented_errors_and_nothing_else_breaks() {
             "unknown_client",
         ),
         (9, json!({"op":"request","id":1.5,"to":by_id}), "bad_op"),
+        // A response's error is an object, as the doc shows.
+        (
+            10,
+            json!({"op":"response","id":1,"to":by_id,"error":"notanobject"}),
+            "bad_op",
+        ),
     ] {
         let mut f = frame.as_object().unwrap().clone();
         f.insert("t".into(), json!("msg"));
         f.insert("seq".into(), json!(seq));
         c.send_json(Value::Object(f)).await;
-        expect(&c.recv().await, json!({"t":"ack","seq":seq}));
+        // The refusal names the message and comes before its ack, so a client can tie it to
+        // the message before it counts the message as done.
         expect(&c.recv().await, json!({"t":"error","code":code,"seq":seq}));
+        expect(&c.recv().await, json!({"t":"ack","seq":seq}));
     }
     // Bad server requests get an error response and an error.
-    c.send(r#"{"t":"msg","seq":10,"op":"request","id":4,"to":"server","data":{"x":1}}"#)
+    c.send(r#"{"t":"msg","seq":11,"op":"request","id":4,"to":"server","data":{"x":1}}"#)
         .await;
     expect(
         &c.recv().await,
         json!({"op":"response","id":4,"from":"server","error":{"code":"bad_request"}}),
     );
-    expect(&c.recv().await, json!({"t":"ack","seq":10}));
-    expect(&c.recv().await, json!({"t":"error","code":"bad_request"}));
+    expect(
+        &c.recv().await,
+        json!({"t":"error","code":"bad_request","seq":11}),
+    );
+    expect(&c.recv().await, json!({"t":"ack","seq":11}));
     // Still working, and the bystander saw nothing but this join.
-    join(&mut c, 11, "r", &id).await;
+    join(&mut c, 12, "r", &id).await;
     expect(
         &bystander.recv().await,
         json!({"seq":2,"op":"join","from":id}),
     );
-    c.send(r#"{"t":"msg","seq":12,"op":"publish","room":"r","data":"fine"}"#)
+    c.send(r#"{"t":"msg","seq":13,"op":"publish","room":"r","data":"fine"}"#)
         .await;
     expect(&bystander.recv().await, json!({"seq":3,"data":"fine"}));
 }
 
 #[tokio::test]
-async fn a_full_buffer_drops_the_state_and_a_resume_starts_over() {
+async fn a_receiver_that_stops_acking_is_dropped_when_its_buffer_is_full() {
     let server = common::start(Settings {
         reliable_buffer_messages: Some(4),
+        reliable_backpressure_ms: Some(100),
         ..Settings::default()
     })
     .await;
@@ -684,7 +696,10 @@ async fn a_full_buffer_drops_the_state_and_a_resume_starts_over() {
     expect(&a.recv().await, json!({"op":"join","from":b_id}));
     a.send(r#"{"t":"ack","seq":2}"#).await;
     // B holds its join (seq 1) unacked; three more fill its buffer, the fourth overflows:
-    // B's state is dropped and A, the member left, hears B leave.
+    // B's state is dropped and A, the member left, hears B leave. Past half the buffer, A's
+    // messages wait for B's acks, which never come: after the wait B is stalled, and A goes
+    // on without waiting for it again.
+    let started = tokio::time::Instant::now();
     for seq in 2..=5u64 {
         a.send_json(json!({"t":"msg","seq":seq,"op":"publish","room":"r","data":seq}))
             .await;
@@ -704,6 +719,11 @@ async fn a_full_buffer_drops_the_state_and_a_resume_starts_over() {
     }
     assert_eq!(seen, vec![2, 3, 4]);
     assert_eq!(b.close_code().await, Some(4008));
+    assert!(started.elapsed() >= Duration::from_millis(100));
+    assert_eq!(
+        metric(addr, "supersynk_reliable_backpressure_stalls_total").await,
+        1.0
+    );
     let mut b = Client::connect(addr).await;
     b.send_json(json!({"t":"hello","clientId":b_id,"lastSeq":4,"token":b_token}))
         .await;
@@ -712,4 +732,493 @@ async fn a_full_buffer_drops_the_state_and_a_resume_starts_over() {
         metric(addr, "supersynk_reliable_overflows_total").await,
         1.0
     );
+}
+
+/// Polls /metrics until `name` reads `value` (for what the server does on its own, like
+/// noticing a socket is gone).
+async fn until_metric(addr: SocketAddr, name: &str, value: f64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let v = metric(addr, name).await;
+        if v == value {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} is {v}, not {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The next `msg` frame, skipping heartbeats and (resent) messages up to `last`.
+async fn next_msg(c: &mut Client, last: u64) -> Value {
+    loop {
+        let v = c.recv_data().await;
+        assert_ne!(v["t"], "error", "{v}");
+        if v["t"] == "msg" && v["seq"].as_u64().unwrap() > last {
+            return v;
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_welcome_announces_the_limits_a_client_must_keep() {
+    let server = common::start(Settings {
+        max_message_bytes: Some(2048),
+        messages_per_second: Some(50),
+        message_burst: Some(60),
+        ..Settings::default()
+    })
+    .await;
+    let mut a = Client::connect(server.local_addr).await;
+    a.send(r#"{"t":"hello"}"#).await;
+    expect(
+        &a.recv().await,
+        json!({"t":"welcome","maxMessageBytes":2048,"messagesPerSecond":50,"messageBurst":60}),
+    );
+}
+
+#[tokio::test]
+async fn a_resume_with_a_full_buffer_gets_all_of_it() {
+    // Default settings: the 256 KiB outbound queue is smaller than what B has missed.
+    let server = common::start_default().await;
+    let addr = server.local_addr;
+    let mut a = Client::connect(addr).await;
+    let (a_id, _) = a.hello().await;
+    join(&mut a, 1, "r", &a_id).await;
+    let mut b = Client::connect(addr).await;
+    let (b_id, b_token) = b.hello().await;
+    join(&mut b, 1, "r", &b_id).await;
+    b.send(r#"{"t":"ack","seq":1}"#).await;
+    drop(b);
+    expect(&a.recv().await, json!({"op":"join","from":b_id}));
+    // 200 messages of 4 KB: about 820 KB, within B's 1 MiB and 1000-message buffer.
+    let text = "x".repeat(4000);
+    for i in 0..200u64 {
+        a.send_json(
+            json!({"t":"msg","seq":2 + i,"op":"publish","room":"r","data":{"i":i,"text":text}}),
+        )
+        .await;
+        expect(&a.recv().await, json!({"t":"ack","seq":2 + i}));
+    }
+    let mut b = Client::connect(addr).await;
+    b.send_json(json!({"t":"hello","clientId":b_id,"lastSeq":1,"token":b_token}))
+        .await;
+    expect(
+        &b.recv().await,
+        json!({"t":"welcome","clientId":b_id,"resumed":true}),
+    );
+    for i in 0..200u64 {
+        let v = b.recv_data().await;
+        expect(
+            &v,
+            json!({"t":"msg","seq":2 + i,"from":a_id,"data":{"i":i}}),
+        );
+    }
+    b.send(r#"{"t":"ack","seq":201}"#).await;
+    b.send(r#"{"t":"msg","seq":2,"op":"publish","room":"r","data":"all here"}"#)
+        .await;
+    expect(&b.recv_data().await, json!({"t":"ack","seq":2}));
+    expect(&a.recv().await, json!({"from":b_id,"data":"all here"}));
+}
+
+#[tokio::test]
+async fn resending_a_large_unacknowledged_buffer_keeps_the_connection() {
+    let server = common::start(Settings {
+        reliable_resend_ms: Some(100),
+        // Room for 820 KB below the back-pressure mark: this is about resends only.
+        reliable_buffer_bytes: Some(4 << 20),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    let mut a = Client::connect(addr).await;
+    let (a_id, _) = a.hello().await;
+    join(&mut a, 1, "r", &a_id).await;
+    let mut b = Client::connect(addr).await;
+    let (b_id, _) = b.hello().await;
+    join(&mut b, 1, "r", &b_id).await;
+    b.send(r#"{"t":"ack","seq":1}"#).await;
+    expect(&a.recv().await, json!({"op":"join","from":b_id}));
+    a.send(r#"{"t":"ack","seq":2}"#).await;
+    let text = "x".repeat(4000);
+    for i in 0..200u64 {
+        a.send_json(
+            json!({"t":"msg","seq":2 + i,"op":"publish","room":"r","data":{"i":i,"text":text}}),
+        )
+        .await;
+        expect(&a.recv().await, json!({"t":"ack","seq":2 + i}));
+    }
+    // B reads but does not acknowledge: everything comes once, then again (resends start
+    // while A still publishes), on the same connection.
+    let mut seen = [0u32; 200];
+    while seen.iter().any(|n| *n < 2) {
+        let v = b.recv_data().await;
+        let seq = v["seq"]
+            .as_u64()
+            .expect("a message, not an error or a close");
+        expect(&v, json!({"t":"msg","data":{"i":seq - 2}}));
+        seen[seq as usize - 2] += 1;
+    }
+    let last = 201;
+    b.send_json(json!({"t":"ack","seq":last})).await;
+    b.send(r#"{"t":"msg","seq":2,"op":"request","id":1,"to":"server","data":{"presence":"r"}}"#)
+        .await;
+    let v = next_msg(&mut b, last).await;
+    expect(
+        &v,
+        json!({"op":"response","id":1,"data":{"members":[a_id,b_id]}}),
+    );
+    assert!(metric(addr, "supersynk_reliable_resends_total").await >= 200.0);
+}
+
+#[tokio::test]
+async fn a_burst_to_a_receiver_that_acks_loses_nothing() {
+    // Default bounds (1000 messages per buffer). Only the rate limit is raised: at the
+    // default 200 messages a second a single publisher never gets 500 messages ahead of a
+    // receiver that acknowledges every 64, so nothing would need to wait.
+    let server = common::start(Settings {
+        messages_per_second: Some(1_000_000),
+        message_burst: Some(1_000_000),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    const N: u64 = 5000;
+    let mut a = Client::connect(addr).await;
+    let (a_id, _) = a.hello().await;
+    join(&mut a, 1, "burst", &a_id).await;
+    let mut b = Client::connect(addr).await;
+    let (b_id, _) = b.hello().await;
+    join(&mut b, 1, "burst", &b_id).await;
+    b.send(r#"{"t":"ack","seq":1}"#).await;
+    expect(&a.recv().await, json!({"op":"join","from":b_id}));
+    a.send(r#"{"t":"ack","seq":2}"#).await;
+    // B acknowledges every 64 messages, as the TypeScript client does.
+    let receiver = tokio::spawn(async move {
+        let mut got = Vec::new();
+        let mut last = 1;
+        while got.len() < N as usize {
+            let v = next_msg(&mut b, last).await;
+            last = v["seq"].as_u64().unwrap();
+            got.push(v["data"]["n"].as_u64().unwrap());
+            if got.len().is_multiple_of(64) {
+                b.send_json(json!({"t":"ack","seq":last})).await;
+            }
+        }
+        got
+    });
+    let (mut sink, mut stream) = a.ws.split();
+    let acks = tokio::spawn(async move {
+        loop {
+            let msg = tokio::time::timeout(WAIT, stream.next())
+                .await
+                .expect("a frame in time")
+                .expect("socket open")
+                .expect("no socket error");
+            let Message::Text(t) = msg else {
+                panic!("publisher got {msg:?}")
+            };
+            let v: Value = serde_json::from_str(&t).unwrap();
+            assert_ne!(v["t"], "error", "{v}");
+            if v["t"] == "ack" && v["seq"] == N + 1 {
+                return;
+            }
+        }
+    });
+    for n in 1..=N {
+        let frame = json!({"t":"msg","seq":n + 1,"op":"publish","room":"burst","data":{"n":n}});
+        sink.feed(Message::text(frame.to_string())).await.unwrap();
+    }
+    sink.flush().await.unwrap();
+    acks.await.unwrap();
+    let got = receiver.await.unwrap();
+    assert_eq!(got, (1..=N).collect::<Vec<_>>(), "exactly once, in order");
+    assert_eq!(
+        metric(addr, "supersynk_reliable_overflows_total").await,
+        0.0
+    );
+    assert_eq!(
+        metric(addr, "supersynk_reliable_backpressure_stalls_total").await,
+        0.0
+    );
+    let waits = metric(addr, "supersynk_reliable_backpressure_waits_total").await;
+    assert!(
+        waits > 0.0,
+        "the publisher never had to wait: no back-pressure tested"
+    );
+    println!("back-pressure waits: {waits}");
+}
+
+#[tokio::test]
+async fn a_receiver_away_does_not_hold_senders_up() {
+    let server = common::start(Settings {
+        reliable_buffer_messages: Some(20),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    let mut a = Client::connect(addr).await;
+    let (a_id, _) = a.hello().await;
+    join(&mut a, 1, "r", &a_id).await;
+    let mut b = Client::connect(addr).await;
+    let (b_id, b_token) = b.hello().await;
+    join(&mut b, 1, "r", &b_id).await;
+    b.send(r#"{"t":"ack","seq":1}"#).await;
+    drop(b);
+    expect(&a.recv().await, json!({"op":"join","from":b_id}));
+    until_metric(addr, "supersynk_reliable_detached", 1.0).await;
+    // B's buffer fills past the mark while B is away: A never waits (a 7.5 s wait would
+    // outlast the 5 s each of these acks may take).
+    for seq in 2..=15u64 {
+        a.send_json(json!({"t":"msg","seq":seq,"op":"publish","room":"r","data":seq}))
+            .await;
+        expect(&a.recv().await, json!({"t":"ack","seq":seq}));
+    }
+    assert_eq!(
+        metric(addr, "supersynk_reliable_backpressure_waits_total").await,
+        0.0
+    );
+    let mut b = Client::connect(addr).await;
+    b.send_json(json!({"t":"hello","clientId":b_id,"lastSeq":1,"token":b_token}))
+        .await;
+    expect(&b.recv().await, json!({"resumed":true}));
+    for seq in 2..=15u64 {
+        expect(&b.recv_data().await, json!({"seq":seq,"data":seq}));
+    }
+}
+
+#[tokio::test]
+async fn websocket_pings_count_as_heard() {
+    let server = common::start(short(100, 2000, 120_000)).await;
+    let mut a = Client::connect(server.local_addr).await;
+    a.hello().await;
+    // Only pings, for three times the 200 ms after which a silent peer is lost.
+    let mut pings = tokio::time::interval(Duration::from_millis(40));
+    let until = tokio::time::Instant::now() + Duration::from_millis(600);
+    while tokio::time::Instant::now() < until {
+        pings.tick().await;
+        a.ws.send(Message::Ping(vec![1].into())).await.unwrap();
+    }
+    a.send(r#"{"t":"msg","seq":1,"op":"request","id":1,"to":"server","data":{"presence":"r"}}"#)
+        .await;
+    expect(
+        &a.recv_data().await,
+        json!({"op":"response","id":1,"data":{"members":[]}}),
+    );
+}
+
+#[tokio::test]
+async fn a_request_ends_at_once_when_its_target_expires() {
+    let server = common::start(Settings {
+        reliable_resume_window_ms: Some(300),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    let mut a = Client::connect(addr).await;
+    a.hello().await;
+    let mut b = Client::connect(addr).await;
+    let (b_id, _) = b.hello().await;
+    drop(b);
+    let started = tokio::time::Instant::now();
+    a.send_json(
+        json!({"t":"msg","seq":1,"op":"request","id":1,"to":b_id,"data":"x","timeoutMs":10000}),
+    )
+    .await;
+    expect(&a.recv().await, json!({"t":"ack","seq":1}));
+    // Within the 300 ms window and some slack, not the 10 s timeout.
+    expect(
+        &a.recv_data().await,
+        json!({"t":"msg","seq":1,"op":"response","id":1,"from":b_id,"error":{"code":"unknown_client"}}),
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // B is unknown now: a new request is refused at once.
+    a.send_json(json!({"t":"msg","seq":2,"op":"request","id":2,"to":b_id,"data":"x"}))
+        .await;
+    expect(
+        &a.recv_data().await,
+        json!({"op":"response","id":2,"from":"server","error":{"code":"unknown_client"}}),
+    );
+}
+
+/// A connection that says its client is at `ip` (through a trusted proxy).
+async fn connect_from(addr: SocketAddr, ip: &str) -> Client {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{addr}/v1/reliable")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("x-forwarded-for", ip.parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("upgrade");
+    Client { ws }
+}
+
+async fn refused(c: &mut Client) {
+    c.send(r#"{"t":"hello"}"#).await;
+    expect(
+        &c.recv().await,
+        json!({"t":"error","code":"too_many_clients"}),
+    );
+    assert_eq!(c.close_code().await, Some(1013));
+}
+
+#[tokio::test]
+async fn client_states_are_capped_in_all_and_per_address_while_away() {
+    let server = common::start(Settings {
+        reliable_max_clients: Some(4),
+        reliable_max_detached_per_ip: Some(2),
+        trusted_proxies: Some(vec!["127.0.0.1/32".parse().unwrap()]),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    // Two states from 203.0.113.5 lose their connection: the address has its two.
+    let mut away = Vec::new();
+    for _ in 0..2 {
+        let mut c = connect_from(addr, "203.0.113.5").await;
+        away.push(c.hello().await);
+    }
+    until_metric(addr, "supersynk_reliable_detached", 2.0).await;
+    refused(&mut connect_from(addr, "203.0.113.5").await).await;
+    // Other addresses are not affected.
+    let mut other = connect_from(addr, "203.0.113.6").await;
+    other.hello().await;
+    // A resume is not a new state; it frees its place under the address.
+    let (id, token) = &away[0];
+    let mut back = connect_from(addr, "203.0.113.5").await;
+    back.send_json(json!({"t":"hello","clientId":id,"lastSeq":0,"token":token}))
+        .await;
+    expect(&back.recv().await, json!({"resumed":true,"clientId":id}));
+    let mut fresh = connect_from(addr, "203.0.113.5").await;
+    fresh.hello().await;
+    // Four states are held now (two from .5 connected, one away, one from .6): the cap.
+    refused(&mut connect_from(addr, "198.51.100.1").await).await;
+    refused(&mut Client::connect(addr).await).await;
+    assert_eq!(metric(addr, "supersynk_reliable_refused_total").await, 3.0);
+    assert_eq!(metric(addr, "supersynk_reliable_clients").await, 4.0);
+    // A resume still works at the cap.
+    let (id, token) = &away[1];
+    let mut back = Client::connect(addr).await;
+    back.send_json(json!({"t":"hello","clientId":id,"lastSeq":0,"token":token}))
+        .await;
+    expect(&back.recv().await, json!({"resumed":true,"clientId":id}));
+}
+
+/// A well-behaved peer at full speed, that has received up to `last`: publishes `n` messages
+/// `{"n":i}` to `room` with at most `window` unacknowledged, and acknowledges every 64
+/// messages it receives. Resolves with the `n`s received from others, once it has `expect`
+/// of them and its own are acked.
+async fn flood(
+    c: Client,
+    last: u64,
+    room: &'static str,
+    n: u64,
+    window: u64,
+    expect: usize,
+) -> Vec<u64> {
+    let (mut sink, mut stream) = c.ws.split();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1024);
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            sink.send(Message::text(frame)).await.expect("send");
+        }
+    });
+    // Our seq 1 was the join; publishes are 2..=n+1.
+    let (acked_tx, mut acked_rx) = tokio::sync::watch::channel(1u64);
+    let acks = tx.clone();
+    let reader = tokio::spawn(async move {
+        let (mut got, mut last, mut own) = (Vec::new(), last, 1u64);
+        while got.len() < expect || own < n + 1 {
+            let msg = tokio::time::timeout(WAIT, stream.next())
+                .await
+                .expect("a frame in time")
+                .expect("socket open")
+                .expect("no socket error");
+            let Message::Text(t) = msg else { continue };
+            let v: Value = serde_json::from_str(&t).unwrap();
+            match v["t"].as_str() {
+                Some("ack") => {
+                    own = own.max(v["seq"].as_u64().unwrap());
+                    let _ = acked_tx.send(own);
+                }
+                Some("msg") => {
+                    let seq = v["seq"].as_u64().unwrap();
+                    if seq <= last {
+                        continue;
+                    }
+                    assert_eq!(seq, last + 1, "in order");
+                    last = seq;
+                    if let Some(i) = v["data"]["n"].as_u64() {
+                        got.push(i);
+                    }
+                    if seq.is_multiple_of(64) {
+                        let _ = acks.send(json!({"t":"ack","seq":seq}).to_string()).await;
+                    }
+                }
+                Some("hb") => {}
+                _ => panic!("{v}"),
+            }
+        }
+        let _ = acks.send(json!({"t":"ack","seq":last}).to_string()).await;
+        got
+    });
+    for i in 1..=n {
+        while i + 1 - *acked_rx.borrow() > window {
+            acked_rx.changed().await.expect("reader alive");
+        }
+        let frame = json!({"t":"msg","seq":i + 1,"op":"publish","room":room,"data":{"n":i}});
+        tx.send(frame.to_string()).await.unwrap();
+    }
+    let got = reader.await.unwrap();
+    drop(tx);
+    writer.await.unwrap();
+    got
+}
+
+#[tokio::test]
+async fn two_senders_flooding_each_other_both_get_everything() {
+    // As in the burst test, the rate limit is raised so that senders can outrun acks; and
+    // the buffers are smaller than each sender's window (200), so that both wait for each
+    // other.
+    let server = common::start(Settings {
+        messages_per_second: Some(1_000_000),
+        message_burst: Some(1_000_000),
+        reliable_buffer_messages: Some(200),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    const N: u64 = 3000;
+    let mut a = Client::connect(addr).await;
+    let (a_id, _) = a.hello().await;
+    join(&mut a, 1, "duel", &a_id).await;
+    let mut b = Client::connect(addr).await;
+    let (b_id, _) = b.hello().await;
+    join(&mut b, 1, "duel", &b_id).await;
+    expect(&a.recv().await, json!({"op":"join","from":b_id}));
+    let started = tokio::time::Instant::now();
+    // Both wait for each other's acks at times; acks are read during a wait, so neither
+    // waits out the 7.5 s (which a recv of 5 s would not survive anyway).
+    let (at_a, at_b) = tokio::join!(
+        flood(a, 2, "duel", N, 200, N as usize),
+        flood(b, 1, "duel", N, 200, N as usize)
+    );
+    let all: Vec<u64> = (1..=N).collect();
+    assert_eq!(at_a, all, "B to A: exactly once, in order");
+    assert_eq!(at_b, all, "A to B: exactly once, in order");
+    assert_eq!(
+        metric(addr, "supersynk_reliable_overflows_total").await,
+        0.0
+    );
+    assert_eq!(
+        metric(addr, "supersynk_reliable_backpressure_stalls_total").await,
+        0.0
+    );
+    let waits = metric(addr, "supersynk_reliable_backpressure_waits_total").await;
+    assert!(waits > 0.0, "nobody waited: no back-pressure tested");
+    println!("{waits} back-pressure waits, {:?}", started.elapsed());
 }

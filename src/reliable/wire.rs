@@ -41,6 +41,7 @@ pub enum Code {
     Timeout,
     Overflow,
     Replaced,
+    TooManyClients,
 }
 
 impl Code {
@@ -64,6 +65,7 @@ impl Code {
             Code::Timeout => "timeout",
             Code::Overflow => "overflow",
             Code::Replaced => "replaced",
+            Code::TooManyClients => "too_many_clients",
         }
     }
 }
@@ -236,12 +238,21 @@ fn op<'a>(f: &Fields<'a>) -> Result<Op<'a>, WireError> {
                 },
             }
         }
-        "response" => Op::Response {
-            id: number(required(f.id, "id", Code::BadOp)?, "id", Code::BadOp)?,
-            to: string(required(f.to, "to", Code::BadOp)?, "to", Code::BadOp)?,
-            data: f.data,
-            error: f.error.filter(|v| v.get() != "null"),
-        },
+        "response" => {
+            let error = f.error.filter(|v| v.get() != "null");
+            if error.is_some_and(|e| !e.get().starts_with('{')) {
+                return Err(bad(
+                    Code::BadOp,
+                    r#"error must be an object, like {"code":"...","message":"..."}"#,
+                ));
+            }
+            Op::Response {
+                id: number(required(f.id, "id", Code::BadOp)?, "id", Code::BadOp)?,
+                to: string(required(f.to, "to", Code::BadOp)?, "to", Code::BadOp)?,
+                data: f.data,
+                error,
+            }
+        }
         other => {
             return Err(bad(
                 Code::BadOp,
@@ -324,12 +335,32 @@ pub fn json_str(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_default()
 }
 
+/// The server's limits a welcome announces, so a client can stay within them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The largest frame accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// Frames a connection may send per second, sustained, and in a burst.
+    pub messages_per_second: u32,
+    pub message_burst: u32,
+}
+
 /// `{"t":"welcome",...}`.
-pub fn welcome(client_id: &str, heartbeat_ms: u64, resumed: bool, seq: u64, token: &str) -> Bytes {
+pub fn welcome(
+    client_id: &str,
+    heartbeat_ms: u64,
+    resumed: bool,
+    seq: u64,
+    token: &str,
+    limits: &Limits,
+) -> Bytes {
     format!(
-        r#"{{"t":"welcome","clientId":{},"heartbeatMs":{heartbeat_ms},"resumed":{resumed},"seq":{seq},"token":{}}}"#,
+        r#"{{"t":"welcome","clientId":{},"heartbeatMs":{heartbeat_ms},"resumed":{resumed},"seq":{seq},"token":{},"maxMessageBytes":{},"messagesPerSecond":{},"messageBurst":{}}}"#,
         json_str(client_id),
-        json_str(token)
+        json_str(token),
+        limits.max_message_bytes,
+        limits.messages_per_second,
+        limits.message_burst,
     )
     .into()
 }
@@ -494,6 +525,16 @@ mod tests {
             code(r#"{"t":"msg","seq":4,"op":"publish","data":1}"#),
             Code::BadOp
         );
+        // A response's error is an object (the doc's shape), nothing else.
+        for error in [r#""oops""#, "7", "[1]", "true"] {
+            let text =
+                format!(r#"{{"t":"msg","seq":4,"op":"response","id":1,"to":"x","error":{error}}}"#);
+            assert_eq!(code(&text), Code::BadOp, "{text}");
+        }
+        assert!(matches!(
+            parse(r#"{"t":"msg","seq":4,"op":"response","id":1,"to":"x","error":{"code":"no"}}"#),
+            Ok(ClientFrame::Msg(4, Ok(Op::Response { error: Some(_), .. })))
+        ));
     }
 
     #[test]

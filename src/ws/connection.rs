@@ -229,6 +229,11 @@ impl Connection {
         self.outbound.close(close);
     }
 
+    /// When the peer was last heard: any frame, pings and pongs included.
+    pub fn last_activity(&self) -> Instant {
+        self.last_activity
+    }
+
     /// Waits for the next thing the front-end must act on.
     pub async fn next(&mut self) -> Event {
         loop {

@@ -6,11 +6,18 @@
  * acknowledged, and delivered once and in order; the client resumes its session across
  * reconnects (with backoff), sends heartbeats, joins rooms, makes and answers requests, and can
  * encrypt room payloads end to end with a shared key (AES-GCM): the server relays ciphertext.
+ *
+ * How sending works: a message is accepted into a bounded queue (`maxPending`), numbered when
+ * it is first written, and kept until acknowledged. Writes (resends and acks included) are
+ * paced to the rate the server announces in its welcome, and at most `maxInFlight` messages
+ * (`maxInFlightBytes`) are unacknowledged at once. A message the server refuses rejects its
+ * promise with the server's code; one larger than the server's `maxMessageBytes` is rejected
+ * at once (`too_big`) and never sent.
  */
 
-import { decrypt, encrypt, isEncrypted, type Key, importKey } from "./crypto.js";
+import { E2EKey, type Key } from "./crypto.js";
 
-export { importKey, type Key } from "./crypto.js";
+export { importKey, E2EKey, type Key, type Encrypted } from "./crypto.js";
 
 /** The subset of the WebSocket API the client uses (browser `WebSocket` and `ws` both fit). */
 export interface SocketLike {
@@ -28,6 +35,16 @@ export type SocketFactory = new (url: string) => SocketLike;
 
 /** Where the connection stands. */
 export type ConnectionState = "connecting" | "open" | "reconnecting" | "closed";
+
+/** What it takes to resume a session in another process or page (see `ClientOptions.session`). */
+export interface SavedSession {
+  clientId: string;
+  token: string;
+  /** The last `seq` received from the server in order. */
+  lastSeq: number;
+  /** The rooms it is in (rejoined if the session cannot be resumed). */
+  rooms?: string[];
+}
 
 export interface ClientOptions {
   /** `ws://host:port/v1/reliable` */
@@ -48,10 +65,31 @@ export interface ClientOptions {
   /** Give up on a connection that has not been welcomed within this long, in ms (default 5000). */
   helloTimeoutMs?: number;
   /**
-   * End-to-end encryption of room payloads: a passphrase (AES-256-GCM key derived with
-   * PBKDF2-SHA-256) or a `CryptoKey` from `importKey`. Every member of a room must use the same.
+   * Messages accepted and not yet acknowledged, at most (default 1000): past it, `publish`,
+   * `join`, `leave` and `request` reject at once with `queue_full`. `pending` says how many.
+   */
+  maxPending?: number;
+  /**
+   * Messages written and not yet acknowledged, at most, and their bytes (defaults 256 and
+   * 128 KiB; keep the bytes below the server's `--outbound-queue-bytes`). Others wait in
+   * the queue.
+   */
+  maxInFlight?: number;
+  maxInFlightBytes?: number;
+  /**
+   * End-to-end encryption of room payloads: a passphrase, or a key from `importKey` (which
+   * takes an application salt). Every member of a room must use the same. A client with a
+   * key refuses room messages that are not encrypted with it (an `error` event, codes
+   * `e2e_plaintext` and `e2e_decrypt`).
    */
   e2eKey?: string | Key;
+  /**
+   * A session saved with `client.session` (in another page or process): the client resumes
+   * it, and if the server cannot, starts over with a `reset` event. Save it when the last
+   * message was handled (a session saved before later messages were acknowledged no longer
+   * resumes).
+   */
+  session?: SavedSession;
 }
 
 /** A message published to a room, as a member receives it. */
@@ -68,12 +106,21 @@ export interface IncomingRequest<Q> {
   data: Q;
 }
 
-/** An error the server reported (`{"t":"error"}`) or an error response. */
+/**
+ * An error the server reported (`{"t":"error"}`), an error response, or the client's own
+ * (`closed`, `reset`, `queue_full`, `too_big`, `timeout`, `e2e_*`).
+ */
 export class ProtocolError extends Error {
   constructor(
     public readonly code: string,
     message: string,
     public readonly seq?: number,
+    /**
+     * True when the message this error is about may still have been carried out by the
+     * server (it was sent, and the session ended before it was acknowledged: `reset`,
+     * `closed`). False means it certainly was not.
+     */
+    public readonly outcomeUnknown: boolean = false,
   ) {
     super(`${code}: ${message}`);
     this.name = "ProtocolError";
@@ -83,34 +130,61 @@ export class ProtocolError extends Error {
 export interface Events<T> {
   /** Welcomed: a fresh session (`resumed` false) or the same one resumed. */
   open: { clientId: string; resumed: boolean };
-  /** The server could not resume the session: a new id, rooms rejoined, `lost` not delivered. */
-  reset: { previousId: string; clientId: string; lost: unknown[] };
+  /**
+   * The server could not resume the session: a new id, and the old session's rooms
+   * (`rooms`) rejoined, except those being left. Incoming room messages, requests and
+   * responses sent to the old id since the last one delivered are lost: re-read the state of
+   * those rooms. `lost`: the bodies of messages sent but not acknowledged, which may or may
+   * not have been carried out; they are not resent (their promises reject with `reset`,
+   * `outcomeUnknown` true). Messages never sent are sent in the new session.
+   */
+  reset: { previousId: string; clientId: string; lost: unknown[]; rooms: string[] };
   state: ConnectionState;
   message: RoomMessage<T>;
   join: { room: string; clientId: string };
   leave: { room: string; clientId: string };
+  /** Errors no promise reports: server errors without a `seq`, refusals of the client's own
+   * messages (rejoins, responses), and undecryptable room messages. */
   error: ProtocolError;
 }
 
 type Listener<V> = (value: V) => void;
 
 interface Outgoing {
+  /** 0 until numbered, which happens when it is first written. */
   seq: number;
   body: Record<string, unknown>;
   text: string;
-  /** When it was last written to a socket; 0 = never. */
+  /** UTF-8 bytes of `text` (before numbering: with the longest seq). */
+  bytes: number;
+  /** When it was last written on the current connection; 0: due now. */
   sentAt: number;
+  /**
+   * Times resent on the current connection after its timeout: each doubles the next timeout
+   * (up to 8x), so that a server holding this sender back (back-pressure) is not flooded
+   * with copies.
+   */
+  resends: number;
+  /** The server's refusal (an error with this seq), settled when the ack comes. */
+  refused: ProtocolError | null;
+  /** No caller awaits it (rejoins after a reset, responses): refusals go to `error`. */
+  internal: boolean;
+  requestId?: number;
   acked: () => void;
-  failed: (e: Error) => void;
+  failed: (e: ProtocolError) => void;
 }
 
 interface Waiting<R> {
   resolve: (value: R) => void;
   reject: (error: Error) => void;
   timer: ReturnType<typeof setTimeout>;
+  /** Its request was written (numbered): the server may have it. */
+  sent: boolean;
 }
 
 const OPEN = 1;
+/** The longest `seq` (2^53 - 1), for sizes before numbering. */
+const MAX_SEQ = 9007199254740991;
 
 /**
  * Marks a promise as handled, so that one the caller does not await (a fire-and-forget
@@ -126,6 +200,65 @@ function now(): number {
   return typeof performance !== "undefined" ? performance.now() : Date.now();
 }
 
+function utf8Length(s: string): number {
+  let n = 0;
+  for (let i = 0; i < s.length; i++) {
+    const c = s.charCodeAt(i);
+    if (c < 0x80) n += 1;
+    else if (c < 0x800) n += 2;
+    else if (c >= 0xd800 && c < 0xdc00 && i + 1 < s.length) {
+      n += 4;
+      i++;
+    } else n += 3;
+  }
+  return n;
+}
+
+const noop = () => undefined;
+
+/**
+ * The server's per-connection frame rate, mirrored: a token bucket a little smaller and
+ * slower than the server's (80% of the burst, 90% of the rate), so that network jitter never
+ * bunches frames past its limit. Data messages leave a reserve for acks and heartbeats.
+ */
+class Pacer {
+  private tokens: number;
+  private last = now();
+  private readonly cap: number;
+  private readonly perMs: number;
+  readonly reserve: number;
+
+  constructor(perSecond: number, burst: number) {
+    this.cap = Math.max(1, Math.floor(burst * 0.8));
+    this.perMs = Math.max(0.001, (perSecond * 0.9) / 1000);
+    this.reserve = Math.max(1, Math.min(10, Math.floor(this.cap / 10)));
+    // The hello, sent before the limits were known.
+    this.tokens = this.cap - 1;
+  }
+
+  private refill(): void {
+    const t = now();
+    this.tokens = Math.min(this.cap, this.tokens + (t - this.last) * this.perMs);
+    this.last = t;
+  }
+
+  /** Takes a token if more than `reserve` are left. */
+  take(reserve: number): boolean {
+    this.refill();
+    if (this.tokens >= 1 + reserve) {
+      this.tokens -= 1;
+      return true;
+    }
+    return false;
+  }
+
+  /** How long until `take(reserve)` can succeed, in ms. */
+  waitMs(reserve: number): number {
+    this.refill();
+    return Math.max(1, Math.ceil((1 + reserve - this.tokens) / this.perMs));
+  }
+}
+
 /**
  * One client session. `T`: room payloads; `Q`/`R`: request and response payloads.
  */
@@ -135,23 +268,36 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
 
   private token: string | null = null;
   private ws: SocketLike | null = null;
-  private readonly opts: Required<Omit<ClientOptions, "e2eKey" | "WebSocket">>;
+  private readonly opts: Required<Omit<ClientOptions, "e2eKey" | "WebSocket" | "session">>;
   private readonly factory: SocketFactory;
-  private key: Promise<Key> | null = null;
+  private readonly key: E2EKey | null = null;
   private heartbeatMs = 15000;
+  /** From the welcome; null until the first one. */
+  private maxMessageBytes: number | null = null;
+  private pacer: Pacer | null = null;
 
-  /** Last seq given to an outgoing message, and those not acknowledged yet (in order). */
+  /** Last seq given to an outgoing message. */
   private outSeq = 0;
+  /** Accepted, never written (not numbered), in order. */
+  private queue: Outgoing[] = [];
+  /** Written (numbered) and not acknowledged, in seq order. */
   private unacked: Outgoing[] = [];
+  private inFlightBytes = 0;
+  /** Sends accepted and still being prepared (encryption). */
+  private preparing = 0;
   /** Last seq received in order from the server; acks owed. */
   private inSeq = 0;
   private ackOwed = 0;
   private ackTimer: ReturnType<typeof setTimeout> | null = null;
+  private pumpTimer: ReturnType<typeof setTimeout> | null = null;
 
+  /** Rooms the server accepted this session into (and it has not accepted a leave of). */
   private rooms = new Set<string>();
   private nextRequestId = 1;
   private waiting = new Map<number, Waiting<R>>();
   private handler: ((req: IncomingRequest<Q>) => R | Promise<R>) | null = null;
+  /** Bumped at every reset: answers to requests of an older session are not sent. */
+  private epoch = 0;
 
   private timer: ReturnType<typeof setInterval> | null = null;
   private reconnectTimer: ReturnType<typeof setTimeout> | null = null;
@@ -161,6 +307,7 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
   private lastFastResend = 0;
   private attempts = 0;
   private welcomed = false;
+  private everWelcomed = false;
   private closedByUser = false;
   /** Encryption and decryption are async: chains keep sends and deliveries in order. */
   private sendChain: Promise<unknown> = Promise.resolve();
@@ -182,9 +329,18 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
       backoffMs: options.backoffMs ?? 100,
       maxBackoffMs: options.maxBackoffMs ?? 5000,
       helloTimeoutMs: options.helloTimeoutMs ?? 5000,
+      maxPending: options.maxPending ?? 1000,
+      maxInFlight: options.maxInFlight ?? 256,
+      maxInFlightBytes: options.maxInFlightBytes ?? 128 * 1024,
     };
     if (options.e2eKey !== undefined) {
-      this.key = typeof options.e2eKey === "string" ? importKey(options.e2eKey) : Promise.resolve(options.e2eKey);
+      this.key = typeof options.e2eKey === "string" ? new E2EKey(options.e2eKey) : options.e2eKey;
+    }
+    if (options.session) {
+      this.clientId = options.session.clientId;
+      this.token = options.session.token;
+      this.inSeq = options.session.lastSeq;
+      this.rooms = new Set(options.session.rooms ?? []);
     }
     this.open();
   }
@@ -238,39 +394,31 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
     await this.once("open");
   }
 
-  /** Joins a room; resolves when the server has acknowledged it. */
+  /** Joins a room; resolves when the server has accepted it (rejects with its refusal, e.g. `room_full`). */
   join(room: string): Promise<void> {
-    this.rooms.add(room);
     return this.send({ op: "join", room });
   }
 
+  /** Leaves a room; resolves when the server has accepted it (`not_member` if not joined). */
   leave(room: string): Promise<void> {
-    this.rooms.delete(room);
     return this.send({ op: "leave", room });
   }
 
-  /** Publishes to a room (encrypted with `e2eKey` if set); resolves when acknowledged. */
+  /** Publishes to a room (encrypted with `e2eKey` if set); resolves when accepted. */
   publish(room: string, data: T): Promise<void> {
     const key = this.key;
     if (!key) return this.send({ op: "publish", room, data });
-    return this.send({ op: "publish", room }, async () => ({ data: await encrypt(await key, data) }));
+    return this.send({ op: "publish", room }, { late: async () => ({ data: await key.encrypt(room, data) }) });
   }
 
   /** Sends a request to another client (by id); resolves with its response. */
   request(to: string, data: Q, options: { timeoutMs?: number } = {}): Promise<R> {
-    const id = this.nextRequestId++;
-    const timeoutMs = options.timeoutMs ?? this.opts.requestTimeoutMs;
-    const answer = this.wait(id, timeoutMs);
-    this.send({ op: "request", id, to, data, timeoutMs }).catch(() => undefined);
-    return answer;
+    return this.ask({ op: "request", to, data, timeoutMs: options.timeoutMs ?? this.opts.requestTimeoutMs });
   }
 
   /** The ids of a room's members, asked from the server. */
   async presence(room: string): Promise<string[]> {
-    const id = this.nextRequestId++;
-    const answer = this.wait(id, this.opts.requestTimeoutMs) as Promise<unknown>;
-    this.send({ op: "request", id, to: "server", data: { presence: room } }).catch(() => undefined);
-    const r = (await answer) as { members: string[] };
+    const r = (await this.ask({ op: "request", to: "server", data: { presence: room } })) as unknown as { members: string[] };
     return r.members;
   }
 
@@ -279,69 +427,200 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
     this.handler = handler;
   }
 
-  /** Closes for good: no reconnect. Unacknowledged messages are abandoned. */
+  /**
+   * Closes for good: no reconnect. Messages not yet sent reject with `closed`; messages sent
+   * and not acknowledged reject with `closed` and `outcomeUnknown`.
+   */
   close(): void {
     this.closedByUser = true;
     this.stopTimers();
     if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
+    if (this.pumpTimer) clearTimeout(this.pumpTimer);
+    this.pumpTimer = null;
     this.ws?.close(1000, "bye");
     this.ws = null;
     for (const [id, w] of this.waiting) {
       clearTimeout(w.timer);
-      w.reject(new ProtocolError("closed", "client closed"));
+      w.reject(new ProtocolError("closed", "client closed before the response", undefined, w.sent));
       this.waiting.delete(id);
     }
-    for (const o of this.unacked) o.failed(new ProtocolError("closed", "client closed before the server acknowledged it"));
+    for (const o of this.unacked) {
+      o.failed(new ProtocolError("closed", "client closed before the server acknowledged it: it may or may not have been carried out", o.seq, true));
+    }
+    for (const o of this.queue) o.failed(new ProtocolError("closed", "client closed before it was sent"));
     this.unacked = [];
+    this.queue = [];
+    this.inFlightBytes = 0;
     this.setState("closed");
   }
 
-  /** Messages sent and not yet acknowledged (for tests and back-pressure). */
+  /** Messages accepted and not yet acknowledged. */
   get pending(): number {
-    return this.unacked.length;
+    return this.queue.length + this.unacked.length + this.preparing;
+  }
+
+  /**
+   * What `ClientOptions.session` needs to resume this session elsewhere (null before the
+   * first welcome).
+   */
+  get session(): SavedSession | null {
+    if (!this.everWelcomed || !this.clientId || !this.token) return null;
+    return { clientId: this.clientId, token: this.token, lastSeq: this.inSeq, rooms: [...this.rooms] };
   }
 
   // ---- sending ----
 
-  private wait(id: number, timeoutMs: number): Promise<R> {
-    return new Promise<R>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        if (this.waiting.delete(id)) {
-          reject(new ProtocolError("timeout", `no response within ${timeoutMs} ms`));
-        }
-        // The server's own timeout is the same: a margin covers a response in flight.
-      }, timeoutMs + 1000);
-      this.waiting.set(id, { resolve, reject, timer });
-    });
+  /** A request (to a client or the server): its promise ends with the response. */
+  private ask(body: Record<string, unknown>): Promise<R> {
+    const id = this.nextRequestId++;
+    const timeoutMs = (body.timeoutMs as number | undefined) ?? this.opts.requestTimeoutMs;
+    return handled(
+      new Promise<R>((resolve, reject) => {
+        const timer = setTimeout(() => this.requestTimedOut(id, timeoutMs), timeoutMs + 1000);
+        this.waiting.set(id, { resolve, reject, timer, sent: false });
+        // A refusal, a reset, a close: the request's own failure ends it.
+        this.send({ ...body, id }, { requestId: id }).catch((e) => this.endRequest(id, e));
+      }),
+    );
+  }
+
+  private endRequest(id: number, e: Error): void {
+    const w = this.waiting.get(id);
+    if (!w) return;
+    this.waiting.delete(id);
+    clearTimeout(w.timer);
+    w.reject(e);
+  }
+
+  private requestTimedOut(id: number, timeoutMs: number): void {
+    if (!this.waiting.has(id)) return;
+    // Never sent: it will not be (the timeout must not be a lie).
+    const i = this.queue.findIndex((o) => o.requestId === id);
+    if (i >= 0) {
+      const [o] = this.queue.splice(i, 1);
+      o.failed(new ProtocolError("timeout", "not sent in time"));
+    }
+    // The server's own timeout is the same: the margin covers a response in flight.
+    this.endRequest(id, new ProtocolError("timeout", `no response within ${timeoutMs} ms`));
   }
 
   /**
-   * Numbers a message and writes it (or keeps it for the next connection). `late` computes
-   * fields asynchronously (encryption); the chain keeps numbering in call order.
+   * Accepts a message: it waits in the queue until it can be written. `late` computes
+   * fields asynchronously (encryption); the chain keeps the queue in call order.
    */
   private send(
     body: Record<string, unknown>,
-    late?: () => Promise<Record<string, unknown>>,
+    how: { late?: () => Promise<Record<string, unknown>>; internal?: boolean; requestId?: number } = {},
   ): Promise<void> {
     if (this.closedByUser) return handled(Promise.reject(new ProtocolError("closed", "client closed")));
-    return handled(new Promise<void>((resolve, reject) => {
-      this.sendChain = this.sendChain.then(async () => {
-        try {
-          const extra = late ? await late() : {};
-          this.enqueue({ ...body, ...extra }, resolve, reject);
-        } catch (e) {
-          reject(e as Error);
-        }
-      });
-    }));
+    if (!how.internal && this.pending >= this.opts.maxPending) {
+      return handled(
+        Promise.reject(new ProtocolError("queue_full", `${this.pending} messages wait already (maxPending ${this.opts.maxPending})`)),
+      );
+    }
+    this.preparing++;
+    return handled(
+      new Promise<void>((resolve, reject) => {
+        this.sendChain = this.sendChain.then(async () => {
+          let extra: Record<string, unknown> = {};
+          try {
+            if (how.late) extra = await how.late();
+          } catch (e) {
+            reject(e as Error);
+            return;
+          } finally {
+            this.preparing--;
+          }
+          if (this.closedByUser) {
+            reject(new ProtocolError("closed", "client closed"));
+            return;
+          }
+          if (how.requestId !== undefined && !this.waiting.has(how.requestId)) {
+            reject(new ProtocolError("timeout", "not sent in time"));
+            return;
+          }
+          const out = this.outgoing({ ...body, ...extra }, resolve, reject, how);
+          const tooBig = this.tooBig(out);
+          if (tooBig) {
+            reject(tooBig);
+            return;
+          }
+          this.queue.push(out);
+          this.pump();
+        });
+      }),
+    );
   }
 
-  private enqueue(body: Record<string, unknown>, acked: () => void, failed: (e: Error) => void): void {
-    const seq = ++this.outSeq;
-    const out: Outgoing = { seq, body, text: "", sentAt: 0, acked, failed };
-    out.text = JSON.stringify({ t: "msg", seq, ...body });
-    this.unacked.push(out);
-    if (this.welcomed) this.write(out);
+  private outgoing(
+    body: Record<string, unknown>,
+    acked: () => void,
+    failed: (e: ProtocolError) => void,
+    how: { internal?: boolean; requestId?: number },
+  ): Outgoing {
+    return {
+      seq: 0,
+      body,
+      text: "",
+      bytes: utf8Length(JSON.stringify({ t: "msg", seq: MAX_SEQ, ...body })),
+      sentAt: 0,
+      resends: 0,
+      refused: null,
+      internal: !!how.internal,
+      requestId: how.requestId,
+      acked,
+      failed,
+    };
+  }
+
+  private tooBig(o: Outgoing): ProtocolError | null {
+    if (this.maxMessageBytes === null || o.bytes <= this.maxMessageBytes) return null;
+    return new ProtocolError("too_big", `${o.bytes} bytes: the server accepts at most ${this.maxMessageBytes} per message`);
+  }
+
+  /**
+   * Writes what is due, paced: resends first (oldest first), then queued messages while the
+   * in-flight window has room. Called whenever something may have become writable.
+   */
+  private pump(): void {
+    const ws = this.ws;
+    const pacer = this.pacer;
+    if (!this.welcomed || !ws || ws.readyState !== OPEN || !pacer) return;
+    const t = now();
+    for (const out of this.unacked) {
+      if (out.sentAt !== 0) {
+        if (t - out.sentAt < this.opts.resendMs * 2 ** Math.min(out.resends, 3)) continue;
+        out.resends++;
+      }
+      if (!pacer.take(pacer.reserve)) return this.pumpLater();
+      this.write(out);
+    }
+    while (
+      this.queue.length > 0 &&
+      this.unacked.length < this.opts.maxInFlight &&
+      (this.unacked.length === 0 || this.inFlightBytes + this.queue[0].bytes <= this.opts.maxInFlightBytes)
+    ) {
+      if (!pacer.take(pacer.reserve)) return this.pumpLater();
+      const out = this.queue.shift()!;
+      out.seq = ++this.outSeq;
+      out.text = JSON.stringify({ t: "msg", seq: out.seq, ...out.body });
+      out.bytes = utf8Length(out.text);
+      this.unacked.push(out);
+      this.inFlightBytes += out.bytes;
+      if (out.requestId !== undefined) {
+        const w = this.waiting.get(out.requestId);
+        if (w) w.sent = true;
+      }
+      this.write(out);
+    }
+  }
+
+  private pumpLater(): void {
+    if (this.pumpTimer || !this.pacer) return;
+    this.pumpTimer = setTimeout(() => {
+      this.pumpTimer = null;
+      this.pump();
+    }, this.pacer.waitMs(this.pacer.reserve));
   }
 
   private write(out: Outgoing): void {
@@ -359,15 +638,18 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
     }
   }
 
-  private resendAll(): void {
-    for (const out of this.unacked) this.write(out);
+  /** Writes a frame that is not a message (ack, hb) if the pace allows. */
+  private control(frame: Record<string, unknown>): boolean {
+    if (!this.pacer || !this.pacer.take(0)) return false;
+    this.raw(JSON.stringify(frame));
+    return true;
   }
 
   // ---- connection ----
 
   private open(): void {
     this.welcomed = false;
-    this.setState(this.attempts === 0 && !this.clientId ? "connecting" : "reconnecting");
+    this.setState(this.attempts === 0 && !this.everWelcomed ? "connecting" : "reconnecting");
     let ws: SocketLike;
     try {
       ws = new this.factory(this.opts.url);
@@ -424,6 +706,7 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
     this.stopTimers();
     this.ws = null;
     this.welcomed = false;
+    this.pacer = null;
     if (this.closedByUser) return;
     this.setState("reconnecting");
     this.scheduleReconnect();
@@ -440,52 +723,103 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
     if (this.timer) clearInterval(this.timer);
     if (this.helloTimer) clearTimeout(this.helloTimer);
     if (this.ackTimer) clearTimeout(this.ackTimer);
-    this.timer = this.helloTimer = this.ackTimer = null;
+    if (this.pumpTimer) clearTimeout(this.pumpTimer);
+    this.timer = this.helloTimer = this.ackTimer = this.pumpTimer = null;
   }
 
   private onWelcome(f: any): void {
     if (this.helloTimer) clearTimeout(this.helloTimer);
-    this.heartbeatMs = Number(f.heartbeatMs) || 15000;
+    const num = (v: unknown, d: number) => (typeof v === "number" && v > 0 ? v : d);
+    this.heartbeatMs = num(f.heartbeatMs, 15000);
+    // Servers before these fields: their defaults, and no size known.
+    this.maxMessageBytes = typeof f.maxMessageBytes === "number" ? f.maxMessageBytes : null;
+    this.pacer = new Pacer(num(f.messagesPerSecond, 200), num(f.messageBurst, 400));
     const previousId = this.clientId;
     if (f.resumed) {
       this.ack(Number(f.seq));
+      // A session restored from `session` learns its numbering here.
+      this.outSeq = Math.max(this.outSeq, Number(f.seq));
+      // Everything unacknowledged is resent on the new connection.
+      for (const o of this.unacked) {
+        o.sentAt = 0;
+        o.resends = 0;
+      }
     } else if (previousId !== null) {
-      // A new session: what the old one did not acknowledge may or may not have been carried
-      // out, so it is reported, not resent; what was never written is renumbered and sent.
-      const lostOut = this.unacked.filter((o) => o.sentAt > 0);
-      const lost = lostOut.map((o) => o.body);
-      const unsent = this.unacked.filter((o) => o.sentAt === 0);
-      for (const o of lostOut) o.failed(new ProtocolError("reset", "session lost before the server acknowledged it"));
-      this.unacked = [];
-      this.outSeq = 0;
-      this.inSeq = 0;
-      this.ackOwed = 0;
-      for (const [id, w] of this.waiting) {
-        clearTimeout(w.timer);
-        w.reject(new ProtocolError("reset", "session lost before the response"));
-        this.waiting.delete(id);
-      }
-      this.clientId = f.clientId;
-      this.token = f.token;
-      const ignore = () => undefined;
-      for (const room of this.rooms) this.enqueue({ op: "join", room }, ignore, ignore);
-      for (const o of unsent) {
-        if (o.body.op !== "join") this.enqueue(o.body, o.acked, o.failed);
-        else o.acked();
-      }
-      this.emit("reset", { previousId, clientId: f.clientId, lost });
+      this.reset(previousId, f);
     }
     this.clientId = f.clientId;
     this.token = f.token;
     this.welcomed = true;
+    this.everWelcomed = true;
     this.attempts = 0;
     this.lastHeard = this.lastHb = now();
+    // Messages accepted before the limit was known.
+    for (const o of [...this.queue]) {
+      const e = this.tooBig(o);
+      if (e) {
+        this.queue.splice(this.queue.indexOf(o), 1);
+        o.failed(e);
+      }
+    }
     this.setState("open");
-    this.resendAll();
     const tick = Math.max(5, Math.min(this.heartbeatMs, this.opts.resendMs) / 4);
     if (this.timer) clearInterval(this.timer);
     this.timer = setInterval(() => this.onTick(), tick);
     this.emit("open", { clientId: f.clientId, resumed: !!f.resumed });
+    this.pump();
+  }
+
+  /**
+   * A new session replaces the old one: what may have reached the old one is reported, not
+   * resent; what never left is sent in the new one; rooms are rejoined.
+   */
+  private reset(previousId: string, f: any): void {
+    const leaving = new Set<string>();
+    const lost: unknown[] = [];
+    for (const o of this.unacked) {
+      if (o.refused) {
+        // Refused: certainly not carried out.
+        if (o.internal) this.emit("error", o.refused);
+        o.failed(o.refused);
+      } else if (o.body.op === "leave") {
+        // Done: the new session is in no room.
+        leaving.add(o.body.room as string);
+        o.acked();
+      } else if (!o.internal) {
+        lost.push(o.body);
+        o.failed(new ProtocolError("reset", "the session was reset before the server acknowledged it: it may or may not have been carried out", o.seq, true));
+      }
+    }
+    const keep: Outgoing[] = [];
+    for (const o of this.queue) {
+      if (o.body.op === "leave") {
+        leaving.add(o.body.room as string);
+        o.acked();
+      } else if (!o.internal) {
+        // Answers to the old session's requests and its rejoins are dropped.
+        keep.push(o);
+      }
+    }
+    for (const [id, w] of this.waiting) {
+      if (w.sent) this.endRequest(id, new ProtocolError("reset", "the session was reset before the response: the request may or may not have been carried out", undefined, true));
+    }
+    const rooms = [...this.rooms];
+    this.rooms = new Set();
+    this.unacked = [];
+    this.inFlightBytes = 0;
+    this.outSeq = 0;
+    this.inSeq = 0;
+    this.ackOwed = 0;
+    if (this.ackTimer) clearTimeout(this.ackTimer);
+    this.ackTimer = null;
+    this.epoch++;
+    this.clientId = f.clientId;
+    this.token = f.token;
+    const rejoin = rooms
+      .filter((room) => !leaving.has(room))
+      .map((room) => this.outgoing({ op: "join", room }, noop, noop, { internal: true }));
+    this.queue = [...rejoin, ...keep];
+    this.emit("reset", { previousId, clientId: f.clientId, lost, rooms });
   }
 
   private onTick(): void {
@@ -496,23 +830,30 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
       this.drop(ws);
       return;
     }
-    if (t - this.lastHb >= this.heartbeatMs) {
+    if (t - this.lastHb >= this.heartbeatMs && this.control({ t: "hb", ack: this.inSeq })) {
       this.lastHb = t;
-      this.raw(JSON.stringify({ t: "hb", ack: this.inSeq }));
       this.ackOwed = 0;
     }
-    for (const out of this.unacked) {
-      if (t - out.sentAt < this.opts.resendMs) break;
-      this.write(out);
-    }
+    this.pump();
   }
 
-  /** A cumulative ack from the server. */
+  /** A cumulative ack from the server: settles what it covers. */
   private ack(seq: number): void {
+    let settled = false;
     while (this.unacked.length > 0 && this.unacked[0].seq <= seq) {
       const out = this.unacked.shift()!;
+      this.inFlightBytes -= out.bytes;
+      settled = true;
+      if (out.refused) {
+        if (out.internal) this.emit("error", out.refused);
+        out.failed(out.refused);
+        continue;
+      }
+      if (out.body.op === "join") this.rooms.add(out.body.room as string);
+      if (out.body.op === "leave") this.rooms.delete(out.body.room as string);
       out.acked();
     }
+    if (settled) this.pump();
   }
 
   private owe(): void {
@@ -527,8 +868,13 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
   private sendAck(): void {
     if (this.ackTimer) clearTimeout(this.ackTimer);
     this.ackTimer = null;
+    if (this.ackOwed === 0) return;
+    if (!this.control({ t: "ack", seq: this.inSeq })) {
+      // Out of pace: one cumulative ack a little later covers everything owed by then.
+      if (this.pacer) this.ackTimer = setTimeout(() => this.sendAck(), this.pacer.waitMs(0));
+      return;
+    }
     this.ackOwed = 0;
-    this.raw(JSON.stringify({ t: "ack", seq: this.inSeq }));
   }
 
   private onFrame(f: any): void {
@@ -543,15 +889,23 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
         this.ack(Number(f.ack));
         return;
       case "error": {
-        const e = new ProtocolError(String(f.code), String(f.message), f.seq);
+        const seq = typeof f.seq === "number" ? f.seq : undefined;
+        const e = new ProtocolError(String(f.code), String(f.message), seq);
         if (f.code === "seq_gap") {
           // Something we sent was lost: resend everything unacknowledged now, at most once
           // per half resend period (every message after the lost one reports the same gap).
           const t = now();
           if (t - this.lastFastResend >= this.opts.resendMs / 2) {
             this.lastFastResend = t;
-            this.resendAll();
+            for (const o of this.unacked) o.sentAt = 0;
+            this.pump();
           }
+          return;
+        }
+        // A refusal of one of our messages: settled (rejected) when its ack comes.
+        const out = seq === undefined ? undefined : this.unacked.find((o) => o.seq === seq);
+        if (out) {
+          out.refused = e;
           return;
         }
         this.emit("error", e);
@@ -574,17 +928,30 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
     }
     this.inSeq = seq;
     this.owe();
-    this.deliverChain = this.deliverChain.then(() => this.deliver(f)).catch((e) => {
-      this.emit("error", new ProtocolError("client", String(e)));
-    });
+    this.deliverChain = this.deliverChain
+      .then(() => this.deliver(f))
+      .catch((e) => {
+        this.emit("error", new ProtocolError("client", String(e)));
+      });
   }
 
   private async deliver(f: any): Promise<void> {
     switch (f.op) {
       case undefined: {
         let data = f.data;
-        if (this.key && isEncrypted(data)) {
-          data = await decrypt(await this.key, data);
+        if (this.key) {
+          try {
+            data = await this.key.decrypt(String(f.room), data);
+          } catch (e) {
+            const plain = !(typeof data === "object" && data !== null && "enc" in data);
+            this.emit(
+              "error",
+              plain
+                ? new ProtocolError("e2e_plaintext", `unencrypted message in room ${f.room} from ${f.from}: not delivered`)
+                : new ProtocolError("e2e_decrypt", `message in room ${f.room} from ${f.from} does not decrypt (${String((e as Error)?.message ?? e)}): not delivered`),
+            );
+            return;
+          }
         }
         this.emit("message", { room: f.room, from: f.from, data });
         return;
@@ -609,8 +976,12 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
       }
       case "request": {
         const handler = this.handler;
-        const reply = (body: Record<string, unknown>) =>
-          this.send({ op: "response", id: f.id, to: f.from, ...body }).catch(() => undefined);
+        const epoch = this.epoch;
+        const reply = (body: Record<string, unknown>) => {
+          // The requester asked the old session: a new one cannot answer.
+          if (this.epoch !== epoch) return;
+          this.send({ op: "response", id: f.id, to: f.from, ...body }, { internal: true }).catch(noop);
+        };
         if (!handler) {
           reply({ error: { code: "no_handler", message: "this client answers no requests" } });
           return;

@@ -9,15 +9,19 @@ import { WebSocketServer, WebSocket } from "ws";
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
 
-/** Starts target/debug/supersynk (or $SUPERSYNK_BIN) on 127.0.0.1:0; resolves with its address. */
+/**
+ * Starts $SUPERSYNK_BIN, else debug/supersynk under $CARGO_TARGET_DIR (relative to the
+ * repository, as cargo takes it) or target/, on 127.0.0.1:0; resolves with its address.
+ */
 export async function startServer(args = []) {
-  const bin = process.env.SUPERSYNK_BIN ?? path.join(root, "target/debug/supersynk");
+  const target = path.resolve(root, process.env.CARGO_TARGET_DIR ?? "target");
+  const bin = process.env.SUPERSYNK_BIN ?? path.join(target, "debug/supersynk");
   // The server's durable store (other front-ends) goes to a directory of its own.
   const dataDir = mkdtempSync(path.join(tmpdir(), "supersynk-ts-test-"));
   const child = spawn(
     bin,
-    ["--bind", "127.0.0.1", "--port", "0", "--data-dir", dataDir, "--log-format", "json", "--log", "warn,supersynk=info",
-      "--messages-per-second", "100000", "--message-burst", "100000", ...args],
+    // The server's default limits (rate, sizes): the client must live within them.
+    ["--bind", "127.0.0.1", "--port", "0", "--data-dir", dataDir, "--log-format", "json", "--log", "warn,supersynk=info", ...args],
     { stdio: ["ignore", "pipe", "inherit"] },
   );
   const lines = createInterface({ input: child.stdout });
@@ -52,17 +56,19 @@ export async function startServer(args = []) {
  * A WebSocket proxy working on whole messages (two `ws` sockets per client): drops each
  * message with probability `dropRate`, delays each by up to `maxDelayMs` (keeping the order
  * of each direction, as TCP would), and every `cutEveryMs` cuts one connection (both sides
- * terminated, no close handshake).
+ * terminated, no close handshake). `blackhole(true)` drops everything until
+ * `blackhole(false)`, connections staying open.
  */
 export async function startProxy(upstream, { dropRate = 0, maxDelayMs = 0, cutEveryMs = 0 } = {}) {
   const wss = new WebSocketServer({ host: "127.0.0.1", port: 0 });
   await new Promise((r) => wss.once("listening", r));
   const stats = { forwarded: 0, dropped: 0, cuts: 0, connections: 0 };
   const pairs = new Set();
+  let dropAll = false;
   const pipe = (from, to, toOpen) => {
     let releaseAt = 0;
     from.on("message", (data, isBinary) => {
-      if (Math.random() < dropRate) {
+      if (dropAll || Math.random() < dropRate) {
         stats.dropped++;
         return;
       }
@@ -112,6 +118,9 @@ export async function startProxy(upstream, { dropRate = 0, maxDelayMs = 0, cutEv
   return {
     url: `ws://127.0.0.1:${wss.address().port}/v1/reliable`,
     stats,
+    blackhole: (on) => {
+      dropAll = on;
+    },
     close: () => {
       if (cutter) clearInterval(cutter);
       for (const p of pairs) {
@@ -134,4 +143,21 @@ export function until(predicate, ms = 10000, what = "condition") {
     };
     check();
   });
+}
+
+/** A metric of the server at `addr`, summed over its labels (0 if absent). */
+export async function metric(addr, name) {
+  const body = await (await fetch(`http://${addr}/metrics`)).text();
+  let sum = 0;
+  for (const line of body.split("\n")) {
+    if (line.startsWith(name) && /^[ {]/.test(line.slice(name.length))) sum += Number(line.split(" ").pop());
+  }
+  return sum;
+}
+
+/** The server's count of connections it closed for going over the message rate. */
+export async function rateLimited(addr) {
+  const body = await (await fetch(`http://${addr}/metrics`)).text();
+  const line = body.split("\n").find((l) => l.startsWith('supersynk_errors_total{kind="limit_message_rate"}'));
+  return line ? Number(line.split(" ").pop()) : 0;
 }

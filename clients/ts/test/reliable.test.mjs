@@ -1,11 +1,12 @@
-// The TypeScript client against the real server (started here), directly and through a
-// proxy that drops and delays messages and cuts connections.
+// The TypeScript client against the real server (started here, with its default limits:
+// rate 200 frames/s, bursts of 400, 64 KiB messages), directly and through a proxy that drops
+// and delays messages and cuts connections.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { WebSocket } from "ws";
 
-import { connectNode, ProtocolError, importKey } from "../dist/node.js";
-import { startServer, startProxy, until } from "./helpers.mjs";
+import { connectNode, NodeWebSocket, ProtocolError, ReliableClient, importKey } from "../dist/node.js";
+import { startServer, startProxy, until, metric, rateLimited } from "./helpers.mjs";
 
 let server;
 before(async () => {
@@ -148,6 +149,7 @@ test("through a lossy, slow, cutting proxy every message arrives exactly once an
     for (const [n, v] of results) assert.ok(v === n * 2 || v === "timeout", `request ${n}: ${v}`);
     assert.ok(results.filter(([n, v]) => v === n * 2).length > 0, "some requests answered");
     assert.deepEqual(resets, []);
+    assert.equal(await rateLimited(server.addr), 0, "no connection closed for its rate");
     assert.ok(proxy.stats.dropped > 20, `dropped ${proxy.stats.dropped}`);
     assert.ok(proxy.stats.cuts > 0, `cuts ${proxy.stats.cuts}`);
     console.log(`proxy: ${JSON.stringify(proxy.stats)}`);
@@ -179,5 +181,246 @@ test("a resume after the window is reported as a reset and the client starts ove
     b.close();
     await proxy.close();
     await short.stop();
+  }
+});
+
+/** Resolves once `f()` resolves to something `ok` accepts, polling every 20 ms. */
+async function eventually(f, ok, ms = 10000, what = "condition") {
+  const started = Date.now();
+  for (;;) {
+    const v = await f();
+    if (ok(v)) return v;
+    if (Date.now() - started > ms) throw new Error(`timed out waiting for ${what}: ${JSON.stringify(v)}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+test("a message larger than the server accepts is refused at once and never sent", async () => {
+  // Accepted before the welcome (the limit is not known yet): refused when it comes.
+  const early = new ReliableClient({ WebSocket: NodeWebSocket, url: server.url, ...fast });
+  const a = await connectNode({ url: server.url, ...fast });
+  const b = await connectNode({ url: server.url, ...fast });
+  try {
+    await assert.rejects(early.publish("big", "x".repeat(70000)), (e) => e.code === "too_big" && !e.outcomeUnknown);
+    await a.join("big");
+    await b.join("big");
+    const states = [];
+    a.on("state", (s) => states.push(s));
+    const got = b.once("message");
+    // 64 KiB is the server's default maximum: the JSON frame of this one is above it.
+    await assert.rejects(a.publish("big", "é".repeat(33000)), (e) => {
+      assert.equal(e.code, "too_big");
+      return true;
+    });
+    assert.equal(a.pending, 0, "not queued for resending");
+    await a.publish("big", "after");
+    assert.equal((await got).data, "after");
+    assert.deepEqual(states, [], "the connection never closed");
+  } finally {
+    early.close();
+    a.close();
+    b.close();
+  }
+});
+
+test("a burst of publishes keeps to the server's rate and loses nothing", { timeout: 30000 }, async () => {
+  const a = await connectNode({ url: server.url, ...fast });
+  const b = await connectNode({ url: server.url, ...fast });
+  const before = await rateLimited(server.addr);
+  try {
+    await b.join("burst");
+    await a.join("burst");
+    const got = [];
+    b.on("message", (m) => got.push(m.data));
+    const states = [];
+    a.on("state", (s) => states.push(s));
+    const N = 1000; // the default maxPending, over twice the server's burst of 400
+    const started = Date.now();
+    await Promise.all(Array.from({ length: N }, (_, i) => a.publish("burst", i)));
+    await until(() => got.length >= N, 20000, `${N} messages (got ${got.length})`);
+    assert.deepEqual(got, Array.from({ length: N }, (_, i) => i));
+    assert.deepEqual(states, [], "never disconnected");
+    assert.equal(await rateLimited(server.addr), before, "no connection closed for its rate");
+    console.log(`${N} publishes in ${Date.now() - started} ms`);
+    // The queue is bounded: past maxPending, a send is refused at once.
+    const c = await connectNode({ url: server.url, ...fast, maxPending: 3 });
+    try {
+      await c.join("burst");
+      const sends = [1, 2, 3, 4].map((n) => c.publish("burst", n).then(() => "ok", (e) => e.code));
+      assert.deepEqual(await Promise.all(sends), ["ok", "ok", "ok", "queue_full"]);
+    } finally {
+      c.close();
+    }
+  } finally {
+    a.close();
+    b.close();
+  }
+});
+
+test("the server's refusals reject the matching promise, and a refused join adds no room", async () => {
+  const small = await startServer(["--max-session-members", "1"]);
+  const a = await connectNode({ url: small.url, ...fast });
+  const b = await connectNode({ url: small.url, ...fast });
+  const errors = [];
+  b.on("error", (e) => errors.push(e.code));
+  try {
+    await a.join("solo");
+    await assert.rejects(b.join("solo"), (e) => e instanceof ProtocolError && e.code === "room_full");
+    assert.deepEqual(b.session.rooms, [], "not in the room it was refused");
+    await assert.rejects(b.publish("nowhere", 1), (e) => e.code === "not_member");
+    await assert.rejects(b.leave("nowhere"), (e) => e.code === "not_member");
+    // A timeout the server refuses (not a whole number): the request fails at once.
+    const started = Date.now();
+    await assert.rejects(b.request(a.clientId, 1, { timeoutMs: 1.5 }), (e) => e.code === "bad_op");
+    assert.ok(Date.now() - started < 1000);
+    await b.join("other");
+    assert.deepEqual(b.session.rooms, ["other"]);
+    assert.deepEqual(errors, [], "refusals go to their promises, not to the error event");
+  } finally {
+    a.close();
+    b.close();
+    await small.stop();
+  }
+});
+
+test("after a reset, what was never sent is sent and what may have arrived is reported", async () => {
+  const short = await startServer(["--reliable-resume-window-ms", "200", "--reliable-heartbeat-ms", "300"]);
+  const a = await connectNode({ url: short.url, ...fast });
+  let proxy = await startProxy(short.url);
+  const b = await connectNode({ url: proxy.url, ...fast, backoffMs: 300, maxBackoffMs: 300 });
+  const calls = [];
+  a.onRequest(({ data }) => {
+    calls.push(data);
+    return `done:${data}`;
+  });
+  const errors = [];
+  b.on("error", (e) => errors.push(e.code));
+  try {
+    await b.join("stay");
+    await b.join("go");
+    // Sent, never acknowledged: the proxy swallows it.
+    proxy.blackhole(true);
+    const maybe = b.publish("stay", "maybe");
+    await until(() => b["unacked"].length === 1, 5000, "the publish written");
+    await proxy.close();
+    await until(() => b.state === "reconnecting", 5000, "B to notice");
+    // Offline: neither of these is sent before the reset.
+    const answer = b.request(a.clientId, "charge-card", { timeoutMs: 20000 });
+    const left = b.leave("go");
+    const reset = b.once("reset");
+    const old = b.clientId;
+    // B's state expires on the server (its rooms empty out).
+    await eventually(() => a.presence("stay"), (m) => m.length === 0, 5000, "B's state to expire");
+    proxy = await startProxy(short.url);
+    b["opts"].url = proxy.url;
+    const r = await reset;
+    assert.equal(r.previousId, old);
+    assert.deepEqual(r.lost, [{ op: "publish", room: "stay", data: "maybe" }]);
+    assert.deepEqual(r.rooms.sort(), ["go", "stay"], "rooms whose traffic may have been missed");
+    await assert.rejects(maybe, (e) => e.code === "reset" && e.outcomeUnknown === true);
+    // The request made offline is carried out once, in the new session, and answered.
+    assert.equal(await answer, "done:charge-card");
+    assert.deepEqual(calls, ["charge-card"]);
+    // The leave is done by the reset: no rejoin of "go", no not_member.
+    await left;
+    await until(() => b.pending === 0, 5000, "rejoin acknowledged");
+    assert.deepEqual(await b.presence("stay"), [b.clientId]);
+    assert.deepEqual(await b.presence("go"), []);
+    assert.deepEqual(b.session.rooms, ["stay"]);
+    assert.deepEqual(errors, []);
+  } finally {
+    a.close();
+    b.close();
+    await proxy.close();
+    await short.stop();
+  }
+});
+
+test("end-to-end encryption refuses plaintext, other rooms' ciphertext and garbage", async () => {
+  const a = await connectNode({ url: server.url, ...fast, e2eKey: "k" });
+  const b = await connectNode({ url: server.url, ...fast, e2eKey: "k" });
+  const other = await connectNode({ url: server.url, ...fast, e2eKey: await importKey("k", { salt: "another app" }) });
+  const raw = new WebSocket(server.url);
+  const frames = [];
+  raw.on("message", (d) => frames.push(JSON.parse(d.toString())));
+  await new Promise((r) => raw.once("open", r));
+  let seq = 0;
+  const rawSend = (f) => raw.send(JSON.stringify({ t: "msg", seq: ++seq, ...f }));
+  raw.send(JSON.stringify({ t: "hello" }));
+  try {
+    await a.join("r1");
+    await b.join("r1");
+    await b.join("r2");
+    await other.join("r1");
+    rawSend({ op: "join", room: "r1" });
+    rawSend({ op: "join", room: "r2" });
+    await until(() => frames.filter((f) => f.t === "ack").length >= 2, 5000, "raw joins");
+    const got = [];
+    b.on("message", (m) => got.push({ room: m.room, from: m.from, data: m.data }));
+    const bErrors = [];
+    b.on("error", (e) => bErrors.push(e.code));
+    const otherErrors = [];
+    other.on("error", (e) => otherErrors.push(e.code));
+    await a.publish("r1", { pay: 100 });
+    await until(() => frames.some((f) => f.t === "msg" && f.data?.enc), 5000, "ciphertext relayed");
+    const ct = frames.find((f) => f.t === "msg" && f.data?.enc).data;
+    rawSend({ op: "publish", room: "r1", data: { pay: 999999 } }); // plaintext
+    rawSend({ op: "publish", room: "r2", data: ct }); // A's ciphertext, moved to another room
+    rawSend({ op: "publish", room: "r1", data: { ...ct, ct: ct.ct.replace(/^./, (c) => (c === "A" ? "B" : "A")) } }); // altered
+    rawSend({ op: "publish", room: "r1", data: { enc: "A256GCM", v: 2, iv: "AAAA", ct: "AAAA" } }); // garbage
+    await a.publish("r1", "after");
+    await until(() => got.length >= 2 && bErrors.length >= 4, 5000, "deliveries and refusals");
+    assert.deepEqual(got, [
+      { room: "r1", from: a.clientId, data: { pay: 100 } },
+      { room: "r1", from: a.clientId, data: "after" },
+    ]);
+    assert.deepEqual(bErrors, ["e2e_plaintext", "e2e_decrypt", "e2e_decrypt", "e2e_decrypt"]);
+    // Same passphrase, another application salt: another key.
+    // All five messages of r1 (two of A's, three of the raw client's).
+    await until(() => otherErrors.length >= 5, 5000, "the other app's refusals");
+    assert.ok(otherErrors.every((c) => c.startsWith("e2e_")), JSON.stringify(otherErrors));
+  } finally {
+    raw.terminate();
+    a.close();
+    b.close();
+    other.close();
+  }
+});
+
+test("a saved session resumes in a new client (a page reload, a process restart)", async () => {
+  const proxy = await startProxy(server.url);
+  const a = await connectNode({ url: server.url, ...fast });
+  const first = await connectNode({ url: proxy.url, ...fast });
+  try {
+    await a.join("saved");
+    await first.join("saved");
+    const got1 = [];
+    first.on("message", (m) => got1.push(m.data));
+    await a.publish("saved", 1);
+    await until(() => got1.length === 1, 5000, "first message");
+    const saved = first.session;
+    assert.equal(saved.clientId, first.clientId);
+    // The first client goes away without a word, as a killed process does.
+    await proxy.close();
+    first.close();
+    await a.publish("saved", 2);
+    await a.publish("saved", 3);
+    const second = new ReliableClient({ WebSocket: NodeWebSocket, url: server.url, ...fast, session: saved });
+    try {
+      const got2 = [];
+      second.on("message", (m) => got2.push(m.data));
+      const opened = await second.once("open");
+      assert.deepEqual(opened, { clientId: saved.clientId, resumed: true });
+      await until(() => got2.length === 2, 5000, "missed messages");
+      assert.deepEqual(got2, [2, 3]);
+      const heard = a.once("message");
+      await second.publish("saved", "back");
+      assert.deepEqual(await heard, { room: "saved", from: saved.clientId, data: "back" });
+    } finally {
+      second.close();
+    }
+  } finally {
+    a.close();
+    first.close();
   }
 });
