@@ -202,7 +202,8 @@ pub struct Settings {
     /// need a token when set [default: none]
     #[arg(long, env = "SUPERSYNK_MESSAGES_SECRET")]
     pub messages_secret: Option<String>,
-    /// Direct messages: largest message frame, in bytes [default: 16384]
+    /// Direct messages: largest message frame, in bytes [default: 16384, or
+    /// --max-message-bytes if lower]
     #[arg(long, env = "SUPERSYNK_MESSAGES_MAX_BYTES")]
     pub messages_max_bytes: Option<usize>,
     /// Direct messages: messages kept for one offline peer at most [default: 1000]
@@ -560,7 +561,10 @@ impl Config {
             messages: MessagesConfig {
                 port: s.messages_port,
                 secret: s.messages_secret.filter(|v| !v.is_empty()),
-                max_bytes: s.messages_max_bytes.unwrap_or(16 * 1024),
+                // The default never exceeds the WebSocket limit; a value given does (an error).
+                max_bytes: s
+                    .messages_max_bytes
+                    .unwrap_or((16 * 1024).min(max_message_bytes)),
                 queue_limit: s.messages_queue_limit.unwrap_or(1000),
                 ping_interval: ms(s.messages_ping_interval_ms.unwrap_or(20_000)),
             },
@@ -707,6 +711,23 @@ mod tests {
         assert_eq!(c.port, 5001);
         assert_eq!(c.socket_timeout, Duration::from_secs(300));
         assert!(c.deflate);
+    }
+
+    #[test]
+    fn message_frames_stay_within_the_websocket_limit() {
+        let c = Config::resolve(
+            Settings::try_parse_from(["s", "--max-message-bytes", "4096"]).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(c.messages.max_bytes, 4096);
+        let args = [
+            "s",
+            "--max-message-bytes",
+            "4096",
+            "--messages-max-bytes",
+            "8192",
+        ];
+        assert!(Config::resolve(Settings::try_parse_from(args).unwrap()).is_err());
     }
 
     #[test]
