@@ -55,6 +55,12 @@ const DRAIN_BATCH: usize = 100;
 /// How long a drain waits before it reads a failing store again.
 const STORE_RETRY: Duration = Duration::from_secs(1);
 
+/// The close of a connection whose delivered messages could not be removed from its queue.
+pub const STORE_FAILED: Close = Close {
+    code: 1011,
+    reason: "message store failed",
+};
+
 const STORE_DOWN: &str = "message store unavailable: message not stored, try again";
 
 /// The direct-message front-end's state.
@@ -339,13 +345,18 @@ impl Messages {
             }
         }
         let n = batch.len() as u64;
-        if let Err(e) = queue
-            .remove(name, batch.into_iter().map(|q| q.id).collect())
-            .await
-        {
-            // They were written: the next login gets them once more (at least once).
-            warn!(error = %e, name, "direct messages: delivered messages not removed");
-            return Round::Stop;
+        let ids: Vec<_> = batch.into_iter().map(|q| q.id).collect();
+        let mut tries = 0;
+        while let Err(e) = queue.remove(name, ids.clone()).await {
+            tries += 1;
+            if tries == 3 {
+                // They were written, and nothing more can go out behind them: the client
+                // is closed, and its next login gets them once more (at least once).
+                warn!(error = %e, name, "direct messages: delivered messages not removed");
+                out.close(STORE_FAILED);
+                return Round::Stop;
+            }
+            tokio::time::sleep(STORE_RETRY).await;
         }
         self.metrics
             .direct_messages
