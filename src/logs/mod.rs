@@ -486,9 +486,12 @@ async fn serve_listener(
 ) {
     let mut ctx = app.conn_context();
     let mut settings = (*ctx.settings).clone();
-    // Room above the listener buffer for the notice and one oversized array: the stream
-    // checks the buffer itself, so this queue never closes the listener as slow.
-    settings.outbound_queue_bytes = app.config.logs.listener_buffer_bytes * 2 + 64 * 1024;
+    // No limit of its own: the stream checks the listener buffer before it queues anything,
+    // so at most the buffer, a notice and one flush's array (shared by every listener of
+    // the room) wait here. A limit here closed a listener as a slow consumer when a notice
+    // was followed by an array larger than the limit, which the stream allows an idle
+    // listener.
+    settings.outbound_queue_bytes = usize::MAX / 4;
     ctx.settings = Arc::new(settings);
     let mut conn = Connection::start(upgraded, deflate, ctx, peer).await;
     conn.keepalive(app.config.logs.ping_interval);
