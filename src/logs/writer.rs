@@ -129,6 +129,7 @@ async fn write_batch(
     metrics: &Metrics,
     shutdown: &CancellationToken,
 ) {
+    let whole = entries.len();
     // A stack, left halves on top, so the order is kept.
     let mut todo = vec![entries];
     while let Some(mut part) = todo.pop() {
@@ -137,7 +138,7 @@ async fn write_batch(
                 metrics.logs_stored.inc_by(part.len() as u64);
             }
             Outcome::Refused(e) if part.len() > 1 => {
-                if todo.is_empty() {
+                if part.len() == whole {
                     warn!(error = %e, entries = part.len(), "log store refused a batch; writing it in parts");
                 }
                 let right = part.split_off(part.len() / 2);
