@@ -201,7 +201,7 @@ impl LogStore {
     }
 
     /// Creates the tables if missing and adds `search` to a table made before it (the
-    /// backfill is then noted in `log_meta`); done once, see [`LogStore::ready`].
+    /// backfill is then noted in `log_meta`); done once (tried again while it fails).
     pub async fn init(&self) -> Result<(), StoreError> {
         self.ready
             .get_or_try_init(|| self.create_schema())
@@ -319,7 +319,7 @@ impl LogStore {
         Ok((last - count + 1, last))
     }
 
-    /// Fills `search` for up to [`BACKFILL_ROWS`] rows of a table made before that column;
+    /// Fills `search` for up to 1000 rows of a table made before that column;
     /// returns whether there may be more to do.
     pub async fn backfill_step(&self) -> Result<bool, StoreError> {
         self.init().await?;
