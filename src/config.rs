@@ -239,6 +239,19 @@ pub struct Settings {
     /// [default: 100000]
     #[arg(long, env = "SUPERSYNK_LOGS_STORE_QUEUE")]
     pub logs_store_queue: Option<usize>,
+    /// Bytes of entries waiting for the log store (or being written) at most; more are
+    /// dropped for the store and counted (listeners still get them) [default: 67108864]
+    #[arg(long, env = "SUPERSYNK_LOGS_STORE_QUEUE_BYTES")]
+    pub logs_store_queue_bytes: Option<usize>,
+    /// POST /logs/add: the whole body must arrive within this long, in ms, or the request
+    /// gets 408 and the connection is closed [default: 15000]
+    #[arg(long, env = "SUPERSYNK_LOGS_BODY_TIMEOUT_MS")]
+    pub logs_body_timeout_ms: Option<u64>,
+    /// /logs/listen: ping a quiet listener after this long (at most half of
+    /// --socket-timeout-ms), and close it after twice this with no frame from it, in ms
+    /// [default: 20000]
+    #[arg(long, env = "SUPERSYNK_LOGS_PING_INTERVAL_MS")]
+    pub logs_ping_interval_ms: Option<u64>,
 }
 
 /// Why the settings could not be read.
@@ -313,6 +326,12 @@ pub struct LogsConfig {
     /// A `tracing` level filter (`off`, `error`, ..., `trace`).
     pub server_level: String,
     pub store_queue_entries: usize,
+    /// Bytes the store's queue and the batch being written may hold.
+    pub store_queue_bytes: usize,
+    /// The deadline for reading a `/logs/add` body.
+    pub body_timeout: Duration,
+    /// Server pings on a quiet listener (already capped at half the socket timeout).
+    pub ping_interval: Duration,
 }
 
 /// Where the durable store (logs, message queue) lives.
@@ -436,6 +455,9 @@ impl Settings {
             logs_listener_buffer_bytes,
             logs_server_level,
             logs_store_queue,
+            logs_store_queue_bytes,
+            logs_body_timeout_ms,
+            logs_ping_interval_ms,
             reliable_heartbeat_ms,
             reliable_resume_window_ms,
             reliable_buffer_messages,
@@ -580,6 +602,10 @@ impl Config {
                 listener_buffer_bytes: s.logs_listener_buffer_bytes.unwrap_or(1 << 20),
                 server_level: s.logs_server_level.unwrap_or_else(|| "info".into()),
                 store_queue_entries: s.logs_store_queue.unwrap_or(100_000),
+                store_queue_bytes: s.logs_store_queue_bytes.unwrap_or(64 << 20),
+                body_timeout: ms(s.logs_body_timeout_ms.unwrap_or(15_000)),
+                ping_interval: ms(s.logs_ping_interval_ms.unwrap_or(20_000))
+                    .min(ms(s.socket_timeout_ms.unwrap_or(300_000)) / 2),
             },
             tls: match (s.tls_cert, s.tls_key) {
                 (Some(c), Some(k)) => Some((c, k)),
@@ -661,9 +687,20 @@ impl Config {
                 "messages-ping-interval-ms must be at least 100".into(),
             ));
         }
-        if config.logs.per_second == 0 || config.logs.store_queue_entries == 0 {
+        if config.logs.per_second == 0
+            || config.logs.store_queue_entries == 0
+            || config.logs.store_queue_bytes == 0
+            || config.logs.body_timeout.is_zero()
+        {
             return Err(ConfigError::Invalid(
-                "logs-per-second and logs-store-queue must be above 0".into(),
+                "logs-per-second, logs-store-queue, logs-store-queue-bytes and \
+                 logs-body-timeout-ms must be above 0"
+                    .into(),
+            ));
+        }
+        if config.logs.ping_interval.is_zero() {
+            return Err(ConfigError::Invalid(
+                "logs-ping-interval-ms must be above 0".into(),
             ));
         }
         if config

@@ -76,11 +76,14 @@ pub struct Metrics {
     /// Direct messages: peers logged in on this node.
     pub direct_peers_online: Gauge,
     /// Log front-end: entries accepted (posted and the server's own), stored, store write
-    /// attempts that failed, entries not stored (queue full, no store, given up).
+    /// attempts that failed, entries not stored (queue full, no store, given up, refused),
+    /// of which refused by the store as data; bytes waiting for the store.
     pub logs_received: Counter,
     pub logs_stored: Counter,
     pub logs_store_failures: Counter,
     pub logs_store_dropped: Counter,
+    pub logs_store_refused: Counter,
+    pub logs_store_queue_bytes: Gauge,
     /// Log front-end: listeners connected; entries listeners missed for being slow.
     pub logs_listeners: Gauge,
     pub logs_listener_missed: Counter,
@@ -129,6 +132,8 @@ impl Metrics {
             logs_stored: Counter::default(),
             logs_store_failures: Counter::default(),
             logs_store_dropped: Counter::default(),
+            logs_store_refused: Counter::default(),
+            logs_store_queue_bytes: Gauge::default(),
             logs_listeners: Gauge::default(),
             logs_listener_missed: Counter::default(),
             registry: Registry::with_prefix("supersynk"),
@@ -318,8 +323,18 @@ impl Metrics {
         );
         r.register(
             "logs_store_dropped",
-            "Log entries not stored: store queue full, store unavailable, or batch given up",
+            "Log entries not stored: store queue full (entries or bytes), no store, batch given up, or refused",
             m.logs_store_dropped.clone(),
+        );
+        r.register(
+            "logs_store_refused",
+            "Log entries the store refused as data (a permanent error; also in logs_store_dropped)",
+            m.logs_store_refused.clone(),
+        );
+        r.register(
+            "logs_store_queue_bytes",
+            "Bytes of log entries waiting for the log store or being written",
+            m.logs_store_queue_bytes.clone(),
         );
         r.register(
             "logs_listeners",

@@ -19,9 +19,10 @@ pub enum StoreError {
     DataDir(String, std::io::Error),
     #[error("SQLite: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    #[error("PostgreSQL: {0}")]
+    /// Shown with the server's SQLSTATE, message and detail (`db error` alone says nothing).
+    #[error("PostgreSQL: {}", postgres_detail(.0))]
     Postgres(#[from] tokio_postgres::Error),
-    #[error("PostgreSQL pool: {0}")]
+    #[error("PostgreSQL pool: {}", pool_detail(.0))]
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
@@ -31,6 +32,63 @@ pub enum StoreError {
     Failed(String),
     #[error("the store's worker thread failed")]
     Worker,
+}
+
+impl StoreError {
+    /// Whether the store refused the data itself, so that trying the same write again can
+    /// never succeed (as opposed to an outage: the store unreachable, busy, full or not yet
+    /// set up). PostgreSQL: SQLSTATE classes 22 (data exception), 23 (integrity constraint)
+    /// and 54 (program limit, e.g. a value too large); SQLite: too big, constraint, mismatch.
+    pub fn is_data_error(&self) -> bool {
+        let postgres = |e: &tokio_postgres::Error| {
+            e.code().is_some_and(|c| {
+                ["22", "23", "54"]
+                    .iter()
+                    .any(|class| c.code().starts_with(class))
+            })
+        };
+        match self {
+            StoreError::Postgres(e) => postgres(e),
+            StoreError::Pool(deadpool_postgres::PoolError::Backend(e)) => postgres(e),
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.code,
+                rusqlite::ErrorCode::TooBig
+                    | rusqlite::ErrorCode::ConstraintViolation
+                    | rusqlite::ErrorCode::TypeMismatch
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// A PostgreSQL error with what the server said (severity, SQLSTATE, message, detail,
+/// hint), or the underlying cause (e.g. the connection's io error).
+fn postgres_detail(e: &tokio_postgres::Error) -> String {
+    use std::fmt::Write as _;
+    match e.as_db_error() {
+        Some(db) => {
+            let mut out = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+            // Writing into a String cannot fail.
+            if let Some(detail) = db.detail() {
+                let _ = write!(out, " (detail: {detail})");
+            }
+            if let Some(hint) = db.hint() {
+                let _ = write!(out, " (hint: {hint})");
+            }
+            out
+        }
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
+    }
+}
+
+fn pool_detail(e: &deadpool_postgres::PoolError) -> String {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => postgres_detail(e),
+        e => e.to_string(),
+    }
 }
 
 /// How hard a SQLite database works to keep a commit.

@@ -11,6 +11,7 @@ use common::{WAIT, Ws, http, http_with, metric};
 use futures::{SinkExt, StreamExt};
 use serde_json::Value;
 use supersynk::config::Settings;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 /// One entry exactly as the deployed plugin posts it.
@@ -192,22 +193,52 @@ async fn a_slow_listener_is_told_how_many_entries_it_missed() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The server's memory did not grow with it: the listener is still connected, and once it
-    // reads it is told how many entries it missed.
+    // reads it is told how many entries it missed. Meanwhile entries larger than its whole
+    // buffer keep coming: the notice and such an array go out together to a listener that
+    // caught up, without closing it as a slow consumer.
     assert_eq!(metric(addr, "supersynk_logs_listeners").await, 1.0);
-    let missed = tokio::time::timeout(Duration::from_secs(30), async {
+    let huge = format!("[{}]", plugin_entry("u", "r", "Info", &"h".repeat(200_000)));
+    let poster = tokio::spawn(async move {
         loop {
-            let msg = slow.next().await.unwrap().unwrap();
-            let v: Value = serde_json::from_str(msg.to_text().unwrap()).unwrap();
+            assert_eq!(post(addr, &huge).await.0, 200);
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    });
+    let mut next = async || -> Value {
+        match slow.next().await {
+            Some(Ok(Message::Text(t))) => serde_json::from_str(&t).unwrap(),
+            other => panic!("the listener was closed: {other:?}"),
+        }
+    };
+    let (missed, huge_after) = tokio::time::timeout(Duration::from_secs(30), async {
+        let missed = loop {
+            let v = next().await;
             if let Some(n) = v[0]["missed"].as_u64() {
                 assert_eq!(v[0]["user"], "server");
                 assert_eq!(v[0]["level"], "Warn");
-                return n;
+                break n;
             }
+        };
+        let mut huge_after = 0;
+        while huge_after < 3 {
+            let v = next().await;
+            huge_after += v
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["msg"].as_str().is_some_and(|m| m.starts_with("hhh")))
+                .count();
         }
+        (missed, huge_after)
     })
     .await
-    .expect("a missed notice");
-    assert!(missed > 0);
+    .expect("a missed notice, then entries again");
+    poster.abort();
+    assert!(missed > 0 && huge_after >= 3);
+    assert_eq!(
+        metric(addr, "supersynk_slow_consumer_disconnects_total").await,
+        0.0
+    );
     server.shutdown().await;
 }
 
@@ -245,12 +276,66 @@ async fn bad_bodies_get_a_json_error_and_nothing_crashes() {
     assert_eq!(status, 413);
     let v: Value = serde_json::from_str(&text).unwrap();
     assert!(v["error"].as_str().unwrap().contains("4096"), "{v}");
+    // A UTF-8 byte order mark before the JSON (some .NET writers send one) is fine.
+    assert_eq!(post(addr, "\u{FEFF}{\"msg\":\"with a BOM\"}").await.0, 200);
     // Nothing of a refused batch is kept, and the server still serves.
     let (status, _) = post(addr, "[{\"msg\":\"kept\"},{\"msg\":1}]").await;
     assert_eq!(status, 400);
     assert_eq!(post(addr, "{\"msg\":\"after\"}").await.0, 200);
-    let v = query_until(addr, "limit=10", |v| !plugin_users(v).is_empty()).await;
-    assert_eq!(msgs(&plugin_users(&v)), ["after"]);
+    let v = query_until(addr, "limit=10", |v| plugin_users(v).len() == 2).await;
+    assert_eq!(msgs(&plugin_users(&v)), ["after", "with a BOM"]);
+    server.shutdown().await;
+}
+
+/// Writes a raw request head (and `body`) and reads until the server answers and closes, or
+/// `within` passes; returns the answer and how long it took.
+async fn raw(addr: SocketAddr, head: &str, body: &[u8], within: Duration) -> (String, Duration) {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let t0 = tokio::time::Instant::now();
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(body).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(within, tcp.read_to_end(&mut out))
+        .await
+        .expect("answered and closed in time")
+        .unwrap();
+    (String::from_utf8_lossy(&out).into_owned(), t0.elapsed())
+}
+
+#[tokio::test]
+async fn oversized_declared_bodies_are_refused_at_once_and_stalled_ones_time_out() {
+    let server = common::start(Settings {
+        max_http_body_bytes: Some(4096),
+        logs_body_timeout_ms: Some(300),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    // A Content-Length over the limit: 413 without waiting for a byte of the body, and the
+    // connection is closed (keep-alive requested).
+    let (answer, took) = raw(
+        addr,
+        "POST /logs/add HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n",
+        b"[",
+        WAIT,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("at most 4096 bytes"), "{answer}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    // A body that stops coming: 408 after the body deadline, then closed.
+    let (answer, took) = raw(
+        addr,
+        "POST /logs/add HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n",
+        b"[{",
+        WAIT,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("within 300 ms"), "{answer}");
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+    // The server still serves.
+    assert_eq!(post(addr, "{\"msg\":\"fine\"}").await.0, 200);
     server.shutdown().await;
 }
 
@@ -269,9 +354,14 @@ async fn the_token_guards_viewer_listen_and_query_but_not_add() {
         200
     );
     for path in ["/logs.html", "/logs/query", "/logs/listen"] {
-        let (status, _, body) = http(addr, "GET", path, "").await;
+        let (status, head, body) = http(addr, "GET", path, "").await;
         assert_eq!(status, 401, "{path}");
         assert!(body.contains("token"), "{body}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("www-authenticate: bearer realm=\"supersynk logs\""),
+            "{head}"
+        );
         let (status, _, _) = http(addr, "GET", &format!("{path}?token=wrong"), "").await;
         assert_eq!(status, 401, "{path}");
     }
@@ -279,15 +369,20 @@ async fn the_token_guards_viewer_listen_and_query_but_not_add() {
     assert_eq!(status, 200);
     assert!(head.to_ascii_lowercase().contains("text/html"));
     assert!(body.contains("supersynk logs"));
-    let (status, _, _) = http_with(
-        addr,
-        "GET",
-        "/logs/query",
-        &[("Authorization", "Bearer s3cret")],
-        "",
-    )
-    .await;
-    assert_eq!(status, 200);
+    // The auth scheme's name is case-insensitive (RFC 9110); the token is not.
+    for (auth, want) in [
+        ("Bearer s3cret", 200),
+        ("bearer s3cret", 200),
+        ("BEARER s3cret", 200),
+        ("Bearer S3CRET", 401),
+        ("Basic s3cret", 401),
+    ] {
+        let (status, _, _) =
+            http_with(addr, "GET", "/logs/query", &[("Authorization", auth)], "").await;
+        assert_eq!(status, want, "{auth}");
+    }
+    let (status, _, _) = http(addr, "GET", "/logs/query?token=%20s3cret", "").await;
+    assert_eq!(status, 401, "the token exactly");
     assert!(
         tokio_tungstenite::connect_async(format!("ws://{addr}/logs/listen"))
             .await
@@ -313,11 +408,15 @@ async fn add_is_rate_limited_per_client_address() {
     let body = plugin_entry("u", "r", "Info", "x");
     let mut refused = 0;
     for _ in 0..10 {
-        let (status, _, text) =
+        let (status, head, text) =
             http_with(addr, "POST", "/logs/add", &from("203.0.113.7"), &body).await;
         if status == 429 {
             refused += 1;
             assert!(text.contains("rate limit"), "{text}");
+            assert!(
+                head.to_ascii_lowercase().contains("retry-after: 1"),
+                "{head}"
+            );
         } else {
             assert_eq!(status, 200);
         }
@@ -383,11 +482,27 @@ async fn query_filters_and_pages_newest_first() {
     assert!(plugin_users(&v).is_empty());
     let v = query_until(addr, &format!("until={}&user=ann", now + 60_000), |_| true).await;
     assert_eq!(plugin_users(&v).len(), 5);
-    for bad in ["limit=0", "limit=abc", "since=yesterday", "cursor=zz"] {
+    // `level` may be repeated (the values combine); any other parameter only once.
+    let v = query_until(addr, "room=A&level=error&level=info&user=ann", |_| true).await;
+    assert_eq!(
+        msgs(&plugin_users(&v)),
+        ["Message 4", "Message 2", "Message 0"]
+    );
+    for bad in [
+        "limit=0",
+        "limit=abc",
+        "since=yesterday",
+        "cursor=zz",
+        "user=ann&user=bob",
+        "room=A&room=B",
+    ] {
         let (status, _, body) = http(addr, "GET", &format!("/logs/query?{bad}"), "").await;
         assert_eq!(status, 400, "{bad}");
         assert!(serde_json::from_str::<Value>(&body).unwrap()["error"].is_string());
     }
+    let (status, _, body) = http(addr, "GET", "/logs/listen?room=A&room=B", "").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("may be given only once"), "{body}");
     server.shutdown().await;
 }
 
@@ -733,4 +848,299 @@ async fn in_a_cluster_a_listener_on_any_node_sees_every_node_s_entries() {
     assert_eq!(msgs(&got), ["posted to node one", "posted to node two"]);
     // Stamped by the node that received it.
     assert!(got[0]["seqNumber"].as_i64().is_some() && got[0]["serverTime"].as_i64().is_some());
+}
+
+/// `s` percent-encoded for a query string.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Posts an entry with non-ASCII capitals and checks that every spelling finds it (and
+/// the entries of `also`, stored earlier), on whatever store the server has.
+async fn search_ignores_case_in_any_script(addr: SocketAddr, also: &[&str]) {
+    let entry = r#"{"timestamp":1700000000123,"level":"Info","msg":"Ärger mit ÉCOLE","text":"22:13:20:123 [Info] Ärger mit ÉCOLE","user":"uni","room":"r"}"#;
+    assert_eq!(post(addr, entry).await.0, 200);
+    let mut want: Vec<&str> = vec!["uni"];
+    want.extend(also);
+    for needle in ["Ärger", "ärger", "ÄRGER", "ÉCOLE", "école", "r mit é"] {
+        let q = format!("text={}", encode(needle));
+        let v = query_until(addr, &q, |v| {
+            v["entries"].as_array().unwrap().len() == want.len()
+        })
+        .await;
+        let users: Vec<&str> = v["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["user"].as_str().unwrap())
+            .collect();
+        assert_eq!(users, want, "{needle}");
+    }
+    let v = query_until(addr, "text=%C3%A4rgerlich", |_| true).await;
+    assert!(v["entries"].as_array().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn sqlite_text_search_ignores_case_in_any_script() {
+    let server = common::start_default().await;
+    search_ignores_case_in_any_script(server.local_addr, &[]).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn postgres_keeps_every_good_entry_of_a_batch_and_migrates_an_old_table() {
+    let schema = Schema::create().await;
+    // A table as the previous version made it (no `search`, no `log_meta`), with a row.
+    schema
+        .client
+        .batch_execute(&format!(
+            "CREATE TABLE {0}.log_entries (id BIGSERIAL PRIMARY KEY, seq_number BIGINT NOT NULL, \
+             server_time BIGINT NOT NULL, client_time BIGINT, level TEXT, msg TEXT, \"user\" TEXT, \
+             room TEXT, text TEXT);
+             INSERT INTO {0}.log_entries (seq_number, server_time, level, msg, \"user\", text) \
+             VALUES (41, (extract(epoch from now()) * 1000)::bigint, 'Info', 'old Ärger mit ÉCOLE', \
+             'old', '00:00 [Info] old Ärger mit ÉCOLE')",
+            schema.name
+        ))
+        .await
+        .unwrap();
+    let server = common::start(Settings {
+        database_url: Some(schema.url()),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    // A NUL is replaced (PostgreSQL text cannot hold it), and costs nobody anything.
+    let body = r#"[{"msg":"innocent 1","user":"victim"},{"msg":"a\u0000b","user":"evil"},{"msg":"innocent 2","user":"victim"}]"#;
+    assert_eq!(post(addr, body).await.0, 200);
+    let v = query_until(addr, "user=victim", |v| plugin_users(v).len() == 2).await;
+    assert_eq!(msgs(&plugin_users(&v)), ["innocent 2", "innocent 1"]);
+    assert!(v["entries"][0]["seqNumber"].as_i64().unwrap() > 41);
+    let v = query_until(addr, "user=evil", |v| plugin_users(v).len() == 1).await;
+    assert_eq!(v["entries"][0]["msg"], "a\u{FFFD}b");
+    // New rows and the old one (once filled in) are found in any case.
+    search_ignores_case_in_any_script(addr, &["old"]).await;
+    // A store that refuses one entry for good (here a constraint; a LATIN1 database refuses
+    // what it cannot encode the same way) keeps the others of its batch.
+    schema
+        .client
+        .batch_execute(&format!(
+            "ALTER TABLE {}.log_entries ADD CONSTRAINT refuse CHECK (\"user\" <> 'refused')",
+            schema.name
+        ))
+        .await
+        .unwrap();
+    let body = r#"[{"msg":"kept 1","user":"ok"},{"msg":"x","user":"refused"},{"msg":"kept 2","user":"ok"}]"#;
+    assert_eq!(post(addr, body).await.0, 200);
+    let v = query_until(addr, "user=ok", |v| plugin_users(v).len() == 2).await;
+    assert_eq!(msgs(&plugin_users(&v)), ["kept 2", "kept 1"]);
+    assert_eq!(
+        metric(addr, "supersynk_logs_store_refused_total").await,
+        1.0
+    );
+    assert_eq!(
+        metric(addr, "supersynk_logs_store_dropped_total").await,
+        1.0
+    );
+    server.shutdown().await;
+    schema.drop_schema().await;
+}
+
+/// The numbers a listener saw.
+fn seqs(entries: &[Value]) -> Vec<i64> {
+    entries
+        .iter()
+        .map(|e| e["seqNumber"].as_i64().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn seq_numbers_are_never_handed_out_twice_across_sigkill_and_retention() {
+    let dir = common::data_dir();
+    let file = dir.join("logs.sqlite3");
+    let args = [
+        "--port",
+        "0",
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "--logs-server-level",
+        "off",
+    ];
+    let (mut proc, addr) = common::spawn(&args, &[]);
+    let mut ws = listener(addr, "").await;
+    common::until_metric(&[addr], "supersynk_logs_listeners", 1.0).await;
+    assert_eq!(
+        post(addr, &plugin_entry("u", "r", "Info", "stored"))
+            .await
+            .0,
+        200
+    );
+    let mut seen = seqs(&entries(&mut ws, 1).await);
+    query_until(addr, "user=u", |v| plugin_users(v).len() == 1).await;
+    // Another process holds the database's write lock: what is posted now waits in the queue.
+    let lock = rusqlite::Connection::open(&file).unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let queued: Vec<String> = (0..5)
+        .map(|i| plugin_entry("u", "r", "Info", &format!("queued {i}")))
+        .collect();
+    assert_eq!(post(addr, &format!("[{}]", queued.join(","))).await.0, 200);
+    seen.extend(seqs(&entries(&mut ws, 5).await));
+    // SIGKILL: the queue is lost (protocol/logs.md says so), its numbers are not reused.
+    proc.0.kill().unwrap();
+    proc.0.wait().unwrap();
+    drop(lock);
+    let (proc, addr) = common::spawn(&args, &[]);
+    let mut ws = listener(addr, "").await;
+    common::until_metric(&[addr], "supersynk_logs_listeners", 1.0).await;
+    assert_eq!(
+        post(addr, &plugin_entry("u", "r", "Info", "after kill"))
+            .await
+            .0,
+        200
+    );
+    let after = seqs(&entries(&mut ws, 1).await)[0];
+    assert!(seen.iter().all(|s| after > *s), "{after} after {seen:?}");
+    seen.push(after);
+    let v = query_until(addr, "user=u", |v| plugin_users(v).len() == 2).await;
+    assert_eq!(msgs(&plugin_users(&v)), ["after kill", "stored"]);
+    common::sigterm(&proc);
+    assert!(common::exits_cleanly(proc).await);
+    // Every entry older than the retention: the next start empties the table.
+    let db = rusqlite::Connection::open(&file).unwrap();
+    db.execute(
+        "UPDATE log_entries SET server_time = server_time - 40 * 86400000",
+        [],
+    )
+    .unwrap();
+    drop(db);
+    let (proc, addr) = common::spawn(&args, &[]);
+    query_until(addr, "limit=10", |v| {
+        v["entries"].as_array().unwrap().is_empty()
+    })
+    .await;
+    common::sigterm(&proc);
+    assert!(common::exits_cleanly(proc).await);
+    let (proc, addr) = common::spawn(&args, &[]);
+    let mut ws = listener(addr, "").await;
+    common::until_metric(&[addr], "supersynk_logs_listeners", 1.0).await;
+    assert_eq!(
+        post(addr, &plugin_entry("u", "r", "Info", "emptied"))
+            .await
+            .0,
+        200
+    );
+    let last = seqs(&entries(&mut ws, 1).await)[0];
+    assert!(seen.iter().all(|s| last > *s), "{last} after {seen:?}");
+    common::sigterm(&proc);
+    assert!(common::exits_cleanly(proc).await);
+}
+
+#[tokio::test]
+async fn without_a_store_entries_are_live_only_and_counted_as_not_stored() {
+    let dir = common::data_dir();
+    let not_a_dir = dir.join("a-file");
+    std::fs::write(&not_a_dir, "x").unwrap();
+    let server = common::start(Settings {
+        data_dir: Some(not_a_dir),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    let mut ws = listener(addr, "").await;
+    common::until_metric(&[addr], "supersynk_logs_listeners", 1.0).await;
+    let batch: Vec<String> = (0..3)
+        .map(|i| plugin_entry("u", "r", "Info", &format!("live {i}")))
+        .collect();
+    assert_eq!(post(addr, &format!("[{}]", batch.join(","))).await.0, 200);
+    assert_eq!(
+        msgs(&entries(&mut ws, 3).await),
+        ["live 0", "live 1", "live 2"]
+    );
+    // Counted as not stored, and nothing waits for a store.
+    assert_eq!(
+        metric(addr, "supersynk_logs_store_dropped_total").await,
+        3.0
+    );
+    assert_eq!(metric(addr, "supersynk_logs_store_queue_bytes").await, 0.0);
+    let (status, _, _) = http(addr, "GET", "/logs/query", "").await;
+    assert_eq!(status, 503);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_store_queue_is_bounded_in_bytes_while_the_store_is_held_up() {
+    let dir = common::data_dir();
+    let server = common::start(Settings {
+        data_dir: Some(dir.clone()),
+        logs_store_queue_bytes: Some(300_000),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    let mut ws = listener(addr, "").await;
+    common::until_metric(&[addr], "supersynk_logs_listeners", 1.0).await;
+    let lock = rusqlite::Connection::open(dir.join("logs.sqlite3")).unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    // Eight entries of 100 KB: two fit in 300 KB, the other six are not stored.
+    let big = "x".repeat(100_000);
+    let batch: Vec<String> = (0..8)
+        .map(|i| format!(r#"{{"msg":"big {i} {big}","user":"big"}}"#))
+        .collect();
+    assert_eq!(post(addr, &format!("[{}]", batch.join(","))).await.0, 200);
+    // Listeners get every one.
+    assert_eq!(entries(&mut ws, 8).await.len(), 8);
+    assert_eq!(
+        metric(addr, "supersynk_logs_store_dropped_total").await,
+        6.0
+    );
+    let queued = metric(addr, "supersynk_logs_store_queue_bytes").await;
+    assert!(queued > 200_000.0 && queued <= 300_000.0, "{queued}");
+    // The store comes back: the two are written and their bytes released.
+    drop(lock);
+    common::until_metric(&[addr], "supersynk_logs_stored_total", 2.0).await;
+    common::until_metric(&[addr], "supersynk_logs_store_queue_bytes", 0.0).await;
+    let v = query_until(addr, "user=big", |v| plugin_users(v).len() == 2).await;
+    let users = plugin_users(&v);
+    let stored: Vec<&str> = msgs(&users).into_iter().map(|m| &m[..5]).collect();
+    assert_eq!(stored, ["big 1", "big 0"]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_listener_that_only_receives_is_pinged_not_closed_as_idle() {
+    let server = common::start(Settings {
+        socket_timeout_ms: Some(400),
+        socket_timeout_check_interval_ms: Some(50),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    let mut ws = listener(addr, "").await;
+    common::until_metric(&[addr], "supersynk_logs_listeners", 1.0).await;
+    // Three idle timeouts pass; the client sends nothing but answers the server's pings
+    // (tungstenite does while it reads).
+    let until = tokio::time::Instant::now() + Duration::from_millis(1200);
+    let mut pings = 0;
+    loop {
+        match tokio::time::timeout_at(until, ws.next()).await {
+            Err(_) => break,
+            Ok(Some(Ok(Message::Ping(_)))) => pings += 1,
+            Ok(Some(Ok(Message::Text(_)))) => {}
+            other => panic!("the listener was closed: {other:?}"),
+        }
+    }
+    assert!(pings >= 2, "{pings} pings");
+    assert_eq!(
+        post(addr, &plugin_entry("u", "r", "Info", "still here"))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(msgs(&entries(&mut ws, 1).await), ["still here"]);
+    server.shutdown().await;
 }

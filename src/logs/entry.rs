@@ -3,7 +3,10 @@
 //!
 //! Owns the entry's fields and their limits. Knows nothing of streams or stores. A body is
 //! accepted whole or refused whole with an [`EntryError`] that names the entry and the field,
-//! so a client never has half of a batch stored.
+//! so a client never has half of a batch stored. A UTF-8 byte order mark before the JSON is
+//! skipped (some .NET writers send one), and a NUL character in any field becomes U+FFFD
+//! (PostgreSQL's `text` cannot hold NUL; doing it here means the live stream, both stores
+//! and queries all see the same entry).
 
 use serde_json::{Map, Value};
 
@@ -61,6 +64,7 @@ pub enum EntryError {
 /// Parses a `/logs/add` body: one entry object or an array of them. Unknown fields are
 /// ignored; every known field may be missing or null.
 pub fn parse_body(body: &[u8]) -> Result<Vec<Posted>, EntryError> {
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     let value: Value = serde_json::from_slice(body).map_err(|e| EntryError::Json(e.to_string()))?;
     match value {
         Value::Object(o) => Ok(vec![parse_entry(0, &o)?]),
@@ -84,6 +88,7 @@ fn parse_entry(index: usize, o: &Map<String, Value>) -> Result<Posted, EntryErro
                 Some(max) if s.chars().count() > max => {
                     Err(EntryError::TooLong { index, field, max })
                 }
+                _ if s.contains('\0') => Ok(Some(s.replace('\0', "\u{FFFD}"))),
                 _ => Ok(Some(s.clone())),
             },
             Some(_) => Err(EntryError::Field {
@@ -128,6 +133,18 @@ fn parse_entry(index: usize, o: &Map<String, Value>) -> Result<Posted, EntryErro
 }
 
 impl Entry {
+    /// About how many bytes the entry holds in memory (its strings and its fixed part): what
+    /// the store's queue counts against `--logs-store-queue-bytes`.
+    pub fn size(&self) -> usize {
+        let p = &self.posted;
+        let strings: usize = [&p.level, &p.msg, &p.text, &p.user, &p.room]
+            .iter()
+            .map(|s| s.as_deref().map_or(0, str::len))
+            .sum();
+        // The Arc's two counters with the entry.
+        std::mem::size_of::<Entry>() + 16 + strings
+    }
+
     /// The entry's JSON object, as the original server sent it: the plugin's fields, then
     /// `serverTime` and `seqNumber`. Missing fields are null.
     pub fn to_json(&self) -> String {
@@ -254,6 +271,22 @@ mod tests {
             "entry 0: \"user\" is longer than 64 characters"
         );
         assert!(parse_body(b"\xff\xfe").is_err());
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_skipped_and_nul_replaced() {
+        let mut body = b"\xEF\xBB\xBF".to_vec();
+        body.extend_from_slice(PLUGIN_ONE.as_bytes());
+        assert_eq!(
+            parse_body(&body).unwrap()[0].user.as_deref(),
+            Some("Hunter1")
+        );
+        let p = parse_body(br#"{"msg":"a\u0000b","user":"\u0000","room":"r\u0000"}"#).unwrap();
+        assert_eq!(p[0].msg.as_deref(), Some("a\u{FFFD}b"));
+        assert_eq!(p[0].user.as_deref(), Some("\u{FFFD}"));
+        assert_eq!(p[0].room.as_deref(), Some("r\u{FFFD}"));
+        // Only at the start.
+        assert!(parse_body(b"{}\xEF\xBB\xBF").is_err());
     }
 
     #[test]

@@ -3,23 +3,24 @@
 //! viewer at `/logs.html`, and search what was stored with `GET /logs/query`.
 //!
 //! Owns the HTTP handlers, the listener sockets, the access token and the per-address rate of
-//! `/logs/add`. The live stream is in [`stream`], parsing in [`entry`], the durable store and
-//! its writer in [`store`], the server's own events in [`forward`].
+//! `/logs/add`. The live stream is in [`stream`], parsing in [`entry`], the durable store in
+//! [`store`], its writer and reserver in [`writer`], the queue between them in [`queue`], the
+//! server's own events in [`forward`].
 //!
 //! Cluster mode: every node stamps and stores the entries posted to it, and [`relay`] hands
 //! them to every other node's live stream, so a listener on any node sees every node's
 //! entries (each node's own events stay on that node). `seqNumber` is strictly increasing
-//! per node and across its restarts (it starts above the store's largest); nodes sharing one
-//! PostgreSQL may hand out the same numbers, and `/logs/query` there sees every node's
-//! entries, ordered by `seqNumber` then by insertion.
-
+//! per node and across its restarts (numbers are reserved in the store before they are
+//! handed out); nodes sharing one PostgreSQL reserve from the same row, so their numbers
+//! differ, and `/logs/query` there sees every node's entries in the order they were stored.
 pub mod entry;
 pub mod forward;
+pub mod queue;
 pub mod relay;
 pub mod store;
 pub mod stream;
+pub mod writer;
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -45,6 +46,7 @@ use crate::ws::connection::codes;
 use crate::ws::extension::Deflate;
 use crate::ws::{Connection, Event};
 use entry::{Entry, Posted, json_array, now_ms};
+use queue::{QueueRx, StoreQueue};
 use store::{Cursor, LogStore, Query, Retention};
 use stream::Stream;
 
@@ -64,10 +66,12 @@ pub struct LogsInner {
     pub stream: Arc<Stream>,
     /// `None` when the store could not be opened: entries are then only live.
     store: Option<LogStore>,
-    /// To the store's writer; bounded (`--logs-store-queue`), only ever `try_send`.
-    store_tx: mpsc::Sender<Arc<Entry>>,
+    /// To the store's writer; bounded in entries and bytes (`--logs-store-queue`,
+    /// `--logs-store-queue-bytes`), never waits. `None` without a store: every entry is
+    /// then counted as not stored and released once listeners had it.
+    store_queue: Option<StoreQueue>,
     /// The writer's end, taken when the writer starts.
-    store_rx: Mutex<Option<mpsc::Receiver<Arc<Entry>>>>,
+    store_rx: Mutex<Option<QueueRx>>,
     /// Cluster mode: to the publisher of this node's entries; bounded, only `try_send`.
     relay_tx: Option<mpsc::Sender<Arc<Entry>>>,
     /// The relay and its queue's end, taken when it starts.
@@ -100,7 +104,17 @@ impl Logs {
                 None
             }
         };
-        let (store_tx, store_rx) = mpsc::channel(l.store_queue_entries.max(1));
+        let (store_queue, store_rx) = match &store {
+            Some(_) => {
+                let (q, rx) = StoreQueue::new(
+                    l.store_queue_entries,
+                    l.store_queue_bytes,
+                    metrics.logs_store_queue_bytes.clone(),
+                );
+                (Some(q), Some(rx))
+            }
+            None => (None, None),
+        };
         let (relay_tx, relay_rx) = match config.cluster.as_ref().and_then(relay::Relay::new) {
             Some(r) => {
                 let (tx, rx) = mpsc::channel(relay::QUEUE);
@@ -117,8 +131,8 @@ impl Logs {
                 metrics.clone(),
             )),
             store,
-            store_tx,
-            store_rx: Mutex::new(Some(store_rx)),
+            store_queue,
+            store_rx: Mutex::new(store_rx),
             relay_tx,
             relay_rx: Mutex::new(relay_rx),
             add_rate: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
@@ -132,42 +146,54 @@ impl Logs {
     /// the server's events; all stop on the server's shutdown (the writer after writing what
     /// is queued).
     pub async fn start(&self, app: &App) {
-        if let Some(store) = &self.store {
-            match tokio::time::timeout(Duration::from_secs(10), store.init()).await {
-                Ok(Ok(max)) => self.stream.raise_next_seq(max + 1),
-                failed => {
-                    let why = match failed {
-                        Ok(Err(e)) => e.to_string(),
-                        _ => "timed out".into(),
-                    };
-                    // Still above any number handed out before (unless the clock went back).
-                    let next = now_ms().saturating_mul(1000);
-                    self.stream.raise_next_seq(next);
-                    warn!(error = %why, next_seq = next, "log store unreachable at start; numbering from the clock");
+        match &self.store {
+            Some(store) => {
+                self.stream.reserve_in_blocks(writer::SEQ_BLOCK);
+                let first = store.reserve(self.stream.next_seq(), writer::SEQ_BLOCK);
+                match tokio::time::timeout(Duration::from_secs(10), first).await {
+                    Ok(Ok((first, last))) => self.stream.grant(first, last),
+                    failed => {
+                        let why = match failed {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => "timed out".into(),
+                        };
+                        // Above any number handed out before (unless the clock went back);
+                        // the reserver covers them once the store can be reached.
+                        self.stream.number_from_clock();
+                        warn!(error = %why, next_seq = self.stream.next_seq(), "log store unreachable at start; numbering from the clock");
+                    }
                 }
+                let rx = self
+                    .store_rx
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
+                if let Some(rx) = rx {
+                    let l = &app.config.logs;
+                    let retention = Retention {
+                        max_age: l
+                            .retention_days
+                            .map(|d| Duration::from_secs(u64::from(d) * 86_400)),
+                        max_rows: l.retention_rows,
+                    };
+                    app.tracker.spawn(writer::run_writer(
+                        store.clone(),
+                        rx,
+                        retention,
+                        self.metrics.clone(),
+                        app.shutdown.clone(),
+                    ));
+                    app.tracker.spawn(writer::run_reserver(
+                        store.clone(),
+                        self.stream.clone(),
+                        self.metrics.clone(),
+                        app.shutdown.clone(),
+                    ));
+                }
+                info!(store = %app.config.store.describe(), next_seq = self.stream.next_seq(), "log store ready");
             }
-            let rx = self
-                .store_rx
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take();
-            if let Some(rx) = rx {
-                let l = &app.config.logs;
-                let retention = Retention {
-                    max_age: l
-                        .retention_days
-                        .map(|d| Duration::from_secs(u64::from(d) * 86_400)),
-                    max_rows: l.retention_rows,
-                };
-                app.tracker.spawn(store::run_writer(
-                    store.clone(),
-                    rx,
-                    retention,
-                    self.metrics.clone(),
-                    app.shutdown.clone(),
-                ));
-            }
-            info!(store = %app.config.store.describe(), next_seq = self.stream.next_seq(), "log store ready");
+            // Nothing is kept, so nothing tells a restarted server where numbering was.
+            None => self.stream.number_from_clock(),
         }
         let relay = self
             .relay_rx
@@ -229,8 +255,10 @@ impl LogsInner {
             {
                 not_relayed += 1;
             }
-            if self.store_tx.try_send(e).is_err() {
-                dropped += 1;
+            match &self.store_queue {
+                Some(q) if q.try_push(e) => {}
+                // Full, or no store: not stored (listeners still get it).
+                _ => dropped += 1,
             }
         });
         if not_relayed > 0 {
@@ -238,6 +266,10 @@ impl LogsInner {
         }
         if dropped > 0 {
             self.metrics.logs_store_dropped.inc_by(dropped);
+            if self.store_queue.is_none() {
+                // Said once at start ("log store unavailable"); counted, not repeated.
+                return;
+            }
             let total = self.dropped_unwarned.fetch_add(dropped, Ordering::Relaxed) + dropped;
             let now = now_ms();
             let last = self.last_drop_warning.load(Ordering::Relaxed);
@@ -250,7 +282,7 @@ impl LogsInner {
                 self.dropped_unwarned.fetch_sub(total, Ordering::Relaxed);
                 warn!(
                     dropped = total,
-                    "log store queue full (or no store): entries not stored"
+                    "log store queue full (entries or bytes): entries not stored"
                 );
             }
         }
@@ -271,38 +303,92 @@ fn json_error(app: &App, status: StatusCode, text: &str, kind: &'static str) -> 
     (status, axum::Json(serde_json::json!({ "error": text }))).into_response()
 }
 
-fn params(req: &Request) -> HashMap<String, String> {
-    axum::extract::Query::<HashMap<String, String>>::try_from_uri(req.uri())
-        .map(|q| q.0)
-        .unwrap_or_default()
+/// A request's query parameters, in order, repeats kept.
+#[derive(Debug, Default)]
+struct Params(Vec<(String, String)>);
+
+impl Params {
+    fn of(req: &Request) -> Params {
+        // A query string that does not decode is taken as none (every parameter optional).
+        axum::extract::Query::<Vec<(String, String)>>::try_from_uri(req.uri())
+            .map(|q| Params(q.0))
+            .unwrap_or_default()
+    }
+
+    /// Every value of `name`.
+    fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.0
+            .iter()
+            .filter(move |(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The value of a parameter that may be given once (an empty value is none); a repeat
+    /// is refused rather than one of them silently winning.
+    fn one<'a>(&'a self, name: &str) -> Result<Option<&'a str>, String> {
+        let mut values = self
+            .0
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str());
+        let first = values.next();
+        if values.next().is_some() {
+            return Err(format!("\"{name}\" may be given only once"));
+        }
+        Ok(first.filter(|v| !v.is_empty()))
+    }
+
+    /// `room`, or `roomId` when `room` is not given.
+    fn room(&self) -> Result<Option<String>, String> {
+        Ok(match self.one("room")? {
+            Some(r) => Some(r.to_string()),
+            None => self.one("roomId")?.map(String::from),
+        })
+    }
 }
 
-/// Whether the request carries the logs token (`?token=` or `Authorization: Bearer`), or
-/// none is configured.
-fn authorized(app: &App, headers: &HeaderMap, params: &HashMap<String, String>) -> bool {
+/// Whether the request carries the logs token (`?token=` or `Authorization: Bearer`, the
+/// scheme in any case), or none is configured.
+fn authorized(app: &App, headers: &HeaderMap, params: &Params) -> bool {
     let Some(want) = &app.config.logs.token else {
         return true;
     };
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    [bearer, params.get("token").map(String::as_str)]
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    bearer
         .into_iter()
-        .flatten()
-        .any(|got| secret_eq(got.trim(), want))
+        .chain(params.all("token"))
+        .any(|got| secret_eq(got, want))
 }
 
 fn unauthorized(app: &App) -> Response {
-    json_error(
+    let mut res = json_error(
         app,
         StatusCode::UNAUTHORIZED,
         "a valid logs token is required (?token=... or Authorization: Bearer ...)",
         "logs_unauthorized",
-    )
+    );
+    res.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"supersynk logs\""),
+    );
+    res
 }
 
-/// `POST /logs/add`: one entry or an array; 200 with an empty body.
+/// An answer after which the connection is closed (its body was not read, or not all).
+fn closing(mut res: Response) -> Response {
+    res.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    res
+}
+
+/// `POST /logs/add`: one entry or an array; 200 with an empty body. A body declared larger
+/// than `--max-http-body-bytes` gets 413 before any of it is read; one that does not arrive
+/// within `--logs-body-timeout-ms` gets 408. Both close the connection.
 async fn add(State(app): State<App>, req: Request) -> Response {
     let ip = client_ip(&app, &req);
     if !app.guard.is_exempt(ip) && app.logs.add_rate.check_key(&ip).is_err() {
@@ -310,24 +396,31 @@ async fn add(State(app): State<App>, req: Request) -> Response {
             "rate limit: at most {} /logs/add requests per second per address",
             app.config.logs.per_second
         );
-        return json_error(&app, StatusCode::TOO_MANY_REQUESTS, &text, "logs_rate");
+        let mut res = json_error(&app, StatusCode::TOO_MANY_REQUESTS, &text, "logs_rate");
+        res.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return res;
     }
     let limit = app.config.limits.max_http_body_bytes;
-    let body = match http_body_util::Limited::new(req.into_body(), limit)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            let text = format!("body too large: at most {limit} bytes");
-            return json_error(
-                &app,
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &text,
-                "logs_body_too_large",
-            );
-        }
-        Err(e) => {
+    let too_large = |app: &App| {
+        let text = format!("body too large: at most {limit} bytes");
+        closing(json_error(
+            app,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &text,
+            "logs_body_too_large",
+        ))
+    };
+    // The declared Content-Length (exact for such a body; 0 for a chunked one).
+    if hyper::body::Body::size_hint(req.body()).lower() > limit as u64 {
+        return too_large(&app);
+    }
+    let deadline = app.config.logs.body_timeout;
+    let read = http_body_util::Limited::new(req.into_body(), limit).collect();
+    let body = match tokio::time::timeout(deadline, read).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(&app),
+        Ok(Err(e)) => {
             debug!(error = %e, "logs/add: body not read");
             return json_error(
                 &app,
@@ -335,6 +428,16 @@ async fn add(State(app): State<App>, req: Request) -> Response {
                 "body could not be read",
                 "logs_bad_body",
             );
+        }
+        Err(_) => {
+            debug!(%ip, "logs/add: body too slow");
+            let text = format!("body not received within {} ms", deadline.as_millis());
+            return closing(json_error(
+                &app,
+                StatusCode::REQUEST_TIMEOUT,
+                &text,
+                "logs_body_timeout",
+            ));
         }
     };
     match entry::parse_body(&body) {
@@ -356,15 +459,14 @@ async fn add(State(app): State<App>, req: Request) -> Response {
 
 /// `GET /logs/listen?room=R` (or `roomId=R`): the live stream as a WebSocket.
 async fn listen(State(app): State<App>, mut req: Request) -> Response {
-    let p = params(&req);
+    let p = Params::of(&req);
     if !authorized(&app, req.headers(), &p) {
         return unauthorized(&app);
     }
-    let room = p
-        .get("room")
-        .or_else(|| p.get("roomId"))
-        .filter(|r| !r.is_empty())
-        .cloned();
+    let room = match p.room() {
+        Ok(room) => room,
+        Err(text) => return json_error(&app, StatusCode::BAD_REQUEST, &text, "logs_bad_query"),
+    };
     upgrade_with(&app, &mut req, move |upgraded, deflate, app, peer| {
         serve_listener(upgraded, deflate, app, peer, room)
     })
@@ -372,7 +474,9 @@ async fn listen(State(app): State<App>, mut req: Request) -> Response {
 
 /// A listener: registered in the stream until its socket closes. It may send text `ping`
 /// (the viewer and the original's log page do, every 3 s): answered `pong`, as the
-/// original did. Anything else it sends is ignored.
+/// original did. Anything else it sends is ignored. The server pings a quiet listener
+/// (`--logs-ping-interval-ms`), so one that only receives is not closed as idle as long as
+/// its client answers pings (every WebSocket client does), and one that is gone is noticed.
 async fn serve_listener(
     upgraded: Upgraded,
     deflate: Option<Deflate>,
@@ -382,11 +486,15 @@ async fn serve_listener(
 ) {
     let mut ctx = app.conn_context();
     let mut settings = (*ctx.settings).clone();
-    // Room above the listener buffer for the notice and one oversized array: the stream
-    // checks the buffer itself, so this queue never closes the listener as slow.
-    settings.outbound_queue_bytes = app.config.logs.listener_buffer_bytes * 2 + 64 * 1024;
+    // No limit of its own: the stream checks the listener buffer before it queues anything,
+    // so at most the buffer, a notice and one flush's array (shared by every listener of
+    // the room) wait here. A limit here closed a listener as a slow consumer when a notice
+    // was followed by an array larger than the limit, which the stream allows an idle
+    // listener.
+    settings.outbound_queue_bytes = usize::MAX / 4;
     ctx.settings = Arc::new(settings);
     let mut conn = Connection::start(upgraded, deflate, ctx, peer).await;
+    conn.keepalive(app.config.logs.ping_interval);
     let guard = app.logs.stream.listen(room, conn.outbound.clone());
     loop {
         match conn.next().await {
@@ -401,8 +509,8 @@ async fn serve_listener(
 }
 
 /// Reads one integer query parameter.
-fn int_param(p: &HashMap<String, String>, name: &str) -> Result<Option<i64>, String> {
-    match p.get(name).map(|v| v.trim()).filter(|v| !v.is_empty()) {
+fn int_param(p: &Params, name: &str) -> Result<Option<i64>, String> {
+    match p.one(name)?.map(str::trim).filter(|v| !v.is_empty()) {
         None => Ok(None),
         Some(v) => v
             .parse()
@@ -411,29 +519,28 @@ fn int_param(p: &HashMap<String, String>, name: &str) -> Result<Option<i64>, Str
     }
 }
 
-fn parse_query(p: &HashMap<String, String>) -> Result<Query, String> {
-    let text = |name: &str| p.get(name).map(|v| v.to_string()).filter(|v| !v.is_empty());
+/// The search of `/logs/query`. `level` may be repeated (`level=info&level=warn` is
+/// `level=info,warn`); any other parameter given twice is refused.
+fn parse_query(p: &Params) -> Result<Query, String> {
     let limit = match int_param(p, "limit")? {
         None => 100,
         Some(n) if n >= 1 && n as usize <= MAX_QUERY_LIMIT => n as usize,
         Some(_) => return Err(format!("\"limit\" must be 1 to {MAX_QUERY_LIMIT}")),
     };
-    let before = match text("cursor").or_else(|| text("before")) {
+    let before = match p.one("cursor")? {
         None => None,
-        Some(c) => Some(Cursor::parse(&c).ok_or("\"cursor\" is not a cursor this server gave")?),
+        Some(c) => Some(Cursor::parse(c).ok_or("\"cursor\" is not a cursor this server gave")?),
     };
     Ok(Query {
-        room: text("room").or_else(|| text("roomId")),
-        user: text("user"),
-        levels: text("level")
-            .map(|l| {
-                l.split(',')
-                    .map(|s| s.trim().to_ascii_lowercase())
-                    .filter(|s| !s.is_empty())
-                    .collect()
-            })
-            .unwrap_or_default(),
-        text: text("text"),
+        room: p.room()?,
+        user: p.one("user")?.map(String::from),
+        levels: p
+            .all("level")
+            .flat_map(|l| l.split(','))
+            .map(|s| s.trim().to_ascii_lowercase())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        text: p.one("text")?.map(String::from),
         since: int_param(p, "since").map_err(|e| format!("{e} (unix ms)"))?,
         until: int_param(p, "until").map_err(|e| format!("{e} (unix ms)"))?,
         limit,
@@ -443,7 +550,7 @@ fn parse_query(p: &HashMap<String, String>) -> Result<Query, String> {
 
 /// `GET /logs/query`: stored entries, newest first, a page at a time.
 async fn query(State(app): State<App>, req: Request) -> Response {
-    let p = params(&req);
+    let p = Params::of(&req);
     if !authorized(&app, req.headers(), &p) {
         return unauthorized(&app);
     }
@@ -491,7 +598,7 @@ async fn query(State(app): State<App>, req: Request) -> Response {
 
 /// `GET /logs.html`: the viewer.
 async fn viewer(State(app): State<App>, req: Request) -> Response {
-    let p = params(&req);
+    let p = Params::of(&req);
     if !authorized(&app, req.headers(), &p) {
         return unauthorized(&app);
     }
@@ -502,11 +609,13 @@ async fn viewer(State(app): State<App>, req: Request) -> Response {
 mod tests {
     use super::*;
 
-    fn p(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+    fn p(pairs: &[(&str, &str)]) -> Params {
+        Params(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
     }
 
     #[test]
@@ -530,5 +639,20 @@ mod tests {
         );
         assert!(parse_query(&p(&[("limit", "0")])).is_err());
         assert!(parse_query(&p(&[("cursor", "x")])).is_err());
+        // Levels combine; anything else given twice is refused.
+        let q = parse_query(&p(&[("level", "info"), ("level", "warn,error")])).unwrap();
+        assert_eq!(q.levels, ["info", "warn", "error"]);
+        assert_eq!(
+            parse_query(&p(&[("user", "a"), ("user", "b")])).unwrap_err(),
+            "\"user\" may be given only once"
+        );
+        assert!(parse_query(&p(&[("room", "a"), ("room", "a")])).is_err());
+        assert_eq!(
+            parse_query(&p(&[("room", ""), ("roomId", "r")]))
+                .unwrap()
+                .room
+                .as_deref(),
+            Some("r")
+        );
     }
 }

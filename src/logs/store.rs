@@ -1,32 +1,46 @@
 //! The durable log store: the table `log_entries` in SQLite (`logs.sqlite3` in the data
-//! directory, the default) or PostgreSQL (`--database-url`), the batching writer that fills
-//! it off the request path, retention, and the keyset-paged query behind `/logs/query`.
+//! directory, the default) or PostgreSQL (`--database-url`), with its schema and migrations,
+//! the reservations of `seqNumber`s, retention, and the keyset-paged query behind
+//! `/logs/query`. The writer that fills it is in [`super::writer`].
 //!
 //! Owns the schema and the SQL. The columns are the original log dumper's (client_time,
-//! level, msg, user, room, server_time, seq_number, text). The writer is fed by a bounded
-//! channel: producers only `try_send`, so a full or failing store never blocks the relay; what
-//! does not fit is counted (`logs_store_dropped_total`) and warned about. The writer's own
-//! events are under this module's target, which the server-log forwarder skips, so a failing
-//! store cannot feed itself.
+//! level, msg, user, room, server_time, seq_number, text) plus `search`: `msg` and `text`
+//! lowercased by Rust at insert time ([`search_key`]), so text search is case-insensitive
+//! for every script and the same on both backends (SQLite's `lower()` is ASCII-only and
+//! PostgreSQL's depends on the database's locale). Databases made before that column get it
+//! at start and are filled in the background ([`LogStore::backfill_step`]); meanwhile rows
+//! not filled yet are searched as before (ASCII case only). The table `log_meta` holds the
+//! highest `seqNumber` reserved ([`LogStore::reserve`]) and the backfill's progress.
+//!
+//! SQLite gets two connections to the file: the writer's (writes, retention, reservations)
+//! and the queries', so a query never waits behind a write that waits for a lock (WAL:
+//! readers never block on the writer). Every operation first makes sure the schema is set
+//! up, so a store unreachable at start is set up once it can be reached.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
-
 use super::entry::{Entry, Posted, now_ms};
-use crate::metrics::Metrics;
 use crate::store::{Durability, Sqlite, StoreError};
 
 /// The SQLite file of the log store in the data directory.
 pub const SQLITE_FILE: &str = "logs.sqlite3";
 
-/// Where entries are kept.
+/// Rows the background filling of `search` does per step.
+const BACKFILL_ROWS: i64 = 1000;
+
+/// Where entries are kept: a cheap-to-clone handle.
 #[derive(Debug, Clone)]
-pub enum LogStore {
-    Sqlite(Sqlite),
+pub struct LogStore {
+    backend: Backend,
+    /// Set once the schema is created and migrated; tried again by the next operation
+    /// while it fails (`get_or_try_init`), so concurrent callers wait for one attempt.
+    ready: Arc<tokio::sync::OnceCell<()>>,
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Sqlite { write: Sqlite, read: Sqlite },
     Postgres(deadpool_postgres::Pool),
 }
 
@@ -45,7 +59,7 @@ pub struct Query {
     pub user: Option<String>,
     /// Levels, lowercase; empty: every level.
     pub levels: Vec<String>,
-    /// A substring of `text` or `msg`, case-insensitive (ASCII).
+    /// A substring of `text` or `msg`, case-insensitive (Unicode, by [`fold_case`]).
     pub text: Option<String>,
     /// `serverTime` bounds, unix ms, inclusive.
     pub since: Option<i64>,
@@ -55,8 +69,10 @@ pub struct Query {
     pub before: Option<Cursor>,
 }
 
-/// A place in the newest-first order: (seq_number, row id). The row id breaks ties between
-/// the nodes of a cluster sharing one PostgreSQL; in SQLite it is the seq_number.
+/// A place in the newest-first order: (seq_number, row id). SQLite orders by seq_number
+/// (its row id); PostgreSQL by the row id, the order the entries were stored in, which for
+/// one node is `seqNumber` order and for the nodes of a cluster sharing the table the order
+/// they arrived in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cursor {
     pub seq: i64,
@@ -86,6 +102,25 @@ pub struct Page {
     pub next: Option<Cursor>,
 }
 
+/// Lowercases character by character (so the lowercase of a concatenation is the
+/// concatenation of the lowercases, which substring search needs; `to_lowercase` on a whole
+/// string treats a final sigma specially).
+pub fn fold_case(s: &str) -> String {
+    s.chars().flat_map(char::to_lowercase).collect()
+}
+
+/// The `search` column of an entry: `msg` and `text` case-folded, `text` alone when it
+/// already holds `msg` (as the plugin's `HH:mm:ss:fff [Level] msg` does), else both joined
+/// by a newline.
+pub fn search_key(msg: Option<&str>, text: Option<&str>) -> String {
+    match (msg, text) {
+        (Some(m), Some(t)) if t.contains(m) => fold_case(t),
+        (Some(m), Some(t)) => format!("{}\n{}", fold_case(m), fold_case(t)),
+        (Some(one), None) | (None, Some(one)) => fold_case(one),
+        (None, None) => String::new(),
+    }
+}
+
 const SQLITE_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS log_entries (
     seq_number INTEGER PRIMARY KEY,
@@ -95,11 +130,13 @@ CREATE TABLE IF NOT EXISTS log_entries (
     msg TEXT,
     \"user\" TEXT,
     room TEXT,
-    text TEXT
+    text TEXT,
+    search TEXT
 );
 CREATE INDEX IF NOT EXISTS log_entries_room ON log_entries (room, seq_number);
 CREATE INDEX IF NOT EXISTS log_entries_user ON log_entries (\"user\", seq_number);
 CREATE INDEX IF NOT EXISTS log_entries_time ON log_entries (server_time);
+CREATE TABLE IF NOT EXISTS log_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 ";
 
 const POSTGRES_SCHEMA: &str = "
@@ -112,15 +149,23 @@ CREATE TABLE IF NOT EXISTS log_entries (
     msg TEXT,
     \"user\" TEXT,
     room TEXT,
-    text TEXT
+    text TEXT,
+    search TEXT
 );
 CREATE INDEX IF NOT EXISTS log_entries_seq ON log_entries (seq_number, id);
 CREATE INDEX IF NOT EXISTS log_entries_room ON log_entries (room, seq_number);
 CREATE INDEX IF NOT EXISTS log_entries_user ON log_entries (\"user\", seq_number);
 CREATE INDEX IF NOT EXISTS log_entries_time ON log_entries (server_time);
+CREATE TABLE IF NOT EXISTS log_meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
 ";
 
-const COLUMNS: &str = "seq_number, server_time, client_time, level, msg, \"user\", room, text";
+const COLUMNS: &str =
+    "seq_number, server_time, client_time, level, msg, \"user\", room, text, search";
+
+/// The `log_meta` key of the highest `seqNumber` reserved.
+const SEQ_RESERVED: &str = "seq_reserved";
+/// The `log_meta` key of the backfill of `search`: the last row done (absent: none to do).
+const SEARCH_BACKFILL: &str = "search_backfill";
 
 /// A query parameter, for either backend.
 #[derive(Debug, Clone)]
@@ -129,79 +174,283 @@ enum Param {
     Text(String),
 }
 
+fn optional<T>(r: rusqlite::Result<T>) -> rusqlite::Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(rusqlite::Error::QueryReturnedNoRows) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 impl LogStore {
     /// Opens the store the configuration names (PostgreSQL connects lazily).
     pub fn open(config: &crate::config::StoreConfig) -> Result<LogStore, StoreError> {
-        match config {
-            crate::config::StoreConfig::Sqlite(dir) => Ok(LogStore::Sqlite(Sqlite::open(
-                dir,
-                SQLITE_FILE,
-                Durability::Process,
-            )?)),
+        let backend = match config {
+            crate::config::StoreConfig::Sqlite(dir) => Backend::Sqlite {
+                write: Sqlite::open(dir, SQLITE_FILE, Durability::Process)?,
+                read: Sqlite::open(dir, SQLITE_FILE, Durability::Process)?,
+            },
             crate::config::StoreConfig::Postgres(url) => {
-                Ok(LogStore::Postgres(crate::store::postgres_pool(url, 4)?))
+                Backend::Postgres(crate::store::postgres_pool(url, 4)?)
             }
-        }
+        };
+        Ok(LogStore {
+            backend,
+            ready: Arc::new(tokio::sync::OnceCell::new()),
+        })
     }
 
-    /// Creates the table if missing; returns the largest `seqNumber` stored (0 when none).
-    pub async fn init(&self) -> Result<i64, StoreError> {
-        match self {
-            LogStore::Sqlite(db) => {
-                db.call(|c| {
-                    c.execute_batch(SQLITE_SCHEMA)?;
-                    c.query_row(
-                        "SELECT COALESCE(MAX(seq_number), 0) FROM log_entries",
-                        [],
-                        |r| r.get(0),
-                    )
-                })
-                .await
+    /// Creates the tables if missing and adds `search` to a table made before it (the
+    /// backfill is then noted in `log_meta`); done once (tried again while it fails).
+    pub async fn init(&self) -> Result<(), StoreError> {
+        self.ready
+            .get_or_try_init(|| self.create_schema())
+            .await
+            .map(|_| ())
+    }
+
+    async fn create_schema(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sqlite { write, .. } => {
+                write
+                    .call(|c| {
+                        let tx = c.transaction()?;
+                        tx.execute_batch(SQLITE_SCHEMA)?;
+                        let has_search: bool = tx.query_row(
+                            "SELECT COUNT(*) > 0 FROM pragma_table_info('log_entries') WHERE name = 'search'",
+                            [],
+                            |r| r.get(0),
+                        )?;
+                        if !has_search {
+                            tx.execute_batch("ALTER TABLE log_entries ADD COLUMN search TEXT")?;
+                            tx.execute(
+                                "INSERT OR REPLACE INTO log_meta (key, value) VALUES (?1, 0)",
+                                [SEARCH_BACKFILL],
+                            )?;
+                        }
+                        tx.commit()
+                    })
+                    .await
             }
-            LogStore::Postgres(pool) => {
+            Backend::Postgres(pool) => {
                 let client = pool.get().await?;
                 if let Err(e) = client.batch_execute(POSTGRES_SCHEMA).await {
                     // Two nodes creating the table at once: one loses the race; try again.
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     client.batch_execute(POSTGRES_SCHEMA).await.map_err(|_| e)?;
                 }
-                let row = client
-                    .query_one("SELECT COALESCE(MAX(seq_number), 0) FROM log_entries", &[])
-                    .await?;
-                Ok(row.get(0))
+                let has_search = client
+                    .query_opt(
+                        "SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() \
+                         AND table_name = 'log_entries' AND column_name = 'search'",
+                        &[],
+                    )
+                    .await?
+                    .is_some();
+                if !has_search {
+                    client
+                        .batch_execute(&format!(
+                            "ALTER TABLE log_entries ADD COLUMN IF NOT EXISTS search TEXT; \
+                             INSERT INTO log_meta (key, value) VALUES ('{SEARCH_BACKFILL}', 0) \
+                             ON CONFLICT (key) DO NOTHING"
+                        ))
+                        .await?;
+                }
+                Ok(())
             }
         }
     }
 
-    /// Writes a batch in one transaction (SQLite) or one statement (PostgreSQL).
-    pub async fn write(&self, batch: Arc<Vec<Arc<Entry>>>) -> Result<(), StoreError> {
-        match self {
-            LogStore::Sqlite(db) => {
-                db.call(move |c| {
-                    let tx = c.transaction()?;
-                    {
-                        let mut stmt = tx.prepare_cached(&format!(
-                            "INSERT OR REPLACE INTO log_entries ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
-                        ))?;
-                        for e in batch.iter() {
-                            let p = &e.posted;
-                            stmt.execute(rusqlite::params![
-                                e.seq,
-                                e.server_time,
-                                p.client_time,
-                                p.level,
-                                p.msg,
-                                p.user,
-                                p.room,
-                                p.text
-                            ])?;
-                        }
-                    }
-                    tx.commit()
-                })
-                .await
+    /// Reserves `count` `seqNumber`s for this server: returns (first, last), the first at
+    /// least `at_least` and above every number reserved before or stored, and records the
+    /// last in `log_meta` before returning, so that no number handed out from it is ever
+    /// handed out again, whatever happens to the process. With PostgreSQL every node of a
+    /// cluster reserves from the same row, so their numbers never collide.
+    pub async fn reserve(&self, at_least: i64, count: i64) -> Result<(i64, i64), StoreError> {
+        self.init().await?;
+        let count = count.max(1);
+        let last: i64 = match &self.backend {
+            Backend::Sqlite { write, .. } => {
+                write
+                    .call(move |c| {
+                        let tx =
+                            c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                        let reserved: i64 = optional(tx.query_row(
+                            "SELECT value FROM log_meta WHERE key = ?1",
+                            [SEQ_RESERVED],
+                            |r| r.get(0),
+                        ))?
+                        .unwrap_or(0);
+                        // The largest row id is found at once; it covers stores made before
+                        // the reservations.
+                        let stored: i64 = tx.query_row(
+                            "SELECT COALESCE(MAX(seq_number), 0) FROM log_entries",
+                            [],
+                            |r| r.get(0),
+                        )?;
+                        let last = reserved.max(stored).max(at_least - 1) + count;
+                        tx.execute(
+                            "INSERT INTO log_meta (key, value) VALUES (?1, ?2) \
+                             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                            rusqlite::params![SEQ_RESERVED, last],
+                        )?;
+                        tx.commit()?;
+                        Ok(last)
+                    })
+                    .await?
             }
-            LogStore::Postgres(pool) => {
+            Backend::Postgres(pool) => {
+                let client = pool.get().await?;
+                // One statement: atomic against the other nodes.
+                let row = client
+                    .query_one(
+                        &format!(
+                            "INSERT INTO log_meta (key, value) \
+                             SELECT '{SEQ_RESERVED}', GREATEST($1, COALESCE(MAX(seq_number), 0)) + $2 FROM log_entries \
+                             ON CONFLICT (key) DO UPDATE SET value = GREATEST(log_meta.value, EXCLUDED.value - $2) + $2 \
+                             RETURNING value"
+                        ),
+                        &[&(at_least - 1), &count],
+                    )
+                    .await?;
+                row.get(0)
+            }
+        };
+        Ok((last - count + 1, last))
+    }
+
+    /// Fills `search` for up to 1000 rows of a table made before that column;
+    /// returns whether there may be more to do.
+    pub async fn backfill_step(&self) -> Result<bool, StoreError> {
+        self.init().await?;
+        match &self.backend {
+            Backend::Sqlite { write, .. } => {
+                write
+                    .call(|c| {
+                        let tx = c.transaction()?;
+                        let Some(from) = optional(tx.query_row(
+                            "SELECT value FROM log_meta WHERE key = ?1",
+                            [SEARCH_BACKFILL],
+                            |r| r.get::<_, i64>(0),
+                        ))?
+                        else {
+                            return Ok(false);
+                        };
+                        let rows: Vec<(i64, Option<String>, Option<String>)> = {
+                            let mut stmt = tx.prepare(
+                                "SELECT seq_number, msg, text FROM log_entries WHERE seq_number > ?1 \
+                                 ORDER BY seq_number LIMIT ?2",
+                            )?;
+                            stmt.query_map([from, BACKFILL_ROWS], |r| {
+                                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                            })?
+                            .collect::<rusqlite::Result<_>>()?
+                        };
+                        let Some(last) = rows.last().map(|r| r.0) else {
+                            tx.execute("DELETE FROM log_meta WHERE key = ?1", [SEARCH_BACKFILL])?;
+                            tx.commit()?;
+                            return Ok(false);
+                        };
+                        {
+                            let mut update = tx.prepare(
+                                "UPDATE log_entries SET search = ?2 WHERE seq_number = ?1 AND search IS NULL",
+                            )?;
+                            for (seq, msg, text) in &rows {
+                                update.execute(rusqlite::params![
+                                    seq,
+                                    search_key(msg.as_deref(), text.as_deref())
+                                ])?;
+                            }
+                        }
+                        tx.execute(
+                            "UPDATE log_meta SET value = ?2 WHERE key = ?1",
+                            rusqlite::params![SEARCH_BACKFILL, last],
+                        )?;
+                        tx.commit()?;
+                        Ok(true)
+                    })
+                    .await
+            }
+            Backend::Postgres(pool) => {
+                let client = pool.get().await?;
+                let Some(from) = client
+                    .query_opt("SELECT value FROM log_meta WHERE key = $1", &[&SEARCH_BACKFILL])
+                    .await?
+                    .map(|r| r.get::<_, i64>(0))
+                else {
+                    return Ok(false);
+                };
+                let rows = client
+                    .query(
+                        "SELECT id, msg, text FROM log_entries WHERE id > $1 ORDER BY id LIMIT $2",
+                        &[&from, &BACKFILL_ROWS],
+                    )
+                    .await?;
+                let Some(last) = rows.last().map(|r| r.get::<_, i64>(0)) else {
+                    client
+                        .execute("DELETE FROM log_meta WHERE key = $1", &[&SEARCH_BACKFILL])
+                        .await?;
+                    return Ok(false);
+                };
+                let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+                let keys: Vec<String> = rows
+                    .iter()
+                    .map(|r| search_key(r.get(1), r.get(2)))
+                    .collect();
+                client
+                    .execute(
+                        "UPDATE log_entries AS l SET search = u.s FROM UNNEST($1::bigint[], $2::text[]) AS u(id, s) \
+                         WHERE l.id = u.id AND l.search IS NULL",
+                        &[&ids, &keys],
+                    )
+                    .await?;
+                // GREATEST: another node may be filling the same table.
+                client
+                    .execute(
+                        "UPDATE log_meta SET value = GREATEST(value, $2) WHERE key = $1",
+                        &[&SEARCH_BACKFILL, &last],
+                    )
+                    .await?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Writes a batch in one transaction (SQLite) or one statement (PostgreSQL): all of it
+    /// or nothing.
+    pub async fn write(&self, batch: Arc<Vec<Arc<Entry>>>) -> Result<(), StoreError> {
+        self.init().await?;
+        match &self.backend {
+            Backend::Sqlite { write, .. } => {
+                write
+                    .call(move |c| {
+                        let tx = c.transaction()?;
+                        {
+                            // A plain INSERT: a number stored twice would be a bug, and is
+                            // refused (and reported) rather than overwriting the first.
+                            let mut stmt = tx.prepare_cached(&format!(
+                                "INSERT INTO log_entries ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+                            ))?;
+                            for e in batch.iter() {
+                                let p = &e.posted;
+                                stmt.execute(rusqlite::params![
+                                    e.seq,
+                                    e.server_time,
+                                    p.client_time,
+                                    p.level,
+                                    p.msg,
+                                    p.user,
+                                    p.room,
+                                    p.text,
+                                    search_key(p.msg.as_deref(), p.text.as_deref()),
+                                ])?;
+                            }
+                        }
+                        tx.commit()
+                    })
+                    .await
+            }
+            Backend::Postgres(pool) => {
                 let client = pool.get().await?;
                 let col = |f: fn(&Entry) -> Option<String>| -> Vec<Option<String>> {
                     batch.iter().map(|e| f(e)).collect()
@@ -217,12 +466,16 @@ impl LogStore {
                     col(|e| e.posted.room.clone()),
                     col(|e| e.posted.text.clone()),
                 );
+                let search: Vec<String> = batch
+                    .iter()
+                    .map(|e| search_key(e.posted.msg.as_deref(), e.posted.text.as_deref()))
+                    .collect();
                 client
                     .execute(
                         &format!(
                             "INSERT INTO log_entries ({COLUMNS}) SELECT * FROM UNNEST(\
                              $1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], \
-                             $6::text[], $7::text[], $8::text[])"
+                             $6::text[], $7::text[], $8::text[], $9::text[])"
                         ),
                         &[
                             &seq,
@@ -233,6 +486,7 @@ impl LogStore {
                             &user,
                             &room,
                             &text,
+                            &search,
                         ],
                     )
                     .await?;
@@ -243,7 +497,8 @@ impl LogStore {
 
     /// One page of entries matching `q`, newest first.
     pub async fn query(&self, q: Query) -> Result<Page, StoreError> {
-        let postgres = matches!(self, LogStore::Postgres(_));
+        self.init().await?;
+        let postgres = matches!(self.backend, Backend::Postgres(_));
         let mut params: Vec<Param> = Vec::new();
         let mark = |params: &mut Vec<Param>, p: Param| {
             params.push(p);
@@ -271,10 +526,13 @@ impl LogStore {
             conds.push(format!("lower(level) IN ({})", marks.join(", ")));
         }
         if let Some(text) = &q.text {
-            let m = mark(&mut params, Param::Text(text.to_ascii_lowercase()));
+            let folded = mark(&mut params, Param::Text(fold_case(text)));
+            // Rows not backfilled yet: as before the `search` column, ASCII case only.
+            let ascii = mark(&mut params, Param::Text(text.to_ascii_lowercase()));
             let find = if postgres { "strpos" } else { "instr" };
             conds.push(format!(
-                "({find}(lower(text), {m}) > 0 OR {find}(lower(msg), {m}) > 0)"
+                "({find}(search, {folded}) > 0 OR (search IS NULL AND \
+                 ({find}(lower(text), {ascii}) > 0 OR {find}(lower(msg), {ascii}) > 0)))"
             ));
         }
         if let Some(since) = q.since {
@@ -287,9 +545,8 @@ impl LogStore {
         }
         if let Some(c) = q.before {
             if postgres {
-                let s = mark(&mut params, Param::Int(c.seq));
                 let i = mark(&mut params, Param::Int(c.id));
-                conds.push(format!("(seq_number, id) < ({s}, {i})"));
+                conds.push(format!("id < {i}"));
             } else {
                 let s = mark(&mut params, Param::Int(c.seq));
                 conds.push(format!("seq_number < {s}"));
@@ -302,17 +559,14 @@ impl LogStore {
         } else {
             format!("WHERE {}", conds.join(" AND "))
         };
-        let (id, order) = if postgres {
-            ("id", "seq_number DESC, id DESC")
-        } else {
-            ("seq_number", "seq_number DESC")
-        };
+        let id = if postgres { "id" } else { "seq_number" };
         let sql = format!(
-            "SELECT {COLUMNS}, {id} FROM log_entries {filter} ORDER BY {order} LIMIT {fetch}"
+            "SELECT seq_number, server_time, client_time, level, msg, \"user\", room, text, {id} \
+             FROM log_entries {filter} ORDER BY {id} DESC LIMIT {fetch}"
         );
-        let mut rows: Vec<(Entry, i64)> = match self {
-            LogStore::Sqlite(db) => {
-                db.call(move |c| {
+        let mut rows: Vec<(Entry, i64)> = match &self.backend {
+            Backend::Sqlite { read, .. } => {
+                read.call(move |c| {
                     let mut stmt = c.prepare_cached(&sql)?;
                     let values: Vec<rusqlite::types::Value> = params
                         .into_iter()
@@ -342,7 +596,7 @@ impl LogStore {
                 })
                 .await?
             }
-            LogStore::Postgres(pool) => {
+            Backend::Postgres(pool) => {
                 let client = pool.get().await?;
                 let boxed: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> = params
                     .into_iter()
@@ -403,8 +657,9 @@ impl LogStore {
             .max_age
             .map(|age| now_ms().saturating_sub(age.as_millis() as i64));
         let keep = r.max_rows.map(|n| n as i64);
-        match self {
-            LogStore::Sqlite(db) => {
+        self.init().await?;
+        match &self.backend {
+            Backend::Sqlite { write: db, .. } => {
                 db.call(move |c| {
                     let mut deleted = 0u64;
                     // In chunks, so the writer is never held up for long.
@@ -450,7 +705,7 @@ impl LogStore {
                 })
                 .await
             }
-            LogStore::Postgres(pool) => {
+            Backend::Postgres(pool) => {
                 let client = pool.get().await?;
                 let mut deleted = 0;
                 if let Some(cutoff) = cutoff {
@@ -472,99 +727,6 @@ impl LogStore {
     }
 }
 
-/// How often retention runs (and once at start).
-pub const RETENTION_INTERVAL: Duration = Duration::from_secs(60);
-/// Entries written in one batch at most.
-const MAX_BATCH: usize = 2000;
-/// Attempts at one batch before it is given up (about a minute of outage).
-const MAX_ATTEMPTS: u32 = 15;
-
-/// The writer: takes what the channel holds, writes it as one batch, retries a failing
-/// store with back-off (meanwhile the channel fills and new entries are dropped and
-/// counted), runs retention. On shutdown it writes what is queued, waiting briefly for
-/// requests still in flight, then returns.
-pub async fn run_writer(
-    store: LogStore,
-    mut rx: mpsc::Receiver<Arc<Entry>>,
-    retention: Retention,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) {
-    let mut retention_tick = tokio::time::interval(RETENTION_INTERVAL);
-    retention_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    let mut stopping = false;
-    loop {
-        if stopping {
-            // Requests in flight when shutdown began may still post: wait a little for them.
-            match tokio::time::timeout(
-                Duration::from_millis(200),
-                rx.recv_many(&mut batch, MAX_BATCH),
-            )
-            .await
-            {
-                Ok(n) if n > 0 => {}
-                _ => return,
-            }
-        } else {
-            tokio::select! {
-                n = rx.recv_many(&mut batch, MAX_BATCH) => if n == 0 { return },
-                _ = shutdown.cancelled() => { stopping = true; continue; }
-                _ = retention_tick.tick() => {
-                    if retention != Retention::default() {
-                        match store.retain(retention).await {
-                            Ok(0) => {}
-                            Ok(n) => info!(deleted = n, "log store retention"),
-                            Err(e) => {
-                                metrics.logs_store_failures.inc();
-                                warn!(error = %e, "log store retention failed");
-                            }
-                        }
-                    }
-                    continue;
-                }
-            }
-        }
-        let entries = Arc::new(std::mem::take(&mut batch));
-        write_with_retry(&store, entries, &metrics, &shutdown).await;
-    }
-}
-
-async fn write_with_retry(
-    store: &LogStore,
-    entries: Arc<Vec<Arc<Entry>>>,
-    metrics: &Metrics,
-    shutdown: &CancellationToken,
-) {
-    let mut backoff = Duration::from_millis(100);
-    for attempt in 1..=MAX_ATTEMPTS {
-        match store.write(entries.clone()).await {
-            Ok(()) => {
-                metrics.logs_stored.inc_by(entries.len() as u64);
-                if attempt > 1 {
-                    info!(attempt, "log store writes again");
-                }
-                return;
-            }
-            Err(e) => {
-                metrics.logs_store_failures.inc();
-                // One warning per failing attempt: at most one per back-off step.
-                warn!(error = %e, attempt, entries = entries.len(), "log store write failed");
-                if shutdown.is_cancelled() && attempt >= 2 {
-                    break;
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-    metrics.logs_store_dropped.inc_by(entries.len() as u64);
-    warn!(
-        entries = entries.len(),
-        "log store: batch given up, entries not stored"
-    );
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -584,12 +746,25 @@ mod tests {
         })
     }
 
+    fn sqlite(dir: &std::path::Path) -> LogStore {
+        LogStore::open(&crate::config::StoreConfig::Sqlite(dir.to_path_buf())).unwrap()
+    }
+
+    fn seqs(p: &Page) -> Vec<i64> {
+        p.entries.iter().map(|e| e.seq).collect()
+    }
+
+    fn all(limit: usize) -> Query {
+        Query {
+            limit,
+            ..Query::default()
+        }
+    }
+
     #[tokio::test]
     async fn sqlite_write_query_page_retain() {
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            LogStore::Sqlite(Sqlite::open(dir.path(), SQLITE_FILE, Durability::Process).unwrap());
-        assert_eq!(store.init().await.unwrap(), 0);
+        let store = sqlite(dir.path());
         let batch: Vec<_> = (1..=10)
             .map(|i| {
                 let room = if i % 3 == 0 {
@@ -607,21 +782,12 @@ mod tests {
             })
             .collect();
         store.write(Arc::new(batch)).await.unwrap();
-        assert_eq!(store.init().await.unwrap(), 10);
-        let seqs = |p: &Page| p.entries.iter().map(|e| e.seq).collect::<Vec<_>>();
-        let all = store
-            .query(Query {
-                limit: 4,
-                ..Query::default()
-            })
-            .await
-            .unwrap();
-        assert_eq!(seqs(&all), [10, 9, 8, 7]);
+        let first = store.query(all(4)).await.unwrap();
+        assert_eq!(seqs(&first), [10, 9, 8, 7]);
         let next = store
             .query(Query {
-                limit: 4,
-                before: all.next,
-                ..Query::default()
+                before: first.next,
+                ..all(4)
             })
             .await
             .unwrap();
@@ -629,8 +795,7 @@ mod tests {
         let room_a = store
             .query(Query {
                 room: Some("a".into()),
-                limit: 100,
-                ..Query::default()
+                ..all(100)
             })
             .await
             .unwrap();
@@ -642,34 +807,98 @@ mod tests {
             text: Some("MESSAGE".into()),
             since: Some(1_006),
             until: Some(1_009),
-            limit: 100,
-            ..Query::default()
+            ..all(100)
         };
         assert_eq!(seqs(&store.query(q).await.unwrap()), [9, 7]);
-        let deleted = store
-            .retain(Retention {
-                max_rows: Some(3),
-                max_age: None,
-            })
+        // A number stored twice is refused, as data.
+        let again = store.write(Arc::new(vec![entry(10, None, "x", "Info", "again")]));
+        assert!(again.await.unwrap_err().is_data_error());
+        let retention = Retention {
+            max_rows: Some(3),
+            max_age: None,
+        };
+        assert_eq!(store.retain(retention).await.unwrap(), 7);
+        assert_eq!(seqs(&store.query(all(100)).await.unwrap()), [10, 9, 8]);
+        let retention = Retention {
+            max_rows: None,
+            max_age: Some(Duration::from_secs(1)),
+        };
+        let deleted = store.retain(retention).await.unwrap();
+        assert_eq!(deleted, 3, "server times of 1970 are older than a second");
+    }
+
+    #[tokio::test]
+    async fn reservations_are_never_handed_out_twice_even_once_the_table_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = sqlite(dir.path());
+        assert_eq!(store.reserve(1, 100).await.unwrap(), (1, 100));
+        assert_eq!(store.reserve(1, 100).await.unwrap(), (101, 200));
+        // At least where the caller already is.
+        assert_eq!(store.reserve(5000, 10).await.unwrap(), (5000, 5009));
+        store
+            .write(Arc::new(vec![entry(5003, None, "u", "Info", "m")]))
             .await
             .unwrap();
-        assert_eq!(deleted, 7);
-        let left = store
-            .query(Query {
-                limit: 100,
-                ..Query::default()
-            })
-            .await
-            .unwrap();
-        assert_eq!(seqs(&left), [10, 9, 8]);
-        let deleted = store
+        store
             .retain(Retention {
                 max_rows: None,
                 max_age: Some(Duration::from_secs(1)),
             })
             .await
             .unwrap();
-        assert_eq!(deleted, 3, "server times of 1970 are older than a second");
+        assert!(store.query(all(10)).await.unwrap().entries.is_empty());
+        // Another process on the same file (a restart) goes on above.
+        drop(store);
+        let store = sqlite(dir.path());
+        assert_eq!(store.reserve(1, 10).await.unwrap(), (5010, 5019));
+    }
+
+    #[tokio::test]
+    async fn a_store_made_before_reservations_reserves_above_its_largest_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = rusqlite::Connection::open(dir.path().join(SQLITE_FILE)).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE log_entries (seq_number INTEGER PRIMARY KEY, server_time INTEGER NOT NULL, \
+             client_time INTEGER, level TEXT, msg TEXT, \"user\" TEXT, room TEXT, text TEXT);
+             INSERT INTO log_entries VALUES (41, 1, 1, 'Info', 'Ärger mit ÉCOLE', 'u', NULL, '00:00 [Info] Ärger mit ÉCOLE');
+             INSERT INTO log_entries VALUES (42, 1, 1, 'Info', 'plain', 'u', NULL, NULL);",
+        )
+        .unwrap();
+        drop(conn);
+        let store = sqlite(dir.path());
+        assert_eq!(store.reserve(1, 10).await.unwrap(), (43, 52));
+        let find = |text: &str| Query {
+            text: Some(text.into()),
+            ..all(10)
+        };
+        // Before the backfill: ASCII case only, as before.
+        assert_eq!(seqs(&store.query(find("PLAIN")).await.unwrap()), [42]);
+        assert!(store.query(find("ärger")).await.unwrap().entries.is_empty());
+        while store.backfill_step().await.unwrap() {}
+        for needle in ["Ärger", "ärger", "ÄRGER", "ÉCOLE", "école", "mit é"] {
+            assert_eq!(
+                seqs(&store.query(find(needle)).await.unwrap()),
+                [41],
+                "{needle}"
+            );
+        }
+        assert_eq!(seqs(&store.query(find("PLAIN")).await.unwrap()), [42]);
+        assert!(
+            !store.backfill_step().await.unwrap(),
+            "done, and stays done"
+        );
+    }
+
+    #[test]
+    fn search_keys_fold_case_per_character() {
+        assert_eq!(fold_case("ÄRGER École ΣΑΣ"), "ärger école σασ");
+        assert_eq!(
+            search_key(Some("Ärger"), Some("12:00 [Info] Ärger")),
+            "12:00 [info] ärger"
+        );
+        assert_eq!(search_key(Some("A"), Some("b")), "a\nb");
+        assert_eq!(search_key(None, Some("B")), "b");
+        assert_eq!(search_key(None, None), "");
     }
 
     #[test]

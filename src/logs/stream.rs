@@ -6,6 +6,16 @@
 //! queues each stamped entry for the store, called under the stamping lock so the store
 //! receives entries in `seqNumber` order).
 //!
+//! Numbering: with a store, `seqNumber`s come from blocks the store has reserved (recorded
+//! there before they are handed out: [`Stream::grant`]), so no number is ever handed out
+//! twice, across restarts, SIGKILL and retention included. When half of a block is used the
+//! stream asks for the next ([`Stream::wants_numbers`]); stamping never waits for it: past
+//! the end of its reservation (the store unreachable for that long) it numbers on, and those
+//! numbers are covered by the next reservation once the store takes one. Without a store
+//! (or when it is unreachable at start) numbering starts from the clock
+//! ([`Stream::number_from_clock`]). `serverTime` is taken under the same lock and never goes
+//! backwards while `seqNumber` rises.
+//!
 //! Memory is bounded twice: at most `max_pending` entries wait between two flushes (more
 //! are left out of the live stream, still stored, and counted as missed), and a listener's
 //! socket never holds more than its buffer: when a flush would push it over, that flush's
@@ -18,6 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::entry::{Entry, Posted, json_array, now_ms};
@@ -37,6 +48,8 @@ pub struct Stream {
     /// pushes to the listeners' queues and never waits).
     listeners: Mutex<HashMap<u64, Listener>>,
     next_listener: AtomicU64,
+    /// Told (`notify_one`, never waiting) when the numbering wants another reserved block.
+    wants_numbers: Notify,
     /// Entries that may wait for one flush; more are left out of the live stream.
     max_pending: usize,
     /// Bytes a listener's socket may hold before its entries count as missed.
@@ -47,6 +60,14 @@ pub struct Stream {
 #[derive(Debug)]
 struct State {
     next_seq: i64,
+    /// Numbers below this are reserved in the store; `i64::MAX` when not reserving.
+    reserved_until: i64,
+    /// The next block granted (first, last), taken once the current one is used up.
+    spare: Option<(i64, i64)>,
+    /// Size of the blocks asked for; 0: no reservations (no store).
+    block: i64,
+    /// The last `serverTime` given.
+    last_time: i64,
     pending: Vec<Arc<Entry>>,
     /// Entries left out of the live stream since the last flush (over `max_pending`).
     left_out: u64,
@@ -60,14 +81,29 @@ struct Listener {
     missed: u64,
 }
 
+impl State {
+    /// Whether another block should be reserved.
+    fn wants_numbers(&self) -> bool {
+        self.block > 0
+            && self.spare.is_none()
+            && self.reserved_until.saturating_sub(self.next_seq) < self.block / 2
+    }
+}
+
 impl Stream {
+    /// A stream numbering from 1, without reservations (see [`Stream::reserve_in_blocks`]).
     pub fn new(max_pending: usize, listener_buffer: usize, metrics: Arc<Metrics>) -> Stream {
         Stream {
             state: Mutex::new(State {
                 next_seq: 1,
+                reserved_until: i64::MAX,
+                spare: None,
+                block: 0,
+                last_time: 0,
                 pending: Vec::new(),
                 left_out: 0,
             }),
+            wants_numbers: Notify::new(),
             listeners: Mutex::new(HashMap::new()),
             next_listener: AtomicU64::new(0),
             max_pending,
@@ -85,10 +121,49 @@ impl Stream {
         self.listeners.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Makes the next `seqNumber` at least `next` (at start: one above the store's largest).
-    pub fn raise_next_seq(&self, next: i64) {
+    /// From now on, numbers come from blocks of `block` reserved in the store: none is
+    /// reserved yet, so the stream wants one at once.
+    pub fn reserve_in_blocks(&self, block: i64) {
         let mut s = self.state();
-        s.next_seq = s.next_seq.max(next);
+        s.block = block.max(2);
+        s.reserved_until = s.next_seq;
+        s.spare = None;
+        self.wants_numbers.notify_one();
+    }
+
+    /// Numbers from the clock (unix ms x 1000) unless already above: for a server without a
+    /// store, or whose store cannot be reached at start. Above every number a store has
+    /// handed out unless that ran ahead of the clock by more than 1000 a millisecond.
+    pub fn number_from_clock(&self) {
+        let mut s = self.state();
+        s.next_seq = s.next_seq.max(now_ms().saturating_mul(1000));
+    }
+
+    /// Numbers `first..=last` are reserved in the store. Used at once when the current
+    /// block is used up (or none was reserved), else kept for when it is.
+    pub fn grant(&self, first: i64, last: i64) {
+        let mut s = self.state();
+        if s.next_seq >= s.reserved_until {
+            s.next_seq = s.next_seq.max(first);
+            s.reserved_until = last.saturating_add(1);
+        } else {
+            s.spare = Some((first, last));
+        }
+        if s.wants_numbers() {
+            self.wants_numbers.notify_one();
+        }
+    }
+
+    /// Returns once the numbering wants another block reserved (for one waiting task).
+    pub async fn wants_numbers(&self) {
+        loop {
+            if self.state().wants_numbers() {
+                return;
+            }
+            // `notify_one` keeps a permit when nobody waits, so none is missed between the
+            // check and here.
+            self.wants_numbers.notified().await;
+        }
     }
 
     /// The `seqNumber` the next entry will get.
@@ -99,9 +174,18 @@ impl Stream {
     /// Stamps `posted` with `serverTime` and `seqNumber`, queues them for the next flush,
     /// and hands each to `store` in order.
     pub fn publish(&self, posted: Vec<Posted>, mut store: impl FnMut(Arc<Entry>)) {
-        let server_time = now_ms();
         let mut s = self.state();
+        // Under the lock, so a later number never has an earlier time (a clock stepped back
+        // repeats the last time instead).
+        let server_time = now_ms().max(s.last_time);
+        s.last_time = server_time;
         for p in posted {
+            if s.next_seq >= s.reserved_until
+                && let Some((first, last)) = s.spare.take()
+            {
+                s.next_seq = s.next_seq.max(first);
+                s.reserved_until = last.saturating_add(1);
+            }
             let entry = Arc::new(Entry {
                 seq: s.next_seq,
                 server_time,
@@ -114,6 +198,9 @@ impl Stream {
             } else {
                 s.left_out += 1;
             }
+        }
+        if s.wants_numbers() {
+            self.wants_numbers.notify_one();
         }
     }
 
@@ -199,7 +286,11 @@ impl Stream {
             }
             if l.missed > 0 {
                 let notice = missed_notice(l.missed);
-                if queued + notice.len() > self.listener_buffer {
+                // Like an array, the notice goes to an idle listener whatever its size.
+                if queued > 0 && queued + notice.len() > self.listener_buffer {
+                    // Neither the notice nor this flush's entries go: they are missed too.
+                    l.missed += *count;
+                    self.metrics.logs_listener_missed.inc_by(*count);
                     continue;
                 }
                 // Refused only when the socket is closing; its guard removes it soon.
@@ -299,7 +390,8 @@ mod tests {
     #[test]
     fn stamps_in_order_and_routes_rooms() {
         let stream = Arc::new(Stream::new(1000, 1 << 20, Arc::new(Metrics::new())));
-        stream.raise_next_seq(41);
+        stream.reserve_in_blocks(100);
+        stream.grant(41, 140);
         let (all, a, b) = (
             Outbound::new(1 << 20),
             Outbound::new(1 << 20),
@@ -359,6 +451,63 @@ mod tests {
         assert_eq!(got[0][0]["missed"], 3);
         assert_eq!(got[0][0]["user"], "server");
         assert_eq!(got[1][0]["msg"], "d");
+    }
+
+    #[test]
+    fn entries_that_fit_behind_a_notice_that_does_not_are_counted_as_missed() {
+        let stream = Arc::new(Stream::new(1000, 1000, Arc::new(Metrics::new())));
+        let slow = Outbound::new(1 << 20);
+        let _g = stream.listen(None, slow.clone());
+        stream.publish(vec![posted(None, &"x".repeat(600))], |_| {});
+        stream.flush();
+        // Does not fit behind the first: missed.
+        stream.publish(vec![posted(None, &"y".repeat(400))], |_| {});
+        stream.flush();
+        // Would fit, but the notice owed first does not: missed as well, not lost.
+        stream.publish(vec![posted(None, "c")], |_| {});
+        stream.flush();
+        assert_eq!(drain(&slow).len(), 1);
+        stream.publish(vec![posted(None, "d")], |_| {});
+        stream.flush();
+        let got = drain(&slow);
+        assert_eq!(got[0][0]["missed"], 2);
+        assert_eq!(got[1][0]["msg"], "d");
+    }
+
+    #[test]
+    fn numbers_come_from_reserved_blocks_and_never_wait_for_one() {
+        let stream = Arc::new(Stream::new(1000, 1 << 20, Arc::new(Metrics::new())));
+        let wants = || futures::FutureExt::now_or_never(stream.wants_numbers()).is_some();
+        stream.reserve_in_blocks(10);
+        assert!(wants(), "nothing is reserved yet");
+        stream.grant(1, 10);
+        assert!(!wants());
+        let stamp = |n: usize| {
+            let mut seqs = Vec::new();
+            stream.publish(vec![posted(None, "m"); n], |e| seqs.push(e.seq));
+            seqs
+        };
+        assert_eq!(stamp(4), [1, 2, 3, 4]);
+        assert!(!wants());
+        assert_eq!(stamp(2), [5, 6]);
+        assert!(wants(), "half of the block is used");
+        // The next block is kept until this one is used up.
+        stream.grant(100, 109);
+        assert!(!wants());
+        assert_eq!(stamp(6), [7, 8, 9, 10, 100, 101]);
+        // No block in time: numbering goes on, unreserved, and wants one.
+        assert_eq!(
+            stamp(10),
+            [102, 103, 104, 105, 106, 107, 108, 109, 110, 111]
+        );
+        assert!(wants());
+        // A block below where numbering is: nothing goes backwards.
+        stream.grant(50, 59);
+        assert!(wants());
+        assert_eq!(stamp(1), [112]);
+        stream.grant(200, 209);
+        assert_eq!(stamp(1), [200]);
+        assert!(!wants());
     }
 
     #[test]

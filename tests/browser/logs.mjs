@@ -1,7 +1,9 @@
 // The log viewer at /logs.html in Chromium: entries posted to /logs/add appear, filters
 // work as you type, pause holds entries back, the page reconnects by itself after a server
-// restart, and 100,000 entries keep the DOM small (virtual scrolling). Prints the measured
-// numbers (they are reported, not asserted).
+// restart and backfills from /logs/query what was stored while it was away, Clear and "Load
+// older" start over, a page told it missed entries loads them, and 100,000 entries keep the
+// DOM small (virtual scrolling). Prints the measured numbers (they are reported, not
+// asserted).
 import assert from 'node:assert/strict';
 import { startServer, launchBrowser, eventually, dataDir } from './lib.mjs';
 
@@ -87,18 +89,39 @@ try {
   await page.fill('#room', '');
   await eventually('all rooms again', async () => (await shown()).includes('hello from A'));
 
-  // The server restarts on the same port and data: the page reconnects by itself.
+  // The server restarts on the same port and data: the page reconnects by itself. While it
+  // is down, another server on the same data stores entries this page can only get from
+  // /logs/query: once reconnected, it backfills them, in order, each once.
   const port = server.port;
   await server.stop();
   await eventually('the page sees the server go', async () =>
     !(await page.evaluate(() => window.logViewer.connected)));
   assert.match(await page.textContent('#status'), /retrying/);
   const down = Date.now();
+  const other = await startServer(args);
+  await post(other.url, [1, 2, 3].map((i) => entry('Hunter7', 'A', 'Info', `gap ${i}`)));
+  await other.stop();
   server = await startServer(['--port', String(port), ...args]);
   await eventually('the page reconnects', () => page.evaluate(() => window.logViewer.connected), 15000);
   const reconnectMs = Date.now() - down;
   await post(server.url, entry('Hunter9', 'A', 'Info', 'after the restart'));
   await eventually('a new entry after the restart', async () => (await visible()).includes('after the restart'));
+  const story = /^(while paused|gap \d|after the restart)$/;
+  await eventually('the gap backfilled', async () =>
+    (await page.evaluate(() => window.logViewer.allMessages())).filter((m) => story.test(m)).length === 5);
+  assert.deepEqual((await page.evaluate(() => window.logViewer.allMessages())).filter((m) => story.test(m)),
+    ['while paused', 'gap 1', 'gap 2', 'gap 3', 'after the restart']);
+
+  // Clear forgets everything; "Load older" then loads the newest stored page again.
+  await page.click('#clear');
+  assert.equal(await page.evaluate(() => window.logViewer.total), 0);
+  await page.click('#older');
+  await eventually('older entries after Clear', async () => {
+    const all = await page.evaluate(() => window.logViewer.allMessages());
+    return ['gap 2', 'after the restart', 'hello from A'].every((m) => all.includes(m));
+  });
+  await eventually('the older page loaded', async () =>
+    /^(No older entries stored \(check again\)|Load older entries)$/.test(await page.textContent('#older')));
 
   // 100,000 entries: the DOM keeps a few dozen rows and filtering stays quick.
   const N = 100000, BATCH = 1000;
@@ -143,8 +166,45 @@ try {
   const middle = await visible();
   assert.ok(middle.some((m) => m.startsWith('bulk entry 4')), `mid-scroll rows: ${middle.slice(0, 3)}`);
   const heapMb = await page.evaluate(() => (performance.memory?.usedJSHeapSize ?? 0) / 1048576);
+
+  // A page that cannot keep up is told how many entries it missed, and loads them.
+  const small = await startServer(['--logs-listener-buffer-bytes', '200000', '--logs-server-level', 'off']);
+  let missed;
+  try {
+    const page2 = await browser.newPage();
+    page2.on('pageerror', (e) => { throw e; });
+    await page2.goto(small.url + '/logs.html');
+    await eventually('the second page connects', () => page2.evaluate(() => window.logViewer.connected));
+    await eventually('the second page loaded its first page', () => page2.evaluate(() => window.logViewer.backfills > 0));
+    // The page is busy for a while (its socket is then not read: Chromium stops reading
+    // when the page does not take what came) while a burst larger than the socket buffers
+    // arrives.
+    const busy = page2.evaluate(() => { const until = Date.now() + 2500; while (Date.now() < until); });
+    const burst = [];
+    for (let i = 0; i < 12; i++) {
+      const body = [];
+      for (let j = 0; j < 9; j++) {
+        // 100 KB each, as msg only (entry() repeats it in text): 900 KB a post.
+        body.push({ timestamp: Date.now(), level: 'Info', user: 'B', room: 'r', msg: `burst ${i}-${j} ` + 'q'.repeat(100000) });
+        burst.push(`burst ${i}-${j}`);
+      }
+      await post(small.url, body);
+    }
+    await busy;
+    await post(small.url, entry('B', 'r', 'Info', 'after burst'));
+    const burstMsgs = () => page2.evaluate(() =>
+      window.logViewer.allMessages().filter((m) => /^(burst|after burst)/.test(m)).map((m) => m.split(' q')[0]));
+    await eventually('every burst entry in the page', async () => (await burstMsgs()).length === burst.length + 1, 20000);
+    assert.deepEqual(await burstMsgs(), [...burst, 'after burst']);
+    missed = await page2.evaluate(() => window.logViewer.missedNotices());
+    assert.ok(missed > 0, 'the page was told it missed entries');
+    await page2.close();
+  } finally {
+    await small.stop();
+  }
+
   console.log(JSON.stringify({
-    reconnectMs, loadMs, rowsInDom, filterMs: Math.round(filterMs), clearFilterMs: Math.round(clearMs),
+    reconnectMs, loadMs, missedInBurst: missed, rowsInDom, filterMs: Math.round(filterMs), clearFilterMs: Math.round(clearMs),
     scrollMs: Math.round(scrollMs), heapMb: Math.round(heapMb),
   }));
 } finally {
