@@ -827,3 +827,117 @@ async fn a_takeover_while_the_queue_is_delivered_repeats_nothing() {
     );
     assert_eq!(all.last(), Some(&499), "the queue was delivered to its end");
 }
+
+impl Peer {
+    /// The next text message if one comes within `ms`.
+    async fn next_within(&mut self, ms: u64) -> Option<String> {
+        let wait = std::time::Duration::from_millis(ms);
+        loop {
+            match tokio::time::timeout(wait, self.0.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => return Some(t.to_string()),
+                Ok(Some(Ok(Message::Close(c)))) => panic!("closed: {c:?}"),
+                Ok(Some(Ok(_))) => continue,
+                Ok(other) => panic!("socket ended: {other:?}"),
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_taken_over_connection_that_does_not_read_does_not_hold_up_the_new_one() {
+    let server = common::start(Settings {
+        messages_queue_limit: Some(10_000),
+        messages_per_second: Some(100_000),
+        message_burst: Some(100_000),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    known_offline(addr, "B").await;
+    let mut a = Peer::login(addr, "A").await;
+    let frames = big_frames(600);
+    for f in &frames {
+        a.text(f).await;
+        assert!(a.error().await.ends_with(OFFLINE));
+    }
+    // A connection of B's that reads nothing gets what its socket takes, then is stuck.
+    let stuck = Peer::login_slow_reader(addr, "B").await;
+    let drained = r#"supersynk_direct_messages_total{kind="drained"}"#;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut last = -1.0;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let now = metric(addr, drained).await;
+        if now > 0.0 && now == last {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stuck B never got stuck"
+        );
+        last = now;
+    }
+    assert!(
+        last < frames.len() as f64,
+        "its socket took the whole queue"
+    );
+    // A new login takes over at once, and gets the queue from where the stuck one was.
+    let mut b = Peer::login(addr, "B").await;
+    let first = b.next().await;
+    let from = frames
+        .iter()
+        .position(|f| *f == first)
+        .expect("a queued frame");
+    for f in &frames[from + 1..] {
+        assert_eq!(&b.next().await, f);
+    }
+    drop(stuck);
+}
+
+#[tokio::test]
+async fn in_a_cluster_a_redis_outage_does_not_reorder_a_sender_s_messages() {
+    use common::cluster::{Redis, free_port};
+    let port = free_port();
+    let redis = Redis::start(port);
+    let (url, pg, schema) = postgres_schema().await;
+    let settings = || Settings {
+        redis_url: Some(redis.url()),
+        database_url: Some(url.clone()),
+        ..Settings::default()
+    };
+    let one = common::start(settings()).await;
+    let two = common::start(settings()).await;
+    let redis_url = redis.url();
+    nodes_listening(&redis_url, "supersynk:", 2).await;
+    let mut a = Peer::login(one.local_addr, "A").await;
+    let mut b = Peer::login(two.local_addr, "B").await;
+    online(one.local_addr, 1.0).await;
+    online(two.local_addr, 1.0).await;
+
+    // Redis goes for long enough that the nodes come back at different times; A sends
+    // at once, one message at a time: some are queued (node two not listening yet), the
+    // rest delivered.
+    drop(redis);
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let _redis = Redis::start(port);
+    let mut sent = Vec::new();
+    for i in 0..30 {
+        sent.push(a.msg("A", "B", &i.to_string()).await);
+        if let Some(answer) = a.next_within(200).await {
+            assert!(answer.contains("connection to B closed"), "{answer}");
+        }
+    }
+    // B gets them all, in the order A sent them.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    let mut got = Vec::new();
+    while got.len() < sent.len() && tokio::time::Instant::now() < deadline {
+        if let Some(m) = b.next_within(500).await {
+            got.push(m);
+        }
+    }
+    assert_eq!(got, sent);
+    pg.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}

@@ -131,8 +131,8 @@ struct Shared {
     state: Mutex<State>,
     /// Wakes the writer when something is queued or the connection closes.
     writer_wake: Notify,
-    /// Wakes the reader when the connection closes from the writer's side (slow consumer,
-    /// broken socket).
+    /// Wakes [`Outbound::closed`] waiters (the reader, and any task of the front-end that
+    /// works for the connection) when the connection starts closing.
     reader_wake: Notify,
     /// Wakes [`Outbound::flushed`] waiters when the queue is written out or the writer is gone.
     flush_wake: Notify,
@@ -174,7 +174,7 @@ impl Outbound {
             state.close = Some(SLOW_CONSUMER);
             drop(state);
             self.0.writer_wake.notify_one();
-            self.0.reader_wake.notify_one();
+            self.wake_closed();
             return Err(SendError::SlowConsumer);
         }
         state.bytes += len;
@@ -198,6 +198,12 @@ impl Outbound {
         }
         drop(state);
         self.0.writer_wake.notify_one();
+        self.wake_closed();
+    }
+
+    /// Wakes every [`Outbound::closed`] waiter, and the next one if none waits yet.
+    fn wake_closed(&self) {
+        self.0.reader_wake.notify_waiters();
         self.0.reader_wake.notify_one();
     }
 
@@ -206,7 +212,8 @@ impl Outbound {
         self.state().close.clone()
     }
 
-    /// Resolves once the connection is closing (for the reader's `select!`).
+    /// Resolves once the connection is closing (for the reader's `select!`, and any other
+    /// task waiting on the connection: every waiter is woken).
     pub async fn closed(&self) {
         loop {
             let notified = self.0.reader_wake.notified();
@@ -278,7 +285,7 @@ impl Outbound {
             state.close = Some(why);
         }
         drop(state);
-        self.0.reader_wake.notify_one();
+        self.wake_closed();
         self.0.flush_wake.notify_waiters();
     }
 
@@ -319,6 +326,28 @@ mod tests {
         assert_eq!(out.next_batch(&mut batch).await, Some(SLOW_CONSUMER));
         assert!(batch.is_empty());
         out.closed().await;
+    }
+
+    #[tokio::test]
+    async fn every_task_waiting_for_the_close_is_woken() {
+        let out = Outbound::new(100);
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let out = out.clone();
+                tokio::spawn(async move { out.closed().await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        out.close(Close {
+            code: 1000,
+            reason: "bye",
+        });
+        for w in waiters {
+            tokio::time::timeout(std::time::Duration::from_secs(5), w)
+                .await
+                .expect("woken")
+                .unwrap();
+        }
     }
 
     #[tokio::test]

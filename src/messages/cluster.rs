@@ -384,6 +384,9 @@ pub async fn run(app: App) {
                                 let _ = tx.send(delivery);
                             }
                         }
+                        // A poke marks the peer's queue as first before the frames after
+                        // it (the sender's next message) are handled.
+                        Some(Frame::Poke { to }) => app.messages.drain_if_online(to).await,
                         Some(_) => {
                             app.tracker.spawn(on_frame(app.clone(), payload));
                         }
@@ -422,7 +425,7 @@ async fn on_frame(app: App, payload: String) {
             }
         }
         Frame::Answer { .. } => {}
-        Frame::Poke { to } => m.drain_if_online(to).await,
+        Frame::Poke { .. } => {}
         Frame::TakenOver { to } => m.taken_over(to).await,
     }
 }

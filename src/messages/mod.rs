@@ -331,18 +331,20 @@ impl Messages {
             }
             batch
         };
-        match tokio::time::timeout(DRAIN_WRITE_TIMEOUT, out.flushed()).await {
-            Ok(true) => {}
-            // Not known to be written: the batch stays queued for the next login.
-            Ok(false) => return Round::Stop,
-            Err(_) => {
-                debug!(
-                    conn = conn.0,
-                    name, "queued messages not read: slow consumer"
-                );
+        // Not known to be written (the connection closes first, or its client stopped
+        // reading): the batch stays queued for the next login, which may repeat some of it.
+        let written = tokio::select! {
+            biased;
+            w = out.flushed() => w,
+            _ = out.closed() => false,
+            _ = tokio::time::sleep(DRAIN_WRITE_TIMEOUT) => {
+                debug!(conn = conn.0, name, "queued messages not read: slow consumer");
                 out.close(SLOW_CONSUMER);
-                return Round::Stop;
+                false
             }
+        };
+        if !written {
+            return Round::Stop;
         }
         let n = batch.len() as u64;
         let ids: Vec<_> = batch.into_iter().map(|q| q.id).collect();
@@ -509,10 +511,14 @@ impl Messages {
     }
 
     /// Cluster mode, after (re)connecting to Redis: every peer online here is written back.
+    /// Messages for them may have been queued meanwhile by nodes that found no listener
+    /// here, so each one's new messages go behind its queue (this runs before any frame of
+    /// the new subscription is handled).
     async fn reclaim_all(&self, relay: &cluster::Relay) {
         for name in self.peers.names() {
             if self.peers.lock(&name).await.online.is_some() {
                 relay.reclaim(&name).await;
+                self.drain_if_online(&name).await;
             }
         }
     }

@@ -40,7 +40,9 @@ impl RedisQueue {
         let client = redis::Client::open(config.redis_url.as_str())?;
         let settings = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)));
+            // Long: a command that timed out may still be carried out, and the sender would
+            // be told "not stored" for a message that is.
+            .set_response_timeout(Some(Duration::from_secs(10)));
         let mut cmd = ConnectionManager::new_with_config(client, settings).await?;
         // CONFIG may be disabled (managed Redis): then nothing is known, and nothing said.
         let persistence: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")

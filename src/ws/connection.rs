@@ -205,7 +205,9 @@ impl Connection {
     /// after twice that with no frame at all (a pong counts). For clients that may only
     /// listen, so a live one is never taken for idle and a dead one is noticed within
     /// `2 x every`, whatever the idle timeout.
+    /// `every` is at most half the idle timeout, so a client that answers is never idle.
     pub fn keepalive(&mut self, every: Duration) {
+        let every = every.min(self.ctx.settings.idle_timeout / 2);
         let mut tick = tokio::time::interval_at(Instant::now() + every / 2, every / 2);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         self.keepalive = Some(Keepalive { tick, every });

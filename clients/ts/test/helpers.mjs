@@ -66,24 +66,33 @@ export async function startProxy(upstream, { dropRate = 0, maxDelayMs = 0, cutEv
   const pairs = new Set();
   let dropAll = false;
   const pipe = (from, to, toOpen) => {
+    // One FIFO per direction, released by one timer: frames are delayed, never reordered
+    // (a WebSocket never reorders; drops and cuts are what the client must survive).
     let releaseAt = 0;
+    const queue = [];
+    let timer = null;
+    const send = ({ data, isBinary }) => {
+      toOpen.then(() => {
+        if (to.readyState === WebSocket.OPEN) {
+          stats.forwarded++;
+          to.send(data, { binary: isBinary });
+        }
+      });
+    };
+    const pump = () => {
+      timer = null;
+      const now = Date.now();
+      while (queue.length && queue[0].at <= now) send(queue.shift());
+      if (queue.length) timer = setTimeout(pump, queue[0].at - now);
+    };
     from.on("message", (data, isBinary) => {
       if (dropAll || Math.random() < dropRate) {
         stats.dropped++;
         return;
       }
       releaseAt = Math.max(releaseAt, Date.now() + Math.random() * maxDelayMs);
-      const at = releaseAt;
-      const deliver = () => {
-        toOpen.then(() => {
-          if (to.readyState === WebSocket.OPEN) {
-            stats.forwarded++;
-            to.send(data, { binary: isBinary });
-          }
-        });
-      };
-      // Same-time releases keep their order: timers of equal delay fire in order.
-      setTimeout(deliver, Math.max(0, at - Date.now()));
+      queue.push({ at: releaseAt, data, isBinary });
+      if (!timer) timer = setTimeout(pump, Math.max(0, releaseAt - Date.now()));
     });
   };
   wss.on("connection", (client) => {
