@@ -331,12 +331,13 @@ impl Messages {
             }
             batch
         };
-        // Not known to be written (the connection closes first, or its client stopped
-        // reading): the batch stays queued for the next login, which may repeat some of it.
+        // A closing connection still writes what it has queued (a takeover's old connection
+        // gets its batch, then the close), so only the writer knows. Not known to be written
+        // (the socket went first, within the close timeout, or its client stopped reading):
+        // the batch stays queued for the next login, which may repeat some of it.
         let written = tokio::select! {
             biased;
             w = out.flushed() => w,
-            _ = out.closed() => false,
             _ = tokio::time::sleep(DRAIN_WRITE_TIMEOUT) => {
                 debug!(conn = conn.0, name, "queued messages not read: slow consumer");
                 out.close(SLOW_CONSUMER);

@@ -337,6 +337,8 @@ impl Connection {
             .is_err()
         {
             writer.abort();
+            // What it had not written never will be: waiters on `flushed` learn it now.
+            outbound.writer_gone(codes::GONE);
         } else if !matches!(outbound.closing(), Some(codes::GONE | codes::PEER_CLOSED)) {
             // We sent the close: the handshake ends with the peer's answer (RFC 6455 7.1.1),
             // so the socket is not reset under data still in flight. Anything else the peer
