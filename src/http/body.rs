@@ -183,9 +183,9 @@ mod tests {
     #[tokio::test]
     async fn collects_frames_into_one_buffer_within_the_limit() {
         let mut b = frames(&[b"{\"a\"", b":", b"1}"]);
-        assert_eq!(collect(&mut b, 6).await.unwrap(), &b"{\"a\":1}"[..]);
+        assert_eq!(collect(&mut b, 7).await.unwrap(), &b"{\"a\":1}"[..]);
         let mut b = frames(&[b"{\"a\"", b":", b"1}"]);
-        assert_eq!(collect(&mut b, 5).await, Err(BodyError::TooLarge(5)));
+        assert_eq!(collect(&mut b, 6).await, Err(BodyError::TooLarge(6)));
         let mut b = frames(&[]);
         assert!(collect(&mut b, 0).await.unwrap().is_empty());
     }
