@@ -11,7 +11,7 @@
 //!
 //! After a 413 the server answers at once and closes the connection, but first reads and
 //! discards what the client still sends, for at most the body deadline and
-//! [`LINGER_BYTES`] (nginx's lingering close): most HTTP clients write their whole body
+//! [`LINGER_BYTES`], until it pauses for [`LINGER_IDLE`] (nginx's lingering close): most HTTP clients write their whole body
 //! before they read, and closing on unread bytes resets the connection, which they report
 //! as a broken pipe instead of the 413. A client that sent `Expect: 100-continue` has sent
 //! nothing yet and is not waited for.
@@ -29,6 +29,8 @@ use crate::metrics::Metrics;
 
 /// Most bytes read and discarded after a 413 before the connection is closed anyway.
 pub const LINGER_BYTES: u64 = 64 << 20;
+/// After a 413, the connection is closed once the client has sent nothing for this long.
+pub const LINGER_IDLE: Duration = Duration::from_secs(2);
 
 /// What one endpoint accepts.
 #[derive(Debug, Clone, Copy)]
@@ -145,13 +147,13 @@ where
     Ok(Bytes::from(buf))
 }
 
-/// Reads and discards what is left of a refused body, within `deadline` and
-/// [`LINGER_BYTES`], so that the client, which may still be writing it, gets to read the
-/// answer; then drops it, and hyper closes the connection.
+/// Reads and discards what is left of a refused body, within `deadline`, [`LINGER_BYTES`]
+/// and [`LINGER_IDLE`], so that the client, which may still be writing it, gets to read
+/// the answer; then drops it, and hyper closes the connection.
 async fn linger(mut body: axum::body::Body, deadline: Duration) {
     let drain = async {
         let mut read = 0u64;
-        while let Some(Ok(frame)) = body.frame().await {
+        while let Ok(Some(Ok(frame))) = tokio::time::timeout(LINGER_IDLE, body.frame()).await {
             read += frame.data_ref().map_or(0, |d| d.len() as u64);
             if read > LINGER_BYTES {
                 break;
