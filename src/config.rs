@@ -78,11 +78,12 @@ pub struct Settings {
     /// Log format [default: text]
     #[arg(long, env = "SUPERSYNK_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
-    /// WebSocket connections the server holds at most [default: 100000]
+    /// WebSocket connections the server holds at most; a warning at start says when the file
+    /// descriptor limit (raised to its hard limit) allows fewer [default: 100000]
     #[arg(long, env = "SUPERSYNK_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
-    /// WebSocket connections per client address (loopback and trusted proxies exempt)
-    /// [default: 200]
+    /// WebSocket connections per client address, and connections not upgraded (plain HTTP,
+    /// idle) per peer address (127.0.0.1, ::1 and trusted proxies exempt) [default: 200]
     #[arg(long, env = "SUPERSYNK_MAX_CONNECTIONS_PER_IP")]
     pub max_connections_per_ip: Option<usize>,
     /// Messages (and pings) a connection may send per second, sustained [default: 200]
@@ -105,8 +106,8 @@ pub struct Settings {
     /// 408 and the connection is closed [default: 15000]
     #[arg(long, env = "SUPERSYNK_HTTP_BODY_TIMEOUT_MS")]
     pub http_body_timeout_ms: Option<u64>,
-    /// HTTP requests per second per client address (loopback and trusted proxies exempt)
-    /// [default: 50]
+    /// HTTP requests per second per client address (127.0.0.1, ::1 and trusted proxies
+    /// exempt) [default: 50]
     #[arg(long, env = "SUPERSYNK_HTTP_REQUESTS_PER_SECOND")]
     pub http_requests_per_second: Option<u32>,
     /// Proxies whose X-Forwarded-For is believed, as addresses or CIDR ranges, comma-separated
@@ -228,8 +229,8 @@ pub struct Settings {
     /// Log store: keep at most this many entries (the newest); 0 for no limit [default: 0]
     #[arg(long, env = "SUPERSYNK_LOGS_RETENTION_ROWS")]
     pub logs_retention_rows: Option<u64>,
-    /// POST /logs/add requests per second per client address, burst twice that (loopback
-    /// and trusted proxies exempt) [default: 20]
+    /// POST /logs/add requests per second per client address, burst twice that (127.0.0.1,
+    /// ::1 and trusted proxies exempt) [default: 20]
     #[arg(long, env = "SUPERSYNK_LOGS_PER_SECOND")]
     pub logs_per_second: Option<u32>,
     /// Bytes a log listener's socket may hold; past it, entries count as missed and the

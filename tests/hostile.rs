@@ -201,9 +201,8 @@ async fn oversized_bodies_are_refused_at_once_on_every_endpoint() {
         assert!(closes(&mut tcp, WAIT).await, "{path}: not closed");
         // Chunked: refused as soon as the bytes received pass the limit.
         let mut tcp = TcpStream::connect(addr).await.unwrap();
-        let chunked = format!(
-            "POST {path} HTTP/1.1\r\nHost: x\r\n{extra}Transfer-Encoding: chunked\r\n\r\n"
-        );
+        let chunked =
+            format!("POST {path} HTTP/1.1\r\nHost: x\r\n{extra}Transfer-Encoding: chunked\r\n\r\n");
         tcp.write_all(chunked.as_bytes()).await.unwrap();
         let chunk = format!("10000\r\n{}\r\n", "x".repeat(0x10000));
         let mut answer = String::new();
@@ -334,9 +333,9 @@ async fn one_address_with_many_idle_sockets_cannot_stop_the_others() {
     );
     let warned = early.iter().any(|v| {
         v["level"] == "WARN"
-            && v["fields"]["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("--max-connections is more than the file descriptors allow"))
+            && v["fields"]["message"].as_str().is_some_and(|m| {
+                m.contains("--max-connections is more than the file descriptors allow")
+            })
     });
     assert!(warned, "{early:?}");
 
@@ -350,11 +349,16 @@ async fn one_address_with_many_idle_sockets_cannot_stop_the_others() {
     let refused = "supersynk_errors_total{kind=\"limit_http_connections_per_ip\"}";
     let deadline = tokio::time::Instant::now() + WAIT;
     while metric(addr, refused).await < 660.0 {
-        assert!(tokio::time::Instant::now() < deadline, "refusals not counted");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "refusals not counted"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The server holds 40 of them, not 700: far from its 512 descriptors.
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
     assert!(fds < 128, "{fds} descriptors open");
     // Everyone else is served: plugins from 127.0.0.1, HTTP from another address.
     let (mut leader, mut follower) = pair(addr, "calm").await;
@@ -428,13 +432,22 @@ async fn trusted_proxies_take_addresses_and_ranges_in_every_form() {
     let nets: Vec<String> = c.trusted_proxies.iter().map(|n| n.to_string()).collect();
     assert_eq!(nets, ["127.0.0.1/32", "::1/128", "10.0.0.0/8"]);
     let refused = parse(&["s", "--trusted-proxies", "proxy.local"]).unwrap_err();
-    assert!(refused.to_string().contains("neither an IP address nor a CIDR range"));
+    assert!(
+        refused
+            .to_string()
+            .contains("neither an IP address nor a CIDR range")
+    );
     for file in [
         r#"trusted-proxies = ["127.0.0.1", "10.0.0.0/8"]"#,
         r#"trusted-proxies = "127.0.0.1, 10.0.0.0/8""#,
     ] {
         let s: Settings = toml::from_str(file).unwrap();
-        let nets: Vec<String> = s.trusted_proxies.unwrap().iter().map(|n| n.to_string()).collect();
+        let nets: Vec<String> = s
+            .trusted_proxies
+            .unwrap()
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
         assert_eq!(nets, ["127.0.0.1/32", "10.0.0.0/8"], "{file}");
     }
     assert!(toml::from_str::<Settings>(r#"trusted-proxies = ["nope"]"#).is_err());
@@ -462,7 +475,10 @@ async fn empty_secrets_refuse_to_start_naming_the_setting() {
             .envs(env.iter().copied())
             .output()
             .unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let file = data_dir().join("supersynk.toml");
     std::fs::write(&file, "messages-secret = \"\"\n").unwrap();
@@ -471,11 +487,18 @@ async fn empty_secrets_refuse_to_start_naming_the_setting() {
         (vec!["--admin-token", ""], vec![], "--admin-token"),
         (vec![], vec![("SUPERSYNK_LOGS_TOKEN", "")], "--logs-token"),
         (vec!["--config", file], vec![], "--messages-secret"),
-        (vec!["--leader-token-secret", " "], vec![], "--leader-token-secret"),
+        (
+            vec!["--leader-token-secret", " "],
+            vec![],
+            "--leader-token-secret",
+        ),
     ] {
         let (ok, stderr) = run(&args, &env);
         assert!(!ok, "{flag}: started");
-        assert!(stderr.contains(&format!("{flag} is empty")), "{flag}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{flag} is empty")),
+            "{flag}: {stderr}"
+        );
     }
 }
 
@@ -502,7 +525,11 @@ async fn handshake_and_request_rules() {
     assert_eq!(status_of(&answer), 400, "{answer}");
     assert!(answer.contains("requires HTTP/1.1"), "{answer}");
     // A key that is not 16 bytes of base64: 400.
-    for key in ["AAAAAAAAAAAAAAAAAAAAAAAA", "c2hvcnQ=", "!!!!!!!!!!!!!!!!!!!!!!=="] {
+    for key in [
+        "AAAAAAAAAAAAAAAAAAAAAAAA",
+        "c2hvcnQ=",
+        "!!!!!!!!!!!!!!!!!!!!!!==",
+    ] {
         let answer = raw(upgrade("1.1", key)).await;
         assert_eq!(status_of(&answer), 400, "{key}: {answer}");
         assert!(answer.contains("Sec-WebSocket-Key"), "{answer}");
@@ -519,16 +546,25 @@ async fn handshake_and_request_rules() {
     for scheme in ["Bearer", "bearer", "BEARER"] {
         let auth = format!("{scheme} t0ken");
         let h = [("Authorization", auth.as_str())];
-        assert_eq!(http_with(addr, "GET", "/admin/sessions", &h, "").await.0, 200);
+        assert_eq!(
+            http_with(addr, "GET", "/admin/sessions", &h, "").await.0,
+            200
+        );
     }
     let h = [("Authorization", "bearer wrong")];
-    assert_eq!(http_with(addr, "GET", "/admin/sessions", &h, "").await.0, 401);
+    assert_eq!(
+        http_with(addr, "GET", "/admin/sessions", &h, "").await.0,
+        401
+    );
     // Every HTML page carries its security headers.
     for page in ["/", "/logs.html", "/messages.html"] {
         let (status, head, _) = http(addr, "GET", page, "").await;
         let head = head.to_ascii_lowercase();
         assert_eq!(status, 200, "{page}");
-        assert!(head.contains("content-security-policy: default-src 'none'"), "{page}: {head}");
+        assert!(
+            head.contains("content-security-policy: default-src 'none'"),
+            "{page}: {head}"
+        );
         assert!(head.contains("frame-ancestors 'none'"), "{page}");
         assert!(head.contains("x-frame-options: deny"), "{page}");
         assert!(head.contains("referrer-policy: no-referrer"), "{page}");

@@ -228,7 +228,7 @@ struct Posted<'a> {
 }
 
 /// The `client_id` of a posted body, or the 400 text.
-fn client_id(body: &[u8]) -> Result<String, &'static str> {
+pub(crate) fn client_id(body: &[u8]) -> Result<String, &'static str> {
     let text = std::str::from_utf8(body).map_err(|_| "body is not valid JSON (not UTF-8)")?;
     if serde_json::from_str::<serde::de::IgnoredAny>(text).is_err() {
         return Err("body is not valid JSON");

@@ -164,6 +164,34 @@ async fn linger(mut body: axum::body::Body, deadline: Duration) {
     let _ = tokio::time::timeout(deadline, drain).await;
 }
 
+/// For the fuzz target and its regressions: `body` collected within `limit` as one
+/// declared-length frame and as a chunked body cut into `cut`-byte frames gives the same
+/// answer, the body itself when it fits and [`BodyError::TooLarge`] when it does not; then
+/// every endpoint's parser takes what was collected or refuses it, never panics.
+#[doc(hidden)]
+pub fn check_for_fuzzing(body: &[u8], cut: usize, limit: usize) {
+    use http_body_util::{Full, StreamBody};
+    use hyper::body::Frame;
+    let whole =
+        futures::executor::block_on(collect(&mut Full::new(Bytes::copy_from_slice(body)), limit));
+    let frames: Vec<Result<_, std::convert::Infallible>> = body
+        .chunks(cut.max(1))
+        .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+        .collect();
+    let mut chunked = StreamBody::new(futures::stream::iter(frames));
+    let pieces = futures::executor::block_on(collect(&mut chunked, limit));
+    assert_eq!(whole, pieces);
+    match whole {
+        Ok(got) => {
+            assert_eq!(&got[..], body);
+            let _ = crate::channels::client_id(&got);
+            let _ = crate::logs::entry::parse_body(&got);
+            crate::hunterpie::admin::parse_for_fuzzing(&got);
+        }
+        Err(e) => assert!(e == BodyError::TooLarge(limit) && body.len() > limit),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
