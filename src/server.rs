@@ -448,12 +448,12 @@ where
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         req.extensions_mut()
             .insert(axum::extract::ConnectInfo(peer));
-        let checked = crate::http::check_request(&req);
+        let refused = crate::http::refusal(&req);
         let router = router.clone();
         async move {
-            match checked {
-                Ok(()) => router.oneshot(req.map(Body::new)).await,
-                Err(refused) => Ok(refused),
+            match refused {
+                None => router.oneshot(req.map(Body::new)).await,
+                Some(refused) => Ok(refused),
             }
         }
     });

@@ -425,7 +425,7 @@ async fn forwarded_for_entries_that_do_not_parse_are_one_untrusted_client() {
 
 #[tokio::test]
 async fn trusted_proxies_take_addresses_and_ranges_in_every_form() {
-    let parse = |args: &[&str]| Settings::try_parse_from(args).map(|s| Config::resolve(s));
+    let parse = |args: &[&str]| Settings::try_parse_from(args).map(Config::resolve);
     let c = parse(&["s", "--trusted-proxies", "127.0.0.1, ::1,10.0.0.0/8"])
         .unwrap()
         .unwrap();

@@ -200,9 +200,7 @@ mod tests {
 
     fn frames(
         parts: &[&'static [u8]],
-    ) -> StreamBody<
-        futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, std::convert::Infallible>>>,
-    > {
+    ) -> impl hyper::body::Body<Data = Bytes, Error = std::convert::Infallible> + Unpin {
         let v: Vec<_> = parts
             .iter()
             .map(|p| Ok(Frame::data(Bytes::from_static(p))))

@@ -18,9 +18,9 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .map(|(_, token)| token.trim())
 }
 
-/// Refuses what no route should see: an HTTP/1.1 request without exactly one `Host` header
-/// (RFC 9112 section 3.2: 400). HTTP/1.0 requests may go without one.
-pub fn check_request<B>(req: &Request<B>) -> Result<(), Response> {
+/// The refusal of what no route should see: an HTTP/1.1 request without exactly one `Host`
+/// header (RFC 9112 section 3.2: 400). HTTP/1.0 requests may go without one.
+pub fn refusal<B>(req: &Request<B>) -> Option<Response> {
     let hosts = req.headers().get_all(header::HOST).iter().count();
     if req.version() >= Version::HTTP_11 && hosts != 1 {
         let text = if hosts == 0 {
@@ -31,9 +31,9 @@ pub fn check_request<B>(req: &Request<B>) -> Result<(), Response> {
         let mut res = (StatusCode::BAD_REQUEST, text).into_response();
         res.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return Err(res);
+        return Some(res);
     }
-    Ok(())
+    None
 }
 
 #[cfg(test)]
@@ -61,10 +61,10 @@ mod tests {
             }
             b.body(()).unwrap()
         };
-        assert!(check_request(&req(Version::HTTP_11, &["x"])).is_ok());
-        assert!(check_request(&req(Version::HTTP_10, &[])).is_ok());
-        let refused = check_request(&req(Version::HTTP_11, &[])).unwrap_err();
+        assert!(refusal(&req(Version::HTTP_11, &["x"])).is_none());
+        assert!(refusal(&req(Version::HTTP_10, &[])).is_none());
+        let refused = refusal(&req(Version::HTTP_11, &[])).unwrap();
         assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
-        assert!(check_request(&req(Version::HTTP_11, &["a", "b"])).is_err());
+        assert!(refusal(&req(Version::HTTP_11, &["a", "b"])).is_some());
     }
 }
