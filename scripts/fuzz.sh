@@ -15,7 +15,7 @@ export RUSTC_BOOTSTRAP=1
 profile=--dev
 [[ -z ${FUZZ_RELEASE:-} ]] || profile=--release
 status=0
-for target in message inflate frames frontends; do
+for target in message inflate frames frontends bodies; do
   mkdir -p "fuzz/corpus/$target"
   cp -n fuzz/regressions/$target/* "fuzz/corpus/$target/" 2>/dev/null || true
   if ! cargo fuzz run $profile "$target" "fuzz/corpus/$target" -- -max_total_time="$seconds" -rss_limit_mb=2048 \

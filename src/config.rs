@@ -78,11 +78,12 @@ pub struct Settings {
     /// Log format [default: text]
     #[arg(long, env = "SUPERSYNK_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
-    /// WebSocket connections the server holds at most [default: 100000]
+    /// WebSocket connections the server holds at most; a warning at start says when the file
+    /// descriptor limit (raised to its hard limit) allows fewer [default: 100000]
     #[arg(long, env = "SUPERSYNK_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
-    /// WebSocket connections per client address (loopback and trusted proxies exempt)
-    /// [default: 200]
+    /// WebSocket connections per client address, and connections not upgraded (plain HTTP,
+    /// idle) per peer address (127.0.0.1, ::1 and trusted proxies exempt) [default: 200]
     #[arg(long, env = "SUPERSYNK_MAX_CONNECTIONS_PER_IP")]
     pub max_connections_per_ip: Option<usize>,
     /// Messages (and pings) a connection may send per second, sustained [default: 200]
@@ -101,13 +102,18 @@ pub struct Settings {
     /// Largest HTTP request body, in bytes [default: 1048576]
     #[arg(long, env = "SUPERSYNK_MAX_HTTP_BODY_BYTES")]
     pub max_http_body_bytes: Option<usize>,
-    /// HTTP requests per second per client address (loopback and trusted proxies exempt)
-    /// [default: 50]
+    /// An HTTP request body must arrive whole within this long, in ms, or the request gets
+    /// 408 and the connection is closed [default: 15000]
+    #[arg(long, env = "SUPERSYNK_HTTP_BODY_TIMEOUT_MS")]
+    pub http_body_timeout_ms: Option<u64>,
+    /// HTTP requests per second per client address (127.0.0.1, ::1 and trusted proxies
+    /// exempt) [default: 50]
     #[arg(long, env = "SUPERSYNK_HTTP_REQUESTS_PER_SECOND")]
     pub http_requests_per_second: Option<u32>,
     /// Proxies whose X-Forwarded-For is believed, as addresses or CIDR ranges, comma-separated
-    /// [default: none]
-    #[arg(long, env = "SUPERSYNK_TRUSTED_PROXIES", value_delimiter = ',')]
+    /// (in the file also an array) [default: none]
+    #[arg(long, env = "SUPERSYNK_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_proxy)]
+    #[serde(deserialize_with = "proxies_from_file")]
     pub trusted_proxies: Option<Vec<ipnet::IpNet>>,
     /// Origins allowed to open WebSockets from a browser, comma-separated; requests without
     /// an Origin (the plugin) are always allowed [default: any]
@@ -223,8 +229,8 @@ pub struct Settings {
     /// Log store: keep at most this many entries (the newest); 0 for no limit [default: 0]
     #[arg(long, env = "SUPERSYNK_LOGS_RETENTION_ROWS")]
     pub logs_retention_rows: Option<u64>,
-    /// POST /logs/add requests per second per client address, burst twice that (loopback
-    /// and trusted proxies exempt) [default: 20]
+    /// POST /logs/add requests per second per client address, burst twice that (127.0.0.1,
+    /// ::1 and trusted proxies exempt) [default: 20]
     #[arg(long, env = "SUPERSYNK_LOGS_PER_SECOND")]
     pub logs_per_second: Option<u32>,
     /// Bytes a log listener's socket may hold; past it, entries count as missed and the
@@ -244,7 +250,7 @@ pub struct Settings {
     #[arg(long, env = "SUPERSYNK_LOGS_STORE_QUEUE_BYTES")]
     pub logs_store_queue_bytes: Option<usize>,
     /// POST /logs/add: the whole body must arrive within this long, in ms, or the request
-    /// gets 408 and the connection is closed [default: 15000]
+    /// gets 408 and the connection is closed [default: --http-body-timeout-ms]
     #[arg(long, env = "SUPERSYNK_LOGS_BODY_TIMEOUT_MS")]
     pub logs_body_timeout_ms: Option<u64>,
     /// /logs/listen: ping a quiet listener after this long (at most half of
@@ -386,6 +392,9 @@ pub struct Limits {
     pub session_switches_per_minute: u32,
     pub max_session_members: usize,
     pub max_http_body_bytes: usize,
+    /// The deadline for reading a request body (every endpoint but `/logs/add`, which has
+    /// its own).
+    pub http_body_timeout: Duration,
     pub http_requests_per_second: u32,
 }
 
@@ -428,6 +437,7 @@ impl Settings {
             session_switches_per_minute,
             max_session_members,
             max_http_body_bytes,
+            http_body_timeout_ms,
             http_requests_per_second,
             trusted_proxies,
             allowed_origins,
@@ -491,6 +501,57 @@ impl Settings {
     }
 }
 
+/// A secret setting as given: an empty one is a mistake (it would turn authentication off
+/// without a word), so it refuses to start, naming the setting.
+fn secret(name: &str, value: Option<String>) -> Result<Option<String>, ConfigError> {
+    match value {
+        Some(v) if v.trim().is_empty() => {
+            let env = format!("SUPERSYNK_{}", name.to_uppercase().replace('-', "_"));
+            Err(ConfigError::Invalid(format!(
+                "--{name} is empty: set a value, or leave it unset (the flag, {env} and the \
+                 file key {name}) for none"
+            )))
+        }
+        v => Ok(v),
+    }
+}
+
+/// One trusted proxy: an address (`127.0.0.1`, `::1`) or a CIDR range (`10.0.0.0/8`).
+pub fn parse_proxy(s: &str) -> Result<ipnet::IpNet, String> {
+    let s = s.trim();
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{s:?} is neither an IP address nor a CIDR range"))
+}
+
+/// `trusted-proxies` in the file: an array of addresses and ranges, or one comma-separated
+/// string (the environment variable's form).
+fn proxies_from_file<'de, D>(d: D) -> Result<Option<Vec<ipnet::IpNet>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Given {
+        One(String),
+        Many(Vec<String>),
+    }
+    let items = match Given::deserialize(d)? {
+        Given::One(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
+        Given::Many(v) => v,
+    };
+    items
+        .iter()
+        .map(|s| parse_proxy(s).map_err(serde::de::Error::custom))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
 fn legacy<T: std::str::FromStr>(name: &'static str) -> Result<Option<T>, ConfigError> {
     match std::env::var(name) {
         Ok(v) => v
@@ -522,6 +583,7 @@ impl Config {
         let messages_per_second = s.messages_per_second.unwrap_or(200);
         let message_burst = s.message_burst.unwrap_or(400);
         let reliable_heartbeat_ms = s.reliable_heartbeat_ms.unwrap_or(15_000);
+        let http_body_timeout_ms = s.http_body_timeout_ms.unwrap_or(15_000);
         let config = Config {
             bind: s.bind.unwrap_or(IpAddr::from([0, 0, 0, 0])),
             port: s.port.unwrap_or(5001),
@@ -545,12 +607,13 @@ impl Config {
                 session_switches_per_minute: s.session_switches_per_minute.unwrap_or(30),
                 max_session_members: s.max_session_members.unwrap_or(256),
                 max_http_body_bytes: s.max_http_body_bytes.unwrap_or(1 << 20),
+                http_body_timeout: ms(http_body_timeout_ms),
                 http_requests_per_second: s.http_requests_per_second.unwrap_or(50),
             },
             trusted_proxies: s.trusted_proxies.unwrap_or_default(),
             allowed_origins: s.allowed_origins.unwrap_or_default(),
-            leader_token_secret: s.leader_token_secret.filter(|v| !v.is_empty()),
-            admin_token: s.admin_token.filter(|v| !v.is_empty()),
+            leader_token_secret: secret("leader-token-secret", s.leader_token_secret)?,
+            admin_token: secret("admin-token", s.admin_token)?,
             channel_timeout: ms(s.channel_timeout_ms.unwrap_or(1000)),
             channel_watch_interval: ms(s.channel_watch_interval_ms.unwrap_or(50)),
             max_channel_body_bytes: s.max_channel_body_bytes.unwrap_or(64 * 1024),
@@ -582,7 +645,7 @@ impl Config {
             },
             messages: MessagesConfig {
                 port: s.messages_port,
-                secret: s.messages_secret.filter(|v| !v.is_empty()),
+                secret: secret("messages-secret", s.messages_secret)?,
                 // The default never exceeds the WebSocket limit; a value given does (an error).
                 max_bytes: s
                     .messages_max_bytes
@@ -595,7 +658,7 @@ impl Config {
                 None => StoreConfig::Sqlite(s.data_dir.unwrap_or_else(|| "data".into())),
             },
             logs: LogsConfig {
-                token: s.logs_token.filter(|v| !v.is_empty()),
+                token: secret("logs-token", s.logs_token)?,
                 retention_days: Some(s.logs_retention_days.unwrap_or(30)).filter(|d| *d > 0),
                 retention_rows: s.logs_retention_rows.filter(|n| *n > 0),
                 per_second: s.logs_per_second.unwrap_or(20),
@@ -603,7 +666,7 @@ impl Config {
                 server_level: s.logs_server_level.unwrap_or_else(|| "info".into()),
                 store_queue_entries: s.logs_store_queue.unwrap_or(100_000),
                 store_queue_bytes: s.logs_store_queue_bytes.unwrap_or(64 << 20),
-                body_timeout: ms(s.logs_body_timeout_ms.unwrap_or(15_000)),
+                body_timeout: ms(s.logs_body_timeout_ms.unwrap_or(http_body_timeout_ms)),
                 ping_interval: ms(s.logs_ping_interval_ms.unwrap_or(20_000))
                     .min(ms(s.socket_timeout_ms.unwrap_or(300_000)) / 2),
             },
@@ -618,6 +681,11 @@ impl Config {
             },
         };
         let l = &config.limits;
+        if l.http_body_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "http-body-timeout-ms must be above 0".into(),
+            ));
+        }
         if l.messages_per_second == 0
             || l.message_burst == 0
             || l.session_switches_per_minute == 0

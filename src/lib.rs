@@ -17,8 +17,9 @@
 //!   core's [`core::link`] outbox.
 //! - [`store`]: the durable store's backends (SQLite in the data directory, PostgreSQL),
 //!   whose tables belong to the front-ends that keep data.
-//! - [`server`]: listener, routes, shared state and graceful shutdown; [`config`];
-//!   [`metrics`].
+//! - [`server`]: listener, routes, shared state and graceful shutdown; [`http`]: what
+//!   every HTTP endpoint shares (reading request bodies, the pages' headers, bearer tokens,
+//!   the checks before routing); [`limits`]; [`config`]; [`metrics`].
 #![forbid(unsafe_code)]
 
 pub mod channels;
@@ -27,6 +28,7 @@ pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod echo;
+pub mod http;
 pub mod hunterpie;
 pub mod limits;
 pub mod logs;

@@ -1,13 +1,16 @@
 //! Limits on what clients may do, shared by every front-end.
 //!
 //! Owns the client address (the peer, or the `X-Forwarded-For` client when the peer is a
-//! trusted proxy), the connection caps (total and per address), the per-address HTTP request
-//! rate, the Origin allowlist and the per-connection message rate. Knows nothing of any
-//! protocol: a refusal is an HTTP status and a text that names the limit. Per-address limits
-//! never apply to loopback or to trusted proxies, so local benchmarks and a local nginx work.
+//! trusted proxy), the connection caps (WebSocket connections in all and per address, and
+//! connections not upgraded, plain HTTP or idle, per peer address), the per-address HTTP
+//! request rate, the Origin allowlist, the per-connection message rate and the process's
+//! file descriptor limit. Knows nothing of any protocol: a refusal is an HTTP status and a
+//! text that names the limit. Per-address limits never apply to the local host's own
+//! addresses (127.0.0.1 and ::1) or to trusted proxies, so local benchmarks and a local nginx
+//! work.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,6 +29,8 @@ pub enum Refusal {
     ServerFull(usize),
     #[error("connection limit: at most {0} connections per address")]
     PerAddress(usize),
+    #[error("connection limit: at most {0} open HTTP connections per address")]
+    OpenPerAddress(usize),
     #[error("request rate limit: at most {0} requests per second per address")]
     HttpRate(u32),
     #[error("origin not allowed")]
@@ -37,7 +42,9 @@ impl Refusal {
     pub fn status(&self) -> StatusCode {
         match self {
             Refusal::ServerFull(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Refusal::PerAddress(_) | Refusal::HttpRate(_) => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::PerAddress(_) | Refusal::OpenPerAddress(_) | Refusal::HttpRate(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Refusal::Origin => StatusCode::FORBIDDEN,
         }
     }
@@ -47,6 +54,7 @@ impl Refusal {
         match self {
             Refusal::ServerFull(_) => "limit_max_connections",
             Refusal::PerAddress(_) => "limit_connections_per_ip",
+            Refusal::OpenPerAddress(_) => "limit_http_connections_per_ip",
             Refusal::HttpRate(_) => "limit_http_rate",
             Refusal::Origin => "origin_refused",
         }
@@ -62,9 +70,10 @@ pub struct Guard {
     origins: Vec<String>,
     /// WebSocket connections admitted and not yet gone.
     total: AtomicUsize,
-    /// Open WebSocket connections per (non-exempt) address. A `std` mutex held for one map
-    /// update; entries are removed when they reach zero.
-    per_address: Mutex<HashMap<IpAddr, usize>>,
+    /// Open WebSocket connections per (non-exempt) client address.
+    per_address: PerAddress,
+    /// Connections accepted and not (yet) upgraded per (non-exempt) peer address.
+    open_per_address: PerAddress,
     http_rate: u32,
     http: DefaultKeyedRateLimiter<IpAddr>,
     message_quota: Quota,
@@ -91,7 +100,8 @@ impl Guard {
                 .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
                 .collect(),
             total: AtomicUsize::new(0),
-            per_address: Mutex::new(HashMap::new()),
+            per_address: PerAddress::default(),
+            open_per_address: PerAddress::default(),
             http_rate: l.http_requests_per_second,
             http: RateLimiter::keyed(http_quota),
             message_quota: Quota::per_second(nonzero(l.messages_per_second))
@@ -107,28 +117,35 @@ impl Guard {
     }
 
     /// The client's address: the peer's, or, when the peer is a trusted proxy, the last
-    /// address in `X-Forwarded-For` that is not itself a trusted proxy.
+    /// address in `X-Forwarded-For` that is not itself a trusted proxy. An entry may carry a
+    /// port (`203.0.113.30:5555`, `[2001:db8::5]:443`) or brackets (`[2001:db8::5]`); an
+    /// entry that still does not parse (`unknown`, an obfuscated name) ends the search: it
+    /// is [`UNPARSED_CLIENT`], never the proxy.
     pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        let peer = peer.to_canonical();
         if !self.is_trusted(peer) {
             return peer;
         }
         let forwarded = headers
             .get_all("x-forwarded-for")
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|a| a.trim().parse::<IpAddr>().ok())
+            .flat_map(|v| v.to_str().unwrap_or("?").split(','))
             .collect::<Vec<_>>();
-        forwarded
-            .into_iter()
-            .rev()
-            .find(|ip| !self.is_trusted(*ip))
-            .unwrap_or(peer)
+        for entry in forwarded.into_iter().rev() {
+            match forwarded_ip(entry) {
+                Some(ip) if self.is_trusted(ip) => continue,
+                Some(ip) => return ip,
+                None => return UNPARSED_CLIENT,
+            }
+        }
+        peer
     }
 
-    /// Whether per-address limits skip this address.
+    /// Whether per-address limits skip this address: the local host's own (127.0.0.1, ::1)
+    /// and trusted proxies.
     pub fn is_exempt(&self, ip: IpAddr) -> bool {
-        ip.is_loopback() || ip.to_canonical().is_loopback() || self.is_trusted(ip)
+        let ip = ip.to_canonical();
+        ip == Ipv4Addr::LOCALHOST || ip == Ipv6Addr::LOCALHOST || self.is_trusted(ip)
     }
 
     /// Checks the `Origin` of a browser's request against the allowlist.
@@ -171,18 +188,35 @@ impl Guard {
             address: None,
         };
         if !self.is_exempt(ip) {
-            let mut per = self.per_address.lock().unwrap_or_else(|e| e.into_inner());
-            let count = per.entry(ip).or_insert(0);
-            if *count >= self.max_per_address {
-                drop(per);
+            if !self.per_address.try_add(ip, self.max_per_address) {
                 // Dropping the permit gives the total slot back.
                 drop(permit);
                 return Err(self.refused(Refusal::PerAddress(self.max_per_address)));
             }
-            *count += 1;
             permit.address = Some(ip);
         }
         Ok(permit)
+    }
+
+    /// Admits one accepted connection from `peer` until it is upgraded or closed: at most
+    /// `--max-connections-per-ip` of them per address, so that one address cannot take the
+    /// server's file descriptors with idle or slow connections. (An upgraded connection is
+    /// counted by [`Guard::admit`] instead, by client address.)
+    pub fn admit_open(self: &Arc<Self>, peer: IpAddr) -> Result<OpenPermit, Refusal> {
+        let peer = peer.to_canonical();
+        if self.is_exempt(peer) {
+            return Ok(OpenPermit {
+                guard: self.clone(),
+                address: None,
+            });
+        }
+        if !self.open_per_address.try_add(peer, self.max_per_address) {
+            return Err(self.refused(Refusal::OpenPerAddress(self.max_per_address)));
+        }
+        Ok(OpenPermit {
+            guard: self.clone(),
+            address: Some(peer),
+        })
     }
 
     /// A fresh message-rate limiter for one connection.
@@ -218,19 +252,106 @@ impl Drop for ConnectionPermit {
     fn drop(&mut self) {
         self.guard.total.fetch_sub(1, Ordering::AcqRel);
         if let Some(ip) = self.address {
-            let mut per = self
-                .guard
-                .per_address
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if let Some(n) = per.get_mut(&ip) {
-                *n -= 1;
-                if *n == 0 {
-                    per.remove(&ip);
-                }
+            self.guard.per_address.remove(ip);
+        }
+    }
+}
+
+/// One accepted connection that is not upgraded; releases its place when dropped.
+#[derive(Debug)]
+pub struct OpenPermit {
+    guard: Arc<Guard>,
+    address: Option<IpAddr>,
+}
+
+impl Drop for OpenPermit {
+    fn drop(&mut self) {
+        if let Some(ip) = self.address {
+            self.guard.open_per_address.remove(ip);
+        }
+    }
+}
+
+/// Connections per address. A `std` mutex held for one map update; entries are removed
+/// when they reach zero.
+#[derive(Debug, Default)]
+struct PerAddress(Mutex<HashMap<IpAddr, usize>>);
+
+impl PerAddress {
+    /// Counts one more for `ip` unless it has `max` already.
+    fn try_add(&self, ip: IpAddr, max: usize) -> bool {
+        let mut per = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = per.entry(ip).or_insert(0);
+        if *count >= max {
+            if *count == 0 {
+                per.remove(&ip);
+            }
+            return false;
+        }
+        *count += 1;
+        true
+    }
+
+    fn remove(&self, ip: IpAddr) {
+        let mut per = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = per.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&ip);
             }
         }
     }
+}
+
+/// The address every client counts as whose `X-Forwarded-For` entry does not parse: they
+/// share one untrusted client's limits.
+pub const UNPARSED_CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+
+/// One `X-Forwarded-For` entry's address: `a.b.c.d`, `a.b.c.d:port`, an IPv6 address, with
+/// brackets, with brackets and a port.
+fn forwarded_ip(entry: &str) -> Option<IpAddr> {
+    let e = entry.trim();
+    let ip = e
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| e.parse::<SocketAddr>().ok().map(|s| s.ip()))
+        .or_else(|| {
+            e.strip_prefix('[')?
+                .strip_suffix(']')?
+                .parse::<Ipv6Addr>()
+                .ok()
+                .map(IpAddr::V6)
+        })?;
+    Some(ip.to_canonical())
+}
+
+/// Raises the soft limit on open file descriptors to the hard limit (every connection
+/// holds one; the soft limit is often 1024) and warns when `max_connections` is more than
+/// the descriptors allow. Returns the limit in force, if it could be read.
+pub fn raise_descriptor_limit(max_connections: usize) -> Option<u64> {
+    /// Descriptors kept for everything but client connections (listeners, stores, Redis,
+    /// PostgreSQL, connections being accepted).
+    const RESERVED: u64 = 64;
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read or raise the file descriptor limit");
+            return None;
+        }
+    };
+    if max_connections as u64 + RESERVED > limit {
+        tracing::warn!(
+            max_connections,
+            descriptors = limit,
+            "--max-connections is more than the file descriptors allow (RLIMIT_NOFILE {limit}): \
+             connections past about {} will fail; raise the hard limit (ulimit -Hn, systemd \
+             LimitNOFILE=, docker run --ulimit nofile=) or lower --max-connections",
+            limit.saturating_sub(RESERVED)
+        );
+    } else {
+        tracing::debug!(descriptors = limit, "file descriptor limit");
+    }
+    Some(limit)
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 use crate::config::Config;
 use crate::core::hub::Hub;
 use crate::core::link::Link;
-use crate::limits::{ConnectionPermit, Guard};
+use crate::limits::{ConnectionPermit, Guard, OpenPermit};
 use crate::metrics::Metrics;
 use crate::ws::connection::ConnContext;
 use crate::ws::{WsSettings, upgrade};
@@ -138,14 +138,13 @@ pub fn router(app: App) -> Router {
     if app.config.admin_token.is_some() {
         r = r.nest("/admin", crate::hunterpie::admin::routes(app.clone()));
     }
-    r.layer(axum::extract::DefaultBodyLimit::max(
-        app.config.limits.max_http_body_bytes,
-    ))
-    .layer(axum::middleware::from_fn_with_state(
-        app.clone(),
-        http_rate_limit,
-    ))
-    .with_state(app)
+    // Bodies are read by `http::body` alone, within each endpoint's own limits.
+    r.layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            http_rate_limit,
+        ))
+        .with_state(app)
 }
 
 /// Counts every HTTP request (upgrades included) against its address's rate.
@@ -239,10 +238,10 @@ async fn metrics(State(app): State<App>) -> Response {
         .into_response()
 }
 
-async fn status_page(State(app): State<App>) -> Html<String> {
+async fn status_page(State(app): State<App>) -> Response {
     let m = &app.metrics;
     let up = m.started.elapsed().as_secs();
-    Html(format!(
+    crate::http::page::dynamic(format!(
         "<!doctype html><html><head><meta charset=utf-8><title>supersynk</title></head><body>\
          <h1>supersynk {}</h1><table>\
          <tr><th align=left>sessions</th><td id=sessions>{}</td></tr>\
@@ -285,6 +284,7 @@ impl Server {
             Some((cert, key)) => Some(tls_acceptor(cert, key)?),
             None => None,
         };
+        crate::limits::raise_descriptor_limit(config.limits.max_connections);
         let listener = listen(SocketAddr::new(config.bind, config.port))?;
         let local_addr = listener.local_addr()?;
         let app = App::new(config);
@@ -387,13 +387,24 @@ async fn accept_loop(listener: TcpListener, app: App, tls: Option<TlsAcceptor>, 
                 continue;
             }
         };
-        serve_http(tcp, peer, &router, &app, tls.as_ref());
+        // One address may not hold more than its share of descriptors: past it, a new
+        // connection is closed at once (before TLS, before reading a byte).
+        let permit = match app.guard.admit_open(peer.ip()) {
+            Ok(permit) => permit,
+            Err(refusal) => {
+                debug!(%peer, %refusal, "connection refused");
+                continue;
+            }
+        };
+        serve_http(tcp, peer, permit, &router, &app, tls.as_ref());
     }
 }
 
+/// Serves one accepted connection; `permit` holds its place until it closes or upgrades.
 fn serve_http(
     tcp: TcpStream,
     peer: SocketAddr,
+    permit: OpenPermit,
     router: &Router,
     app: &App,
     tls: Option<&TlsAcceptor>,
@@ -407,6 +418,7 @@ fn serve_http(
     let tls = tls.cloned();
     // Tracked like WebSocket tasks, so shutdown waits for requests in flight.
     app.tracker.spawn(async move {
+        let _permit = permit;
         match tls {
             None => serve_io(tcp, peer, router, app2).await,
             Some(acceptor) => {
@@ -436,7 +448,14 @@ where
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         req.extensions_mut()
             .insert(axum::extract::ConnectInfo(peer));
-        router.clone().oneshot(req.map(Body::new))
+        let refused = crate::http::refusal(&req);
+        let router = router.clone();
+        async move {
+            match refused {
+                None => router.oneshot(req.map(Body::new)).await,
+                Some(refused) => Ok(refused),
+            }
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())

@@ -63,3 +63,17 @@ fn frontend_parser_inputs() {
         let _ = supersynk::reliable::wire::parse(&text);
     }
 }
+
+#[test]
+fn body_path_inputs() {
+    // As the fuzz target reads its input: frame size, limit, body.
+    for (name, data) in inputs("bodies") {
+        let [cut, limit, body @ ..] = &data[..] else {
+            continue;
+        };
+        for cut in [*cut as usize + 1, 1, 2, 7] {
+            let _ = &name;
+            supersynk::http::body::check_for_fuzzing(body, cut, *limit as usize * 16);
+        }
+    }
+}

@@ -21,6 +21,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::core::outbound::Payload;
+use crate::http::body::{self, BodyLimit};
 use crate::server::{App, Peer, upgrade_with};
 use crate::ws::connection::codes;
 use crate::ws::extension::Deflate;
@@ -227,7 +228,7 @@ struct Posted<'a> {
 }
 
 /// The `client_id` of a posted body, or the 400 text.
-fn client_id(body: &[u8]) -> Result<String, &'static str> {
+pub(crate) fn client_id(body: &[u8]) -> Result<String, &'static str> {
     let text = std::str::from_utf8(body).map_err(|_| "body is not valid JSON (not UTF-8)")?;
     if serde_json::from_str::<serde::de::IgnoredAny>(text).is_err() {
         return Err("body is not valid JSON");
@@ -243,28 +244,21 @@ fn client_id(body: &[u8]) -> Result<String, &'static str> {
     }
 }
 
-async fn post_channel(
-    State(app): State<App>,
-    Path(key): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let limit = app.config.max_channel_body_bytes;
-    if body.len() > limit {
-        let text = format!("body too large: at most {limit} bytes");
-        return error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &text,
-            &app,
-            "channel_body_too_large",
-        );
-    }
+async fn post_channel(State(app): State<App>, Path(key): Path<String>, req: Request) -> Response {
+    let Ok(order) = ordering(req.headers()) else {
+        return bad_client_time(&app);
+    };
+    let limit = BodyLimit {
+        max_bytes: app.config.max_channel_body_bytes,
+        deadline: app.config.limits.http_body_timeout,
+    };
+    let body = match body::read(&app.metrics, req, limit).await {
+        Ok(body) => body,
+        Err(e) => return e.into_response(),
+    };
     let id = match client_id(&body) {
         Ok(id) => id,
         Err(text) => return error(StatusCode::BAD_REQUEST, text, &app, "channel_bad_body"),
-    };
-    let Ok(order) = ordering(&headers) else {
-        return bad_client_time(&app);
     };
     let order = order.as_ref().map(|(c, t)| (c.as_str(), *t));
     answer(&app, app.channels.post(&key, &id, body, order).await)

@@ -5,15 +5,17 @@
 use axum::Json;
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use super::message::{Level, server_msg};
 use crate::core::hub::ConnId;
+use crate::http::body::{self, BodyLimit};
 use crate::server::App;
 use crate::ws::connection::codes;
 
@@ -27,12 +29,7 @@ pub fn routes(app: App) -> Router<App> {
 }
 
 async fn require_token(State(app): State<App>, req: Request, next: Next) -> Response {
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let ok = match (&app.config.admin_token, given) {
+    let ok = match (&app.config.admin_token, crate::http::bearer(req.headers())) {
         (Some(expected), Some(given)) => crate::core::secret_eq(expected, given),
         _ => false,
     };
@@ -47,13 +44,21 @@ async fn require_token(State(app): State<App>, req: Request, next: Next) -> Resp
     }
 }
 
-/// The answer to a body that is not the expected JSON: 413 when it was too large.
-fn bad_body(rejection: axum::extract::rejection::JsonRejection, expected: &str) -> Response {
-    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
-    } else {
-        error(StatusCode::BAD_REQUEST, expected)
-    }
+/// The request's body as `T`, or the answer: 413 or 408 from [`body::read`], 400 naming
+/// what was `expected` for a body that is not that JSON.
+async fn json_body<T: DeserializeOwned>(
+    app: &App,
+    req: Request,
+    expected: &str,
+) -> Result<T, Response> {
+    let limit = BodyLimit {
+        max_bytes: app.config.limits.max_http_body_bytes,
+        deadline: app.config.limits.http_body_timeout,
+    };
+    let bytes = body::read(&app.metrics, req, limit)
+        .await
+        .map_err(IntoResponse::into_response)?;
+    serde_json::from_slice(&bytes).map_err(|_| error(StatusCode::BAD_REQUEST, expected))
 }
 
 fn error(status: StatusCode, text: &str) -> Response {
@@ -75,18 +80,11 @@ struct MessageBody {
     session: Option<String>,
 }
 
-async fn message(
-    State(app): State<App>,
-    body: Result<Json<MessageBody>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    let body = match body {
-        Ok(Json(body)) => body,
-        Err(r) => {
-            return bad_body(
-                r,
-                "expected JSON {\"text\": ..., \"level\"?: info|warn|error, \"session\"?: id}",
-            );
-        }
+async fn message(State(app): State<App>, req: Request) -> Response {
+    let expected = "expected JSON {\"text\": ..., \"level\"?: info|warn|error, \"session\"?: id}";
+    let body: MessageBody = match json_body(&app, req, expected).await {
+        Ok(body) => body,
+        Err(res) => return res,
     };
     let level = match body.level.as_deref().unwrap_or("warn") {
         "info" => Level::Info,
@@ -111,18 +109,17 @@ struct KickBody {
     conn: u64,
 }
 
-async fn kick(
-    State(app): State<App>,
-    body: Result<Json<KickBody>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    let body = match body {
-        Ok(Json(body)) => body,
-        Err(r) => {
-            return bad_body(
-                r,
-                "expected JSON {\"conn\": <connection id from /admin/sessions>}",
-            );
-        }
+/// Both bodies' parsers, for the body fuzz target.
+pub(crate) fn parse_for_fuzzing(body: &[u8]) {
+    let _ = serde_json::from_slice::<MessageBody>(body);
+    let _ = serde_json::from_slice::<KickBody>(body);
+}
+
+async fn kick(State(app): State<App>, req: Request) -> Response {
+    let expected = "expected JSON {\"conn\": <connection id from /admin/sessions>}";
+    let body: KickBody = match json_body(&app, req, expected).await {
+        Ok(body) => body,
+        Err(res) => return res,
     };
     if app.hub.close_connection(ConnId(body.conn), codes::KICKED) {
         Json(json!({ "kicked": body.conn })).into_response()

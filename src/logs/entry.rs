@@ -26,6 +26,9 @@ pub struct Posted {
     pub user: Option<String>,
     /// `None` for a room-less entry (`room` missing, null or empty).
     pub room: Option<String>,
+    /// One of the server's own events (`fromServer: true`): never set from a posted body,
+    /// so what a client posts (as `user: "server"`) never passes for the server.
+    pub from_server: bool,
 }
 
 /// A stamped entry, as listeners, the store and queries see it.
@@ -129,6 +132,7 @@ fn parse_entry(index: usize, o: &Map<String, Value>) -> Result<Posted, EntryErro
         text: string("text", None)?,
         user: string("user", Some(MAX_NAME_CHARS))?,
         room: string("room", Some(MAX_NAME_CHARS))?.filter(|r| !r.is_empty()),
+        from_server: false,
     })
 }
 
@@ -146,7 +150,8 @@ impl Entry {
     }
 
     /// The entry's JSON object, as the original server sent it: the plugin's fields, then
-    /// `serverTime` and `seqNumber`. Missing fields are null.
+    /// `serverTime` and `seqNumber`, then `fromServer: true` on the server's own events.
+    /// Missing fields are null.
     pub fn to_json(&self) -> String {
         let p = &self.posted;
         let mut out = String::with_capacity(
@@ -173,6 +178,9 @@ impl Entry {
         out.push_str(&self.server_time.to_string());
         out.push_str(",\"seqNumber\":");
         out.push_str(&self.seq.to_string());
+        if p.from_server {
+            out.push_str(",\"fromServer\":true");
+        }
         out.push('}');
         out
     }

@@ -121,5 +121,6 @@ fn to_posted(event: &Event<'_>) -> Posted {
         msg: Some(msg),
         user: Some("server".into()),
         room: None,
+        from_server: true,
     }
 }

@@ -30,16 +30,17 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use http_body_util::BodyExt;
 use hyper::upgrade::Upgraded;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use crate::core::outbound::Payload;
 use crate::core::secret_eq;
+use crate::http::body::{self, BodyLimit};
+use crate::http::page::Page;
 use crate::metrics::Metrics;
 use crate::server::{App, Peer, client_ip, upgrade_with};
 use crate::ws::connection::codes;
@@ -51,7 +52,7 @@ use store::{Cursor, LogStore, Query, Retention};
 use stream::Stream;
 
 /// The viewer page, served as is.
-const VIEWER: &str = include_str!("viewer.html");
+static VIEWER: Page = Page::new(include_str!("viewer.html"));
 /// Entries that may wait for one 100 ms flush of the live stream.
 const MAX_PENDING: usize = 100_000;
 /// Largest page of `/logs/query`.
@@ -353,13 +354,7 @@ fn authorized(app: &App, headers: &HeaderMap, params: &Params) -> bool {
     let Some(want) = &app.config.logs.token else {
         return true;
     };
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
-    bearer
+    crate::http::bearer(headers)
         .into_iter()
         .chain(params.all("token"))
         .any(|got| secret_eq(got, want))
@@ -379,16 +374,8 @@ fn unauthorized(app: &App) -> Response {
     res
 }
 
-/// An answer after which the connection is closed (its body was not read, or not all).
-fn closing(mut res: Response) -> Response {
-    res.headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    res
-}
-
-/// `POST /logs/add`: one entry or an array; 200 with an empty body. A body declared larger
-/// than `--max-http-body-bytes` gets 413 before any of it is read; one that does not arrive
-/// within `--logs-body-timeout-ms` gets 408. Both close the connection.
+/// `POST /logs/add`: one entry or an array; 200 with an empty body. The body is read within
+/// `--max-http-body-bytes` and `--logs-body-timeout-ms` (see [`body::read`]).
 async fn add(State(app): State<App>, req: Request) -> Response {
     let ip = client_ip(&app, &req);
     if !app.guard.is_exempt(ip) && app.logs.add_rate.check_key(&ip).is_err() {
@@ -401,43 +388,15 @@ async fn add(State(app): State<App>, req: Request) -> Response {
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         return res;
     }
-    let limit = app.config.limits.max_http_body_bytes;
-    let too_large = |app: &App| {
-        let text = format!("body too large: at most {limit} bytes");
-        closing(json_error(
-            app,
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &text,
-            "logs_body_too_large",
-        ))
+    let limit = BodyLimit {
+        max_bytes: app.config.limits.max_http_body_bytes,
+        deadline: app.config.logs.body_timeout,
     };
-    // The declared Content-Length (exact for such a body; 0 for a chunked one).
-    if hyper::body::Body::size_hint(req.body()).lower() > limit as u64 {
-        return too_large(&app);
-    }
-    let deadline = app.config.logs.body_timeout;
-    let read = http_body_util::Limited::new(req.into_body(), limit).collect();
-    let body = match tokio::time::timeout(deadline, read).await {
-        Ok(Ok(b)) => b.to_bytes(),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(&app),
-        Ok(Err(e)) => {
-            debug!(error = %e, "logs/add: body not read");
-            return json_error(
-                &app,
-                StatusCode::BAD_REQUEST,
-                "body could not be read",
-                "logs_bad_body",
-            );
-        }
-        Err(_) => {
-            debug!(%ip, "logs/add: body too slow");
-            let text = format!("body not received within {} ms", deadline.as_millis());
-            return closing(json_error(
-                &app,
-                StatusCode::REQUEST_TIMEOUT,
-                &text,
-                "logs_body_timeout",
-            ));
+    let body = match body::read(&app.metrics, req, limit).await {
+        Ok(body) => body,
+        Err(e) => {
+            debug!(%ip, error = %e, "logs/add: body refused");
+            return e.into_response();
         }
     };
     match entry::parse_body(&body) {
@@ -602,7 +561,7 @@ async fn viewer(State(app): State<App>, req: Request) -> Response {
     if !authorized(&app, req.headers(), &p) {
         return unauthorized(&app);
     }
-    Html(VIEWER).into_response()
+    VIEWER.response()
 }
 
 #[cfg(test)]

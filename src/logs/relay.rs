@@ -199,6 +199,7 @@ mod tests {
                 text: Some("t".into()),
                 user: Some("Hunter".into()),
                 room: Some("r".into()),
+                from_server: false,
             },
         };
         let payload = format!("other\n[{}]", e.to_json());

@@ -131,7 +131,8 @@ CREATE TABLE IF NOT EXISTS log_entries (
     \"user\" TEXT,
     room TEXT,
     text TEXT,
-    search TEXT
+    search TEXT,
+    from_server INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS log_entries_room ON log_entries (room, seq_number);
 CREATE INDEX IF NOT EXISTS log_entries_user ON log_entries (\"user\", seq_number);
@@ -150,7 +151,8 @@ CREATE TABLE IF NOT EXISTS log_entries (
     \"user\" TEXT,
     room TEXT,
     text TEXT,
-    search TEXT
+    search TEXT,
+    from_server BOOLEAN NOT NULL DEFAULT false
 );
 CREATE INDEX IF NOT EXISTS log_entries_seq ON log_entries (seq_number, id);
 CREATE INDEX IF NOT EXISTS log_entries_room ON log_entries (room, seq_number);
@@ -160,7 +162,7 @@ CREATE TABLE IF NOT EXISTS log_meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL
 ";
 
 const COLUMNS: &str =
-    "seq_number, server_time, client_time, level, msg, \"user\", room, text, search";
+    "seq_number, server_time, client_time, level, msg, \"user\", room, text, search, from_server";
 
 /// The `log_meta` key of the highest `seqNumber` reserved.
 const SEQ_RESERVED: &str = "seq_reserved";
@@ -228,6 +230,17 @@ impl LogStore {
                                 [SEARCH_BACKFILL],
                             )?;
                         }
+                        let has_origin: bool = tx.query_row(
+                            "SELECT COUNT(*) > 0 FROM pragma_table_info('log_entries') WHERE name = 'from_server'",
+                            [],
+                            |r| r.get(0),
+                        )?;
+                        if !has_origin {
+                            // Older rows count as posted (the server's own were not told apart).
+                            tx.execute_batch(
+                                "ALTER TABLE log_entries ADD COLUMN from_server INTEGER NOT NULL DEFAULT 0",
+                            )?;
+                        }
                         tx.commit()
                     })
                     .await
@@ -256,6 +269,12 @@ impl LogStore {
                         ))
                         .await?;
                 }
+                // Older rows count as posted (the server's own were not told apart).
+                client
+                    .batch_execute(
+                        "ALTER TABLE log_entries ADD COLUMN IF NOT EXISTS from_server BOOLEAN NOT NULL DEFAULT false",
+                    )
+                    .await?;
                 Ok(())
             }
         }
@@ -429,7 +448,7 @@ impl LogStore {
                             // A plain INSERT: a number stored twice would be a bug, and is
                             // refused (and reported) rather than overwriting the first.
                             let mut stmt = tx.prepare_cached(&format!(
-                                "INSERT INTO log_entries ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+                                "INSERT INTO log_entries ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
                             ))?;
                             for e in batch.iter() {
                                 let p = &e.posted;
@@ -443,6 +462,7 @@ impl LogStore {
                                     p.room,
                                     p.text,
                                     search_key(p.msg.as_deref(), p.text.as_deref()),
+                                    p.from_server,
                                 ])?;
                             }
                         }
@@ -470,12 +490,13 @@ impl LogStore {
                     .iter()
                     .map(|e| search_key(e.posted.msg.as_deref(), e.posted.text.as_deref()))
                     .collect();
+                let from_server: Vec<bool> = batch.iter().map(|e| e.posted.from_server).collect();
                 client
                     .execute(
                         &format!(
                             "INSERT INTO log_entries ({COLUMNS}) SELECT * FROM UNNEST(\
                              $1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], \
-                             $6::text[], $7::text[], $8::text[], $9::text[])"
+                             $6::text[], $7::text[], $8::text[], $9::text[], $10::boolean[])"
                         ),
                         &[
                             &seq,
@@ -487,6 +508,7 @@ impl LogStore {
                             &room,
                             &text,
                             &search,
+                            &from_server,
                         ],
                     )
                     .await?;
@@ -561,7 +583,7 @@ impl LogStore {
         };
         let id = if postgres { "id" } else { "seq_number" };
         let sql = format!(
-            "SELECT seq_number, server_time, client_time, level, msg, \"user\", room, text, {id} \
+            "SELECT seq_number, server_time, client_time, level, msg, \"user\", room, text, from_server, {id} \
              FROM log_entries {filter} ORDER BY {id} DESC LIMIT {fetch}"
         );
         let mut rows: Vec<(Entry, i64)> = match &self.backend {
@@ -587,9 +609,10 @@ impl LogStore {
                                     user: r.get(5)?,
                                     room: r.get(6)?,
                                     text: r.get(7)?,
+                                    from_server: r.get(8)?,
                                 },
                             },
-                            r.get(8)?,
+                            r.get(9)?,
                         ))
                     })?;
                     rows.collect()
@@ -627,9 +650,10 @@ impl LogStore {
                                     user: r.get(5),
                                     room: r.get(6),
                                     text: r.get(7),
+                                    from_server: r.get(8),
                                 },
                             },
-                            r.get(8),
+                            r.get(9),
                         )
                     })
                     .collect()
@@ -742,6 +766,7 @@ mod tests {
                 text: Some(format!("[{level}] {msg}")),
                 user: Some(user.into()),
                 room: room.map(Into::into),
+                from_server: user == "server",
             },
         })
     }

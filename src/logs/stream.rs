@@ -319,8 +319,8 @@ impl Stream {
 }
 
 /// What a listener that could not keep up is sent once it can again: a JSON array holding
-/// one entry from `user: "server"`, level `Warn`, with `missed` (the count) and no
-/// `seqNumber` (it is not a stored entry).
+/// one entry from `user: "server"` (`fromServer: true`), level `Warn`, with `missed` (the
+/// count) and no `seqNumber` (it is not a stored entry).
 pub fn missed_notice(missed: u64) -> String {
     let now = now_ms();
     let msg = format!(
@@ -328,7 +328,7 @@ pub fn missed_notice(missed: u64) -> String {
     );
     let text = format!("{} [Warn] {msg}", clock(now));
     format!(
-        "[{{\"timestamp\":{now},\"level\":\"Warn\",\"msg\":{},\"text\":{},\"user\":\"server\",\"room\":null,\"serverTime\":{now},\"seqNumber\":null,\"missed\":{missed}}}]",
+        "[{{\"timestamp\":{now},\"level\":\"Warn\",\"msg\":{},\"text\":{},\"user\":\"server\",\"room\":null,\"serverTime\":{now},\"seqNumber\":null,\"fromServer\":true,\"missed\":{missed}}}]",
         serde_json::Value::from(msg),
         serde_json::Value::from(text)
     )

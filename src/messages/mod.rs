@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::response::{Html, Response};
+use axum::response::Response;
 use axum::routing::get;
 use bytes::Bytes;
 use hyper::upgrade::Upgraded;
@@ -29,6 +29,7 @@ use tracing::{debug, info, warn};
 use crate::config::{ClusterConfig, Config, MessagesConfig, StoreConfig};
 use crate::core::hub::ConnId;
 use crate::core::outbound::{Close, Outbound, Payload, SLOW_CONSUMER};
+use crate::http::page::Page;
 use crate::metrics::Metrics;
 use crate::server::{App, Peer, upgrade_with};
 use crate::store::StoreError;
@@ -129,8 +130,9 @@ pub async fn open_store(app: App) {
     }
 }
 
-async fn page() -> Html<&'static str> {
-    Html(include_str!("page.html"))
+async fn page() -> Response {
+    static PAGE: Page = Page::new(include_str!("page.html"));
+    PAGE.response()
 }
 
 async fn connect(State(app): State<App>, mut req: Request) -> Response {

@@ -4,7 +4,7 @@
 //! negotiation. Knows nothing of what is spoken afterwards.
 
 use axum::body::Body;
-use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use hyper::upgrade::OnUpgrade;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
@@ -22,11 +22,13 @@ pub struct Accepted {
 pub enum UpgradeError {
     #[error("WebSocket upgrade requires GET")]
     Method,
+    #[error("WebSocket upgrade requires HTTP/1.1")]
+    HttpVersion,
     #[error("expected a WebSocket upgrade request (Connection: Upgrade, Upgrade: websocket)")]
     NotUpgrade,
     #[error("unsupported WebSocket version (only 13)")]
     Version,
-    #[error("missing or invalid Sec-WebSocket-Key")]
+    #[error("missing or invalid Sec-WebSocket-Key (16 bytes in base64)")]
     Key,
     #[error("connection cannot be upgraded")]
     NoUpgrade,
@@ -62,11 +64,28 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+/// Whether a `Sec-WebSocket-Key` is, as RFC 6455 4.1 requires, 16 bytes in base64. The
+/// unused low bits of the last digit may be set, as the original server (ws) allowed.
+fn is_key(key: &[u8]) -> bool {
+    use base64::engine::{GeneralPurpose, GeneralPurposeConfig};
+    use base64::{Engine, alphabet};
+    const LENIENT: GeneralPurpose = GeneralPurpose::new(
+        &alphabet::STANDARD,
+        GeneralPurposeConfig::new().with_decode_allow_trailing_bits(true),
+    );
+    let mut out = [0u8; 18];
+    key.len() == 24 && matches!(LENIENT.decode_slice(key, &mut out), Ok(16))
+}
+
 /// Checks an upgrade request and builds the 101 answer. `offer_deflate` says whether the
 /// server accepts permessage-deflate at all.
 pub fn accept(req: &mut Request<Body>, offer_deflate: bool) -> Result<Accepted, UpgradeError> {
     if req.method() != Method::GET {
         return Err(UpgradeError::Method);
+    }
+    // RFC 6455 4.1; hyper cannot upgrade an HTTP/1.0 connection either.
+    if req.version() < Version::HTTP_11 {
+        return Err(UpgradeError::HttpVersion);
     }
     let headers = req.headers();
     if !header_has_token(headers, header::CONNECTION, "upgrade")
@@ -84,7 +103,7 @@ pub fn accept(req: &mut Request<Body>, offer_deflate: bool) -> Result<Accepted, 
     let key = headers
         .get(header::SEC_WEBSOCKET_KEY)
         .ok_or(UpgradeError::Key)?;
-    if key.as_bytes().len() != 24 {
+    if !is_key(key.as_bytes()) {
         return Err(UpgradeError::Key);
     }
     let accept_key = derive_accept_key(key.as_bytes());
@@ -120,4 +139,25 @@ pub fn accept(req: &mut Request<Body>, offer_deflate: bool) -> Result<Accepted, 
         on_upgrade,
         deflate,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_is_16_bytes_of_base64() {
+        assert!(is_key(b"dGhlIHNhbXBsZSBub25jZQ=="));
+        assert!(is_key(b"dGhlIHNhbXBsZSBub25jZR=="));
+        for bad in [
+            &b""[..],
+            b"dGhlIHNhbXBsZSBub25jZQ",
+            b"dGhlIHNhbXBsZSBub25jZQ=",
+            b"!!!!!!!!!!!!!!!!!!!!!!==",
+            b"dGhlIHNhbXBsZSBub25jZXg=",
+            b"dGhlIHNhbXBsZSBub25jZQ==dGhl",
+        ] {
+            assert!(!is_key(bad), "{}", String::from_utf8_lossy(bad));
+        }
+    }
 }

@@ -26,7 +26,13 @@ async function post(url, body) {
 try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
   page.on('pageerror', (e) => { throw e; });
-  await page.goto(server.url + '/logs.html');
+  // The page runs under its own Content-Security-Policy: nothing of it may be blocked.
+  const blocked = [];
+  page.on('console', (m) => { if (/Content Security Policy/i.test(m.text())) blocked.push(m.text()); });
+  const res = await page.goto(server.url + '/logs.html');
+  assert.match(res.headers()['content-security-policy'], /script-src 'sha256-/);
+  assert.equal(res.headers()['x-frame-options'], 'DENY');
+  assert.equal(res.headers()['referrer-policy'], 'no-referrer');
   await eventually('the viewer connects', () => page.evaluate(() => window.logViewer.connected));
 
   const shown = () => page.evaluate(() => window.logViewer.shownMessages());
@@ -46,6 +52,14 @@ try {
   const order = (await shown()).filter((m) => /from A|needle|warned|room-less/.test(m));
   assert.deepEqual(order, ['hello from A', 'needle in B', 'warned in A', 'room-less debug']);
   assert.match(await page.textContent('#status'), /live/);
+  // Only the server's own events are styled as the server's (by a flag only the server
+  // sets): an entry posted with user "server" is not.
+  await post(server.url, entry('server', 'A', 'Info', 'posing as the server'));
+  await eventually('the impostor appears', async () => (await visible()).includes('posing as the server'));
+  const styled = await page.evaluate(() => [...document.querySelectorAll('.row')]
+    .map((r) => [r.children[4]?.textContent, r.classList.contains('server')]));
+  assert.deepEqual(styled.filter(([m]) => m === 'posing as the server'), [['posing as the server', false]]);
+  assert.ok(styled.some(([m, s]) => s && /listening/.test(m)), JSON.stringify(styled));
   // Really on screen, not just in the DOM: the message's own pixels are hit at its centre
   // (a clipped or zero-width row would hide it).
   const onScreen = await page.evaluate(() => {
@@ -96,7 +110,8 @@ try {
   await server.stop();
   await eventually('the page sees the server go', async () =>
     !(await page.evaluate(() => window.logViewer.connected)));
-  assert.match(await page.textContent('#status'), /retrying/);
+  // Retrying: the status says so until the next attempt (250 ms later), then "connecting".
+  assert.match(await page.textContent('#status'), /retrying|connecting/);
   const down = Date.now();
   const other = await startServer(args);
   await post(other.url, [1, 2, 3].map((i) => entry('Hunter7', 'A', 'Info', `gap ${i}`)));
@@ -203,6 +218,7 @@ try {
     await small.stop();
   }
 
+  assert.deepEqual(blocked, []);
   console.log(JSON.stringify({
     reconnectMs, loadMs, missedInBurst: missed, rowsInDom, filterMs: Math.round(filterMs), clearFilterMs: Math.round(clearMs),
     scrollMs: Math.round(scrollMs), heapMb: Math.round(heapMb),

@@ -214,7 +214,29 @@ impl Drop for Proc {
 /// Starts the binary with `args` and `env`; returns the child and its address (read from
 /// the "listening" log line).
 pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> (Proc, SocketAddr) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_supersynk"));
+    let (child, addr, _) = spawn_command(Command::new(env!("CARGO_BIN_EXE_supersynk")), args, env);
+    (child, addr)
+}
+
+/// [`spawn`] under a shell that first runs `setup` (e.g. `ulimit -Sn 128`); also returns
+/// the log lines before "listening".
+pub fn spawn_after(
+    setup: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Proc, SocketAddr, Vec<serde_json::Value>) {
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c")
+        .arg(format!("{setup} && exec \"$0\" \"$@\""))
+        .arg(env!("CARGO_BIN_EXE_supersynk"));
+    spawn_command(cmd, args, env)
+}
+
+fn spawn_command(
+    mut cmd: Command,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Proc, SocketAddr, Vec<serde_json::Value>) {
     if !args.contains(&"--data-dir") {
         cmd.arg("--data-dir").arg(data_dir());
     }
@@ -229,16 +251,18 @@ pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> (Proc, SocketAddr) {
         .expect("binary starts");
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
+    let mut before = Vec::new();
     let addr = loop {
         let line = lines.next().expect("log line").expect("readable");
         let v: serde_json::Value = serde_json::from_str(&line).expect("json log");
         if v["fields"]["message"] == "listening" {
             break v["fields"]["local_addr"].as_str().unwrap().parse().unwrap();
         }
+        before.push(v);
     };
     // Keep draining the log so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    (Proc(child), addr)
+    (Proc(child), addr, before)
 }
 
 pub fn sigterm(child: &Proc) {
