@@ -241,9 +241,8 @@ async fn resume_after_a_cut_delivers_what_was_missed_in_order() {
             .await;
         expect(&a.recv().await, json!({"t":"ack","seq":2 + i}));
     }
-    // The issue's resume hello, as it is: the id and the last seq, no token.
     let mut b = Client::connect(addr).await;
-    b.send_json(json!({"t":"hello","clientId":b_id,"lastSeq":1}))
+    b.send_json(json!({"t":"hello","clientId":b_id,"lastSeq":1,"token":b_token}))
         .await;
     expect(
         &b.recv().await,
@@ -316,26 +315,82 @@ async fn resume_refuses_a_wrong_token_and_an_unprovable_last_seq() {
 }
 
 #[tokio::test]
-async fn with_require_token_a_resume_by_id_alone_is_refused() {
-    let server = common::start(Settings {
-        reliable_require_token: Some(true),
-        ..Settings::default()
-    })
-    .await;
+async fn a_takeover_with_the_id_alone_gets_a_fresh_session_and_no_secret() {
+    let server = common::start_default().await;
     let addr = server.local_addr;
-    let mut b = Client::connect(addr).await;
-    let (b_id, b_token) = b.hello().await;
-    drop(b);
-    let mut c = Client::connect(addr).await;
-    c.send_json(json!({"t":"hello","clientId":b_id,"lastSeq":0}))
+    let mut victim = Client::connect(addr).await;
+    let (victim_id, victim_token) = victim.hello().await;
+    join(&mut victim, 1, "r", &victim_id).await;
+    victim.send(r#"{"t":"ack","seq":1}"#).await;
+    // The attacker is in the room: it learns the victim's id from the announcements.
+    let mut attacker = Client::connect(addr).await;
+    let (attacker_id, _) = attacker.hello().await;
+    join(&mut attacker, 1, "r", &attacker_id).await;
+    attacker
+        .send(r#"{"t":"msg","seq":2,"op":"request","id":1,"to":"server","data":{"presence":"r"}}"#)
         .await;
-    let w = c.recv().await;
-    expect(&w, json!({"t":"welcome","resumed":false}));
-    assert_ne!(w["clientId"], json!(b_id));
-    let mut c = Client::connect(addr).await;
-    c.send_json(json!({"t":"hello","clientId":b_id,"lastSeq":0,"token":b_token}))
+    expect(
+        &attacker.recv().await,
+        json!({"op":"response","id":1,"data":{"members":[victim_id,attacker_id]}}),
+    );
+    expect(
+        &victim.recv().await,
+        json!({"op":"join","from":attacker_id}),
+    );
+    // Every guess of lastSeq with the id alone, or a wrong token: a fresh session each time,
+    // with a new id and a token of its own.
+    for last_seq in 0..4u64 {
+        for token in [None, Some("0123456789abcdef0123456789abcdef")] {
+            let mut c = Client::connect(addr).await;
+            let mut hello = json!({"t":"hello","clientId":victim_id,"lastSeq":last_seq});
+            if let Some(t) = token {
+                hello["token"] = json!(t);
+            }
+            c.send_json(hello).await;
+            let w = c.recv().await;
+            expect(&w, json!({"t":"welcome","resumed":false,"seq":0}));
+            assert_ne!(w["clientId"], json!(victim_id));
+            assert_ne!(w["token"], json!(victim_token));
+            // Not in the victim's rooms: its publish is refused, nothing reaches the room.
+            c.send(r#"{"t":"msg","seq":1,"op":"publish","room":"r","data":"as the victim"}"#)
+                .await;
+            expect(&c.recv().await, json!({"t":"error","code":"not_member"}));
+        }
+    }
+    // The victim was never replaced: it is still connected, and it hears the next message.
+    attacker
+        .send(r#"{"t":"msg","seq":3,"op":"publish","room":"r","data":"still here?"}"#)
         .await;
-    expect(&c.recv().await, json!({"resumed":true,"clientId":b_id}));
+    expect(
+        &victim.recv_data().await,
+        json!({"t":"msg","seq":3,"from":attacker_id,"data":"still here?"}),
+    );
+    assert_eq!(metric(addr, "supersynk_reliable_resumes_total").await, 0.0);
+    // Presence answers the members of a room only.
+    let mut outsider = Client::connect(addr).await;
+    outsider.hello().await;
+    outsider
+        .send(r#"{"t":"msg","seq":1,"op":"request","id":1,"to":"server","data":{"presence":"r"}}"#)
+        .await;
+    let answer = outsider.recv().await;
+    expect(
+        &answer,
+        json!({"op":"response","id":1,"from":"server","error":{"code":"not_member"}}),
+    );
+    assert!(!answer.to_string().contains(&victim_id));
+    expect(
+        &outsider.recv().await,
+        json!({"t":"error","code":"not_member","seq":1}),
+    );
+    // The owner, with its token, resumes.
+    drop(victim);
+    let mut back = Client::connect(addr).await;
+    back.send_json(json!({"t":"hello","clientId":victim_id,"lastSeq":1,"token":victim_token}))
+        .await;
+    expect(
+        &back.recv().await,
+        json!({"resumed":true,"clientId":victim_id}),
+    );
 }
 
 #[tokio::test]
@@ -369,19 +424,23 @@ async fn duplicates_and_stale_resends_are_delivered_once() {
     b.send(&p(2, "one")).await; // duplicate
     b.send(&p(3, "two")).await;
     b.send(&p(2, "one")).await; // stale
-    b.send(&p(5, "ahead")).await; // gap: dropped
+    b.send(&p(5, "after a gap")).await; // ahead of a gap: kept
     b.send(&p(4, "three")).await;
+    b.send(&p(5000, "far ahead")).await; // too far: dropped
     expect(&b.recv().await, json!({"t":"ack","seq":2}));
     expect(&b.recv().await, json!({"t":"ack","seq":2}));
     expect(&b.recv().await, json!({"t":"ack","seq":3}));
     expect(&b.recv().await, json!({"t":"ack","seq":3}));
+    // The server names what it misses, then carries both out in order once it has them.
+    assert_eq!(b.recv().await, json!({"t":"ack","seq":3,"missing":[[4,4]]}));
+    expect(&b.recv().await, json!({"t":"ack","seq":4}));
+    expect(&b.recv().await, json!({"t":"ack","seq":5}));
     expect(
         &b.recv().await,
-        json!({"t":"error","code":"seq_gap","seq":5}),
+        json!({"t":"error","code":"seq_gap","seq":5000}),
     );
-    expect(&b.recv().await, json!({"t":"ack","seq":4}));
     // A got each once, in order, and nothing else.
-    for (seq, data) in [(3, "one"), (4, "two"), (5, "three")] {
+    for (seq, data) in [(3, "one"), (4, "two"), (5, "three"), (6, "after a gap")] {
         expect(&a.recv().await, json!({"seq":seq,"data":data}));
     }
     a.send_json(
@@ -614,7 +673,10 @@ async fn malformed_frames_get_documented_errors_and_nothing_else_breaks() {
         ),
         (r#"{"t":"ack","seq":99}"#, "bad_ack"),
         (r#"{"t":"hb","ack":"x"}"#, "bad_frame"),
-        (r#"{"t":"msg","seq":9,"op":"join","room":"r"}"#, "seq_gap"),
+        (
+            r#"{"t":"msg","seq":2000,"op":"join","room":"r"}"#,
+            "seq_gap",
+        ),
     ] {
         c.send(frame).await;
         expect(&c.recv().await, json!({"t":"error","code":code}));
@@ -681,7 +743,6 @@ async fn malformed_frames_get_documented_errors_and_nothing_else_breaks() {
 async fn a_receiver_that_stops_acking_is_dropped_when_its_buffer_is_full() {
     let server = common::start(Settings {
         reliable_buffer_messages: Some(4),
-        reliable_backpressure_ms: Some(100),
         ..Settings::default()
     })
     .await;
@@ -696,10 +757,7 @@ async fn a_receiver_that_stops_acking_is_dropped_when_its_buffer_is_full() {
     expect(&a.recv().await, json!({"op":"join","from":b_id}));
     a.send(r#"{"t":"ack","seq":2}"#).await;
     // B holds its join (seq 1) unacked; three more fill its buffer, the fourth overflows:
-    // B's state is dropped and A, the member left, hears B leave. Past half the buffer, A's
-    // messages wait for B's acks, which never come: after the wait B is stalled, and A goes
-    // on without waiting for it again.
-    let started = tokio::time::Instant::now();
+    // B's state is dropped and A, the member left, hears B leave. A never waits for B.
     for seq in 2..=5u64 {
         a.send_json(json!({"t":"msg","seq":seq,"op":"publish","room":"r","data":seq}))
             .await;
@@ -719,11 +777,6 @@ async fn a_receiver_that_stops_acking_is_dropped_when_its_buffer_is_full() {
     }
     assert_eq!(seen, vec![2, 3, 4]);
     assert_eq!(b.close_code().await, Some(4008));
-    assert!(started.elapsed() >= Duration::from_millis(100));
-    assert_eq!(
-        metric(addr, "supersynk_reliable_backpressure_stalls_total").await,
-        1.0
-    );
     let mut b = Client::connect(addr).await;
     b.send_json(json!({"t":"hello","clientId":b_id,"lastSeq":4,"token":b_token}))
         .await;
@@ -875,12 +928,12 @@ async fn resending_a_large_unacknowledged_buffer_keeps_the_connection() {
 
 #[tokio::test]
 async fn a_burst_to_a_receiver_that_acks_loses_nothing() {
-    // Default bounds (1000 messages per buffer). Only the rate limit is raised: at the
-    // default 200 messages a second a single publisher never gets 500 messages ahead of a
-    // receiver that acknowledges every 64, so nothing would need to wait.
+    // The rate limit is raised so that the publisher outruns the receiver's acks, and the
+    // receiver's buffer holds the whole burst: nothing waits, nothing is lost.
     let server = common::start(Settings {
         messages_per_second: Some(1_000_000),
         message_burst: Some(1_000_000),
+        reliable_buffer_messages: Some(10_000),
         ..Settings::default()
     })
     .await;
@@ -939,16 +992,6 @@ async fn a_burst_to_a_receiver_that_acks_loses_nothing() {
         metric(addr, "supersynk_reliable_overflows_total").await,
         0.0
     );
-    assert_eq!(
-        metric(addr, "supersynk_reliable_backpressure_stalls_total").await,
-        0.0
-    );
-    let waits = metric(addr, "supersynk_reliable_backpressure_waits_total").await;
-    assert!(
-        waits > 0.0,
-        "the publisher never had to wait: no back-pressure tested"
-    );
-    println!("back-pressure waits: {waits}");
 }
 
 #[tokio::test]
@@ -969,17 +1012,13 @@ async fn a_receiver_away_does_not_hold_senders_up() {
     drop(b);
     expect(&a.recv().await, json!({"op":"join","from":b_id}));
     until_metric(addr, "supersynk_reliable_detached", 1.0).await;
-    // B's buffer fills past the mark while B is away: A never waits (a 7.5 s wait would
-    // outlast the 5 s each of these acks may take).
+    // B's buffer fills while B is away: A never waits (a wait would outlast the 5 s each
+    // of these acks may take).
     for seq in 2..=15u64 {
         a.send_json(json!({"t":"msg","seq":seq,"op":"publish","room":"r","data":seq}))
             .await;
         expect(&a.recv().await, json!({"t":"ack","seq":seq}));
     }
-    assert_eq!(
-        metric(addr, "supersynk_reliable_backpressure_waits_total").await,
-        0.0
-    );
     let mut b = Client::connect(addr).await;
     b.send_json(json!({"t":"hello","clientId":b_id,"lastSeq":1,"token":b_token}))
         .await;
@@ -1001,12 +1040,9 @@ async fn websocket_pings_count_as_heard() {
         pings.tick().await;
         a.ws.send(Message::Ping(vec![1].into())).await.unwrap();
     }
-    a.send(r#"{"t":"msg","seq":1,"op":"request","id":1,"to":"server","data":{"presence":"r"}}"#)
+    a.send(r#"{"t":"msg","seq":1,"op":"join","room":"r"}"#)
         .await;
-    expect(
-        &a.recv_data().await,
-        json!({"op":"response","id":1,"data":{"members":[]}}),
-    );
+    expect(&a.recv_data().await, json!({"op":"join","room":"r"}));
 }
 
 #[tokio::test]
@@ -1181,13 +1217,12 @@ async fn flood(
 
 #[tokio::test]
 async fn two_senders_flooding_each_other_both_get_everything() {
-    // As in the burst test, the rate limit is raised so that senders can outrun acks; and
-    // the buffers are smaller than each sender's window (200), so that both wait for each
-    // other.
+    // As in the burst test, the rate limit is raised so that senders outrun acks, and the
+    // buffers hold what each may fall behind.
     let server = common::start(Settings {
         messages_per_second: Some(1_000_000),
         message_burst: Some(1_000_000),
-        reliable_buffer_messages: Some(200),
+        reliable_buffer_messages: Some(4000),
         ..Settings::default()
     })
     .await;
@@ -1200,9 +1235,6 @@ async fn two_senders_flooding_each_other_both_get_everything() {
     let (b_id, _) = b.hello().await;
     join(&mut b, 1, "duel", &b_id).await;
     expect(&a.recv().await, json!({"op":"join","from":b_id}));
-    let started = tokio::time::Instant::now();
-    // Both wait for each other's acks at times; acks are read during a wait, so neither
-    // waits out the 7.5 s (which a recv of 5 s would not survive anyway).
     let (at_a, at_b) = tokio::join!(
         flood(a, 2, "duel", N, 200, N as usize),
         flood(b, 1, "duel", N, 200, N as usize)
@@ -1214,11 +1246,4 @@ async fn two_senders_flooding_each_other_both_get_everything() {
         metric(addr, "supersynk_reliable_overflows_total").await,
         0.0
     );
-    assert_eq!(
-        metric(addr, "supersynk_reliable_backpressure_stalls_total").await,
-        0.0
-    );
-    let waits = metric(addr, "supersynk_reliable_backpressure_waits_total").await;
-    assert!(waits > 0.0, "nobody waited: no back-pressure tested");
-    println!("{waits} back-pressure waits, {:?}", started.elapsed());
 }
