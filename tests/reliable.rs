@@ -131,6 +131,9 @@ fn matches(want: &Value, got: &Value, vars: &mut HashMap<String, Value>) -> bool
     match (want, got) {
         (Value::String(w), _) if w.starts_with('$') => match vars.get(w) {
             Some(bound) => bound == got,
+            // Distinct variables stand for distinct values (a new client's id or token is
+            // never one seen before).
+            None if vars.values().any(|v| v == got) => false,
             None => {
                 vars.insert(w.clone(), got.clone());
                 true
