@@ -883,7 +883,7 @@ async fn a_resume_with_a_full_buffer_gets_all_of_it() {
 async fn resending_a_large_unacknowledged_buffer_keeps_the_connection() {
     let server = common::start(Settings {
         reliable_resend_ms: Some(100),
-        // Room for 820 KB below the back-pressure mark: this is about resends only.
+        // Room for the 820 KB unacknowledged: this is about resends only.
         reliable_buffer_bytes: Some(4 << 20),
         ..Settings::default()
     })
