@@ -1339,7 +1339,10 @@ async fn a_member_that_reads_but_never_acks_slows_nobody_and_overflows_alone() {
     assert_eq!(code, Some(4008));
     assert!((15..=20).contains(&c_last), "C got {c_last} messages");
     // C starts over; A (which acknowledges nothing: these are resent) heard it leave.
-    expect(&next_msg(&mut a, 3).await, json!({"op":"leave","from":c_id}));
+    expect(
+        &next_msg(&mut a, 3).await,
+        json!({"op":"leave","from":c_id}),
+    );
     let mut c = Client::connect(addr).await;
     c.send_json(json!({"t":"hello","clientId":c_id,"lastSeq":c_last,"token":c_token}))
         .await;
@@ -1461,7 +1464,10 @@ async fn the_total_buffer_bound_drops_waiting_states_first_then_refuses() {
     n.send_json(json!({"t":"ack","seq":9})).await;
     let deadline = tokio::time::Instant::now() + WAIT;
     while metric(addr, "supersynk_reliable_buffered_bytes").await > 10_000.0 {
-        assert!(tokio::time::Instant::now() < deadline, "N's ack freed nothing");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "N's ack freed nothing"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     p.send_json(big_publish(20, "r", 20)).await;
