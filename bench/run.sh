@@ -12,13 +12,14 @@ mkdir -p bench/out
 port=${BENCH_PORT:-5301}
 redis_url=${REDIS_URL:-redis://127.0.0.1:6379}
 server_pid= node_b_pid= cluster_prefix= cluster_runs=0
+# Leaders in the saturation runs push up to 500 times a second: above the default
+# per-connection message rate (200/s), which is sized for real clients. Runs of real clients
+# (the reliable-loss run) empty this to get the defaults.
+node_rates=(--messages-per-second 100000 --message-burst 100000)
 
 start_node() { # port, flags...: a release server; its pid in node_pid once /healthz says ok
   local p=$1; shift
-  # Leaders in the saturation runs push up to 500 times a second: above the default
-  # per-connection message rate (200/s), which is sized for real clients.
-  ./target/release/supersynk --bind 127.0.0.1 --port "$p" --log warn \
-    --messages-per-second 100000 --message-burst 100000 "$@" &
+  ./target/release/supersynk --bind 127.0.0.1 --port "$p" --log warn "${node_rates[@]}" "$@" &
   node_pid=$!
   # "ok" only once connected to Redis in cluster mode ("degraded: ..." before).
   for _ in $(seq 100); do [ "$(curl -sf "http://127.0.0.1:$p/healthz")" = ok ] && return; sleep 0.05; done
@@ -131,6 +132,9 @@ scenario() {
       # until acked); 100 rooms (53,000 deliveries/s) and 250 rooms (132,000/s). Each is
       # followed by a HunterPie control run at the same shape and delivery rate: sessions of 1
       # leader + 9 followers, the leader pushing 10 times as often.
+      # Then recovery under loss: the TypeScript client on both ends, each through the tests'
+      # lossy proxy (3% of frames dropped each way), 600 messages from one to the other, against
+      # a server with the default limits (the client paces itself to them); 5 runs.
       local rooms
       for rooms in 100 250; do
         local bench_url="ws://127.0.0.1:$port/v1/reliable"
@@ -139,7 +143,14 @@ scenario() {
         bench_url=
         start_server; bench "reliable-$rooms-control" --sessions "$rooms" --followers 9 --interval-ms 17 \
           --duration-s 15 "${@:2}"; stop_server
-      done ;;
+      done
+      [ -f clients/ts/dist/node.js ] || (cd clients/ts && npm ci --no-audit --no-fund && npm run build) >&2
+      local saved_rates=("${node_rates[@]}")
+      node_rates=()
+      start_server
+      node bench/reliable-loss.mjs "ws://127.0.0.1:$port/v1/reliable" 600 0.03 5 bench/out/reliable-loss.json
+      stop_server
+      node_rates=("${saved_rates[@]}") ;;
     all) for s in realistic wide saturation idle http cluster reliable; do scenario "$s" "${@:2}"; done ;;
     *) echo "unknown scenario $1" >&2; exit 2 ;;
   esac

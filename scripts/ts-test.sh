@@ -22,4 +22,5 @@ npm run build
 # The published types compile in a Node-only project (no DOM lib).
 npm run test:types
 npm test
+npm run test:examples
 npm run test:browser

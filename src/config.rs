@@ -175,15 +175,16 @@ pub struct Settings {
     /// the most a request's own timeoutMs may ask for [default: 10000]
     #[arg(long, env = "SUPERSYNK_RELIABLE_REQUEST_TIMEOUT_MS")]
     pub reliable_request_timeout_ms: Option<u64>,
-    /// Reliable protocol: a resume must present the token of its welcome (a wrong token is
-    /// always refused) [default: false, as the issue's wire format resumes by id]
-    #[arg(long, env = "SUPERSYNK_RELIABLE_REQUIRE_TOKEN")]
-    pub reliable_require_token: Option<bool>,
-    /// Reliable protocol: how long a sender's messages wait for a room member whose
-    /// unacknowledged buffer is past half its bounds, in ms; 0 never waits. At most
-    /// reliable-heartbeat-ms [default: half of reliable-heartbeat-ms]
-    #[arg(long, env = "SUPERSYNK_RELIABLE_BACKPRESSURE_MS")]
-    pub reliable_backpressure_ms: Option<u64>,
+    /// Reliable protocol: bytes of unacknowledged messages held by all client states
+    /// together (each message counted once, however many receive it); past it, states
+    /// waiting for a resume are dropped, longest waiting first, and then new messages are
+    /// refused (server_busy) [default: 268435456]
+    #[arg(long, env = "SUPERSYNK_RELIABLE_TOTAL_BUFFER_BYTES")]
+    pub reliable_total_buffer_bytes: Option<usize>,
+    /// Reliable protocol: rooms one client may be in at once; a join past it is refused
+    /// (too_many_rooms) [default: 64]
+    #[arg(long, env = "SUPERSYNK_RELIABLE_MAX_ROOMS_PER_CLIENT")]
+    pub reliable_max_rooms_per_client: Option<usize>,
     /// Reliable protocol: client states held at most, connected or waiting for a resume; a
     /// new client past it is refused (too_many_clients) [default: 100000]
     #[arg(long, env = "SUPERSYNK_RELIABLE_MAX_CLIENTS")]
@@ -358,16 +359,15 @@ pub struct ReliableConfig {
     pub buffer_bytes: usize,
     pub resend: Duration,
     pub request_timeout: Duration,
-    /// A resume without the welcome's token is refused.
-    pub require_token: bool,
-    /// How long a sender's reader waits for congested receivers (zero: never).
-    pub backpressure: Duration,
+    /// Bytes of message bodies held by all client states together.
+    pub total_buffer_bytes: usize,
+    pub max_rooms_per_client: usize,
     /// Client states held at most.
     pub max_clients: usize,
     /// Client states without a connection per (non-exempt) client address.
     pub max_detached_per_ip: usize,
     /// Copied from the connection settings: announced in the welcome, and used to size a
-    /// reliable connection's outbound queue and what it reads ahead during a wait.
+    /// reliable connection's window and what it keeps of messages ahead of a gap.
     pub max_message_bytes: usize,
     pub outbound_queue_bytes: usize,
     pub messages_per_second: u32,
@@ -474,8 +474,8 @@ impl Settings {
             reliable_buffer_bytes,
             reliable_resend_ms,
             reliable_request_timeout_ms,
-            reliable_require_token,
-            reliable_backpressure_ms,
+            reliable_total_buffer_bytes,
+            reliable_max_rooms_per_client,
             reliable_max_clients,
             reliable_max_detached_per_ip
         )
@@ -582,7 +582,6 @@ impl Config {
         let outbound_queue_bytes = s.outbound_queue_bytes.unwrap_or(256 * 1024);
         let messages_per_second = s.messages_per_second.unwrap_or(200);
         let message_burst = s.message_burst.unwrap_or(400);
-        let reliable_heartbeat_ms = s.reliable_heartbeat_ms.unwrap_or(15_000);
         let http_body_timeout_ms = s.http_body_timeout_ms.unwrap_or(15_000);
         let config = Config {
             bind: s.bind.unwrap_or(IpAddr::from([0, 0, 0, 0])),
@@ -626,10 +625,9 @@ impl Config {
                     node_timeout: ms(s.node_timeout_ms.unwrap_or(10_000)),
                 }),
             reliable: ReliableConfig {
-                heartbeat: ms(reliable_heartbeat_ms),
-                backpressure: ms(s
-                    .reliable_backpressure_ms
-                    .unwrap_or(reliable_heartbeat_ms / 2)),
+                heartbeat: ms(s.reliable_heartbeat_ms.unwrap_or(15_000)),
+                total_buffer_bytes: s.reliable_total_buffer_bytes.unwrap_or(256 << 20),
+                max_rooms_per_client: s.reliable_max_rooms_per_client.unwrap_or(64),
                 max_clients: s.reliable_max_clients.unwrap_or(100_000),
                 max_detached_per_ip: s.reliable_max_detached_per_ip.unwrap_or(100),
                 max_message_bytes,
@@ -641,7 +639,6 @@ impl Config {
                 buffer_bytes: s.reliable_buffer_bytes.unwrap_or(1 << 20),
                 resend: ms(s.reliable_resend_ms.unwrap_or(2000)),
                 request_timeout: ms(s.reliable_request_timeout_ms.unwrap_or(10_000)),
-                require_token: s.reliable_require_token.unwrap_or(false),
             },
             messages: MessagesConfig {
                 port: s.messages_port,
@@ -720,18 +717,13 @@ impl Config {
             || r.buffer_bytes == 0
             || r.max_clients == 0
             || r.max_detached_per_ip == 0
+            || r.total_buffer_bytes == 0
+            || r.max_rooms_per_client == 0
         {
             return Err(ConfigError::Invalid(
                 "reliable-heartbeat-ms must be at least 20, reliable-resend-ms at least 10, \
                  and the other reliable settings above 0"
                     .into(),
-            ));
-        }
-        if r.backpressure > r.heartbeat {
-            // A waiting reader may stop reading (when its read-ahead is full): it must not
-            // wait long enough for its peer to look silent.
-            return Err(ConfigError::Invalid(
-                "reliable-backpressure-ms must be at most reliable-heartbeat-ms".into(),
             ));
         }
         if let StoreConfig::Postgres(url) = &config.store {
@@ -836,21 +828,14 @@ mod tests {
     }
 
     #[test]
-    fn reliable_backpressure_defaults_to_half_the_heartbeat_and_is_at_most_it() {
+    fn reliable_settings_take_the_connection_limits() {
         let c = Config::resolve(
-            Settings::try_parse_from(["s", "--reliable-heartbeat-ms", "1000"]).unwrap(),
+            Settings::try_parse_from(["s", "--max-message-bytes", "4096"]).unwrap(),
         )
         .unwrap();
-        assert_eq!(c.reliable.backpressure, Duration::from_millis(500));
-        assert_eq!(c.reliable.max_message_bytes, c.max_message_bytes);
-        let too_long = Settings::try_parse_from([
-            "s",
-            "--reliable-heartbeat-ms",
-            "1000",
-            "--reliable-backpressure-ms",
-            "1001",
-        ])
-        .unwrap();
-        assert!(Config::resolve(too_long).is_err());
+        assert_eq!(c.reliable.max_message_bytes, 4096);
+        assert_eq!(c.reliable.total_buffer_bytes, 256 << 20);
+        let zero = Settings::try_parse_from(["s", "--reliable-max-rooms-per-client", "0"]).unwrap();
+        assert!(Config::resolve(zero).is_err());
     }
 }

@@ -67,10 +67,12 @@ pub struct Metrics {
     /// Reliable protocol: hellos refused because too many client states are held (in all,
     /// or waiting for a resume from the client's address).
     pub reliable_refused: Counter,
-    /// Reliable protocol: times a sender's messages waited for a congested receiver, and
-    /// waits that ran out (the receiver is then stalled: no one waits for it any more).
-    pub reliable_backpressure_waits: Counter,
-    pub reliable_backpressure_stalls: Counter,
+    /// Reliable protocol: bytes of unacknowledged messages held by all client states (each
+    /// message once, however many receive it).
+    pub reliable_buffered_bytes: Gauge,
+    /// Reliable protocol: states without a connection dropped to make room for new messages
+    /// (--reliable-total-buffer-bytes).
+    pub reliable_evicted: Counter,
     /// Direct messages by what happened to them (delivered, queued, drained, refused).
     pub direct_messages: Family<KindLabel, Counter>,
     /// Direct messages: peers logged in on this node.
@@ -124,8 +126,8 @@ impl Metrics {
             reliable_expired: Counter::default(),
             reliable_detached: Gauge::default(),
             reliable_refused: Counter::default(),
-            reliable_backpressure_waits: Counter::default(),
-            reliable_backpressure_stalls: Counter::default(),
+            reliable_buffered_bytes: Gauge::default(),
+            reliable_evicted: Counter::default(),
             direct_messages: Family::default(),
             direct_peers_online: Gauge::default(),
             logs_received: Counter::default(),
@@ -286,14 +288,14 @@ impl Metrics {
             m.reliable_refused.clone(),
         );
         r.register(
-            "reliable_backpressure_waits",
-            "Reliable protocol: times a sender's messages waited for a receiver's acks",
-            m.reliable_backpressure_waits.clone(),
+            "reliable_buffered_bytes",
+            "Reliable protocol: bytes of unacknowledged messages held by all client states",
+            m.reliable_buffered_bytes.clone(),
         );
         r.register(
-            "reliable_backpressure_stalls",
-            "Reliable protocol: waits that ran out (the receiver is stalled: no one waits for it)",
-            m.reliable_backpressure_stalls.clone(),
+            "reliable_evicted",
+            "Reliable protocol: states waiting for a resume dropped to make room for new messages",
+            m.reliable_evicted.clone(),
         );
         r.register(
             "direct_messages",

@@ -1,33 +1,25 @@
 //! The reliable protocol front-end: `GET /v1/reliable` (protocol/reliable.md).
 //!
-//! A WebSocket protocol where nothing is lost: numbered messages both ways, cumulative acks,
-//! heartbeats, resends after a timeout, resume of a lost client's state within a window, rooms
-//! and request/response. [`wire`] parses and renders frames; [`state`] holds what outlives a
-//! socket (clients and rooms). This module owns one connection's loop: the reader `select!`s
-//! over the socket, a timer (heartbeats, the dead-peer check, resends), the end of a
-//! back-pressure wait and shutdown; everything it sends goes through the connection's bounded
-//! queue ([`crate::ws`]). Talks to the rest of the server only through [`crate::ws`],
-//! [`crate::core`], [`crate::config`] and [`crate::metrics`].
+//! A WebSocket protocol where nothing is lost: numbered messages both ways, cumulative acks
+//! (naming what is missing), heartbeats, resends, resume of a lost client's state within a
+//! window, rooms and request/response. [`wire`] parses and renders frames; [`state`] holds
+//! what outlives a socket (clients and rooms). This module owns one connection's loop: the
+//! reader `select!`s over the socket, a timer (heartbeats, the dead-peer check, resends),
+//! the connection's queue draining (to write what waits for its window) and shutdown;
+//! everything it sends goes through the connection's bounded queue ([`crate::ws`]). Talks to
+//! the rest of the server only through [`crate::ws`], [`crate::core`], [`crate::config`] and
+//! [`crate::metrics`].
 //!
-//! Two decisions shape the loop:
-//!
-//! - **The outbound queue holds a whole buffer.** A reliable connection's queue is sized
-//!   `--reliable-buffer-bytes` plus `--outbound-queue-bytes`: every numbered message in it is
-//!   also in the client's buffer (the payload is one `Arc`, shared), so a resume can queue
-//!   the whole buffer at once and no memory is doubled. Only a peer that stops reading fills
-//!   the headroom (a slow consumer).
-//! - **Back-pressure.** When a message leaves a connected receiver's buffer past half its
-//!   bounds, the sender's messages wait (up to `--reliable-backpressure-ms`) until it
-//!   acknowledges below that. The reader keeps reading meanwhile: acks and heartbeats are
-//!   handled at once (so two senders waiting for each other both make progress), and the
-//!   sender's next in-order messages are read ahead, up to `--outbound-queue-bytes`, and
-//!   carried out after the wait, in order. A receiver that has not caught up by the end of
-//!   the wait is stalled: nobody waits for it, and its full buffer drops it as before.
+//! A message that arrives ahead of a gap (one before it was lost on the way) is kept, up to
+//! [`MAX_AHEAD`] numbers past the last received and `--outbound-queue-bytes` of frames, and
+//! answered with an ack naming what is missing, so the client resends only that; the kept
+//! messages are carried out, in order, once the gap is filled. Past those bounds a message
+//! ahead is dropped and answered `seq_gap`, as a client that ignores `missing` expects.
 
 pub mod state;
 pub mod wire;
 
-use std::collections::VecDeque;
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,7 +32,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tracing::debug;
 
 pub use state::Registry;
-use state::{Client, Congested, Received};
+use state::{Client, Received};
 use wire::{ClientFrame, Code, Op, Target, WireError};
 
 use crate::core::outbound::{Close, Payload};
@@ -56,15 +48,12 @@ pub const HEARTBEAT_TIMEOUT: Close = Close {
     reason: "heartbeat timeout",
 };
 
+/// How far past the last message received in order a message ahead of a gap may be kept.
+pub const MAX_AHEAD: u64 = 1024;
+
 /// The route's handler.
 pub async fn connect(State(app): State<App>, mut req: Request) -> Response {
     upgrade_with(&app, &mut req, serve)
-}
-
-/// A sender waiting for congested receivers.
-struct Wait {
-    receivers: Congested,
-    deadline: Instant,
 }
 
 /// One connection's protocol state (the socket is [`Connection`]'s).
@@ -74,12 +63,14 @@ struct Session {
     /// The client address, `None` when exempt from per-address limits.
     addr: Option<IpAddr>,
     client: Option<Arc<Client>>,
-    wait: Option<Wait>,
-    /// In-order messages read during a wait (consecutive seqs after the last received), to
-    /// carry out after it; at most `ahead_limit` bytes, then the socket is not read.
-    ahead: VecDeque<Bytes>,
+    /// Messages received ahead of a gap, by seq (their frames' text), to carry out once the
+    /// gap is filled; at most `ahead_limit` bytes.
+    ahead: BTreeMap<u64, Bytes>,
     ahead_bytes: usize,
     ahead_limit: usize,
+    /// When the client was last told what is missing (to tell it again on the timer while
+    /// the gap lasts, in case that ack was lost too).
+    missing_told: Instant,
 }
 
 /// One connection's life: hello, then frames until the socket closes.
@@ -87,36 +78,39 @@ async fn serve(upgraded: Upgraded, deflate: Option<Deflate>, app: App, peer: Pee
     let registry = app.reliable.clone();
     let cfg = registry.config().clone();
     let mut ctx = app.conn_context();
+    // Numbered messages are queued only while the queue holds less than
+    // --outbound-queue-bytes (state::Registry::pump); the other half is for acks,
+    // heartbeats and errors, which only a peer that stops reading fills.
     ctx.settings = Arc::new(WsSettings {
-        outbound_queue_bytes: cfg.buffer_bytes + cfg.outbound_queue_bytes,
+        outbound_queue_bytes: 2 * cfg.outbound_queue_bytes,
         ..(*ctx.settings).clone()
     });
     let addr = (!app.guard.is_exempt(peer.addr)).then_some(peer.addr);
     let mut conn = Connection::start(upgraded, deflate, ctx, peer).await;
+    let outbound = conn.outbound.clone();
     let heartbeat = cfg.heartbeat;
     let dead_after = heartbeat * 2;
     let check = (heartbeat.min(cfg.resend) / 4).max(Duration::from_millis(5));
     let mut timer = tokio::time::interval_at(Instant::now() + check, check);
     timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_hb = Instant::now();
-    // While the read-ahead is full the socket is not read, so the peer cannot be heard:
-    // silence counts from when reading resumed.
-    let mut reading_since = Instant::now();
     let mut s = Session {
         app,
         registry: registry.clone(),
         addr,
         client: None,
-        wait: None,
-        ahead: VecDeque::new(),
+        ahead: BTreeMap::new(),
         ahead_bytes: 0,
         ahead_limit: cfg.outbound_queue_bytes,
+        missing_told: Instant::now(),
     };
     loop {
-        s.run_ahead(&conn);
-        let reading = s.wait.is_none() || s.ahead_bytes < s.ahead_limit;
+        let backlog = s
+            .client
+            .as_ref()
+            .is_some_and(|c| registry.has_backlog(c, conn.id));
         tokio::select! {
-            event = conn.next(), if reading => match event {
+            event = conn.next() => match event {
                 Event::Text(text) => s.on_text(&conn, text),
                 Event::Binary(_) => {
                     s.app.metrics.error("reliable_binary_frame");
@@ -126,23 +120,27 @@ async fn serve(upgraded: Upgraded, deflate: Option<Deflate>, app: App, peer: Pee
                 Event::Closed(_) => break,
             },
             _ = timer.tick() => {
-                if !reading {
-                    reading_since = Instant::now();
-                }
-                if conn.last_activity().max(reading_since).elapsed() >= dead_after {
+                if conn.last_activity().elapsed() >= dead_after {
                     debug!(conn = conn.id.0, "heartbeat timeout");
                     conn.close(HEARTBEAT_TIMEOUT);
                     continue;
                 }
-                let Some(c) = &s.client else { continue };
+                let Some(c) = s.client.clone() else { continue };
                 if last_hb.elapsed() >= heartbeat {
                     last_hb = Instant::now();
-                    conn.send(Payload::text(wire::hb(registry.received(c))));
+                    s.missing_told = last_hb;
+                    conn.send(Payload::text(wire::hb(registry.received(&c), &s.missing(&c))));
+                } else if !s.ahead.is_empty() && s.missing_told.elapsed() >= cfg.resend / 8 {
+                    s.missing_told = Instant::now();
+                    conn.send(Payload::text(wire::ack(registry.received(&c), &s.missing(&c))));
                 }
-                registry.resend_due(c, conn.id);
+                registry.resend_due(&c, conn.id);
             }
-            drained = until_drained(&registry, s.wait.as_ref()), if s.wait.is_some() => {
-                s.end_wait(drained);
+            // The queue drained: what waits for the window follows.
+            _ = outbound.flushed(), if backlog => {
+                if let Some(c) = &s.client {
+                    registry.pump(c, conn.id);
+                }
             }
         }
     }
@@ -150,13 +148,6 @@ async fn serve(upgraded: Upgraded, deflate: Option<Deflate>, app: App, peer: Pee
         registry.detach(c, conn.id);
     }
     conn.finish().await;
-}
-
-async fn until_drained(registry: &Registry, wait: Option<&Wait>) -> bool {
-    match wait {
-        Some(w) => registry.until_drained(&w.receivers, w.deadline).await,
-        None => std::future::pending().await,
-    }
 }
 
 fn send_error(conn: &Connection, e: &WireError, seq: Option<u64>) {
@@ -205,56 +196,89 @@ impl Session {
                 &WireError::new(Code::AlreadyWelcomed, "this connection said hello already"),
                 None,
             ),
-            ClientFrame::Ack(seq) | ClientFrame::Hb(seq) => {
-                if let Err(e) = self.registry.ack(&c, seq) {
+            ClientFrame::Ack { ack, .. } => {
+                if let Err(e) = self.registry.ack(&c, conn.id, &ack) {
                     send_error(conn, &e, None);
                 }
             }
-            ClientFrame::Msg(seq, op) => {
-                if self.wait.is_none() && self.ahead.is_empty() {
-                    self.carry_out(conn, &c, seq, op);
-                } else {
-                    self.read_ahead(conn, &c, seq, text.clone());
+            ClientFrame::Msg(seq, op) => match self.registry.receive(&c, conn.id, seq) {
+                Received::Elsewhere => {}
+                Received::Duplicate => {
+                    let received = self.registry.received(&c);
+                    conn.send(Payload::text(wire::ack(received, &self.missing(&c))));
                 }
+                Received::Ahead { expected } => {
+                    self.keep_ahead(conn, &c, seq, expected, &text);
+                }
+                Received::InOrder => {
+                    self.carry_out(conn, &c, seq, op);
+                    self.run_ahead(conn, &c);
+                }
+            },
+        }
+    }
+
+    /// The ranges missing before the messages kept ahead (at most
+    /// [`wire::MAX_MISSING_RANGES`], the first ones).
+    fn missing(&self, c: &Client) -> Vec<(u64, u64)> {
+        let mut next = self.registry.received(c) + 1;
+        let mut out = Vec::new();
+        for &seq in self.ahead.keys() {
+            if seq > next {
+                if out.len() == wire::MAX_MISSING_RANGES {
+                    break;
+                }
+                out.push((next, seq - 1));
             }
+            next = seq + 1;
         }
+        out
     }
 
-    /// A message read while waiting: kept if it is the next in order, else answered as
-    /// [`Session::carry_out`] would (a duplicate is acknowledged again, a gap refused).
-    fn read_ahead(&mut self, conn: &Connection, c: &Client, seq: u64, text: Bytes) {
-        let received = self.registry.received(c);
-        let next = received + 1 + self.ahead.len() as u64;
-        if seq <= received {
-            conn.send(Payload::text(wire::ack(received)));
-        } else if seq < next {
-            // Read ahead already (a resend): acknowledged once carried out.
-        } else if seq == next {
-            self.ahead_bytes += text.len();
-            self.ahead.push_back(text);
-        } else {
-            send_error(conn, &gap(next, seq), Some(seq));
-        }
-    }
-
-    /// Carries out what was read ahead, in order, until a message makes this sender wait.
-    fn run_ahead(&mut self, conn: &Connection) {
-        while self.wait.is_none() {
-            let Some(text) = self.ahead.pop_front() else {
+    /// A message ahead of the next expected one: kept within the bounds, and answered with
+    /// an ack naming what is missing; else dropped and answered `seq_gap`.
+    fn keep_ahead(&mut self, conn: &Connection, c: &Client, seq: u64, expected: u64, text: &Bytes) {
+        if !self.ahead.contains_key(&seq) {
+            if seq - expected >= MAX_AHEAD || self.ahead_bytes + text.len() > self.ahead_limit {
+                send_error(conn, &gap(expected, seq), Some(seq));
                 return;
-            };
+            }
+            self.ahead_bytes += text.len();
+            self.ahead.insert(seq, text.clone());
+        }
+        self.missing_told = Instant::now();
+        conn.send(Payload::text(wire::ack(expected - 1, &self.missing(c))));
+    }
+
+    /// Carries out, in order, the messages kept ahead that follow the last one received.
+    fn run_ahead(&mut self, conn: &Connection, c: &Arc<Client>) {
+        while let Some(entry) = self.ahead.first_entry() {
+            let seq = *entry.key();
+            let received = self.registry.received(c);
+            if seq > received + 1 {
+                break;
+            }
+            let text = entry.remove();
             self.ahead_bytes -= text.len();
-            let Some(c) = self.client.clone() else { return };
+            if seq <= received || self.registry.receive(c, conn.id, seq) != Received::InOrder {
+                continue;
+            }
             let str = std::str::from_utf8(&text).unwrap_or_default();
             // Parsed once already when it was read.
             if let Ok(ClientFrame::Msg(seq, op)) = wire::parse(str) {
-                self.carry_out(conn, &c, seq, op);
+                self.carry_out(conn, c, seq, op);
             }
+        }
+        if !self.ahead.is_empty() {
+            // Still a gap further on: say so with the last ack.
+            self.missing_told = Instant::now();
+            let received = self.registry.received(c);
+            conn.send(Payload::text(wire::ack(received, &self.missing(c))));
         }
     }
 
-    /// A message, when this sender is not waiting: checked against the numbering, carried
-    /// out, then acknowledged (a refusal comes first, as an `error` with its `seq`).
+    /// An in-order message (already counted as received): carried out, then acknowledged
+    /// (a refusal comes first, as an `error` with its `seq`).
     fn carry_out(
         &mut self,
         conn: &Connection,
@@ -262,42 +286,10 @@ impl Session {
         seq: u64,
         op: Result<Op<'_>, WireError>,
     ) {
-        match self.registry.receive(c, conn.id, seq) {
-            Received::Elsewhere => {}
-            Received::Duplicate => {
-                conn.send(Payload::text(wire::ack(self.registry.received(c))));
-            }
-            Received::Gap { expected } => send_error(conn, &gap(expected, seq), Some(seq)),
-            Received::InOrder => match op.and_then(|op| on_op(&self.registry, c, op)) {
-                Ok(congested) => {
-                    conn.send(Payload::text(wire::ack(seq)));
-                    let wait = self.registry.config().backpressure;
-                    if !congested.is_empty() && !wait.is_zero() {
-                        self.app.metrics.reliable_backpressure_waits.inc();
-                        self.wait = Some(Wait {
-                            receivers: congested,
-                            deadline: Instant::now() + wait,
-                        });
-                    }
-                }
-                Err(e) => {
-                    send_error(conn, &e, Some(seq));
-                    conn.send(Payload::text(wire::ack(seq)));
-                }
-            },
+        if let Err(e) = op.and_then(|op| on_op(&self.registry, c, op)) {
+            send_error(conn, &e, Some(seq));
         }
-    }
-
-    /// The wait is over: every receiver caught up (`drained`), or the time ran out.
-    fn end_wait(&mut self, drained: bool) {
-        let Some(w) = self.wait.take() else { return };
-        if !drained {
-            let stalled = self.registry.stall(&w.receivers);
-            self.app
-                .metrics
-                .reliable_backpressure_stalls
-                .inc_by(stalled as u64);
-        }
+        conn.send(Payload::text(wire::ack(seq, &[])));
     }
 }
 
@@ -308,9 +300,8 @@ fn gap(expected: u64, seq: u64) -> WireError {
     )
 }
 
-/// Carries out one operation of an in-order message; returns the receivers its sender must
-/// wait for.
-fn on_op(registry: &Registry, c: &Arc<Client>, op: Op<'_>) -> Result<Congested, WireError> {
+/// Carries out one operation of an in-order message.
+fn on_op(registry: &Registry, c: &Arc<Client>, op: Op<'_>) -> Result<(), WireError> {
     match op {
         Op::Join { room } => registry.join(c, &room),
         Op::Leave { room } => registry.leave(c, &room),
@@ -325,19 +316,25 @@ fn on_op(registry: &Registry, c: &Arc<Client>, op: Op<'_>) -> Result<Congested, 
             struct Presence {
                 presence: String,
             }
-            match serde_json::from_str::<Presence>(data.get()) {
-                Ok(p) => {
-                    let ids = registry.presence(&p.presence);
-                    let members: Vec<&str> = ids.iter().map(|m| &**m).collect();
-                    let answer = serde_json::json!({ "room": p.presence, "members": members });
-                    registry.answer(c, id, Some(&answer.to_string()), None);
-                    Ok(Vec::new())
-                }
-                Err(_) => {
-                    let e = WireError::new(
+            let answer = serde_json::from_str::<Presence>(data.get())
+                .map_err(|_| {
+                    WireError::new(
                         Code::BadRequest,
                         r#"the server answers {"presence":"<room>"} only"#,
-                    );
+                    )
+                })
+                .and_then(|p| {
+                    let ids = registry.presence(c, &p.presence)?;
+                    let members: Vec<&str> = ids.iter().map(|m| &**m).collect();
+                    Ok(serde_json::json!({ "room": p.presence, "members": members }).to_string())
+                });
+            match answer {
+                Ok(answer) => {
+                    registry.answer(c, id, Some(&answer), None);
+                    Ok(())
+                }
+                Err(e) => {
+                    // The requester's pending request ends here too, as an error response.
                     let error = wire::response_error(e.code, &e.message);
                     registry.answer(c, id, None, Some(&error));
                     Err(e)

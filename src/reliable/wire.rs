@@ -20,6 +20,8 @@ use serde_json::value::RawValue;
 pub const MAX_NUMBER: u64 = (1 << 53) - 1;
 /// The longest room name, in bytes.
 pub const MAX_ROOM_BYTES: usize = 128;
+/// The most ranges an ack's `missing` field may name.
+pub const MAX_MISSING_RANGES: usize = 64;
 
 /// Error codes of `{"t":"error"}` frames and of error responses (protocol/reliable.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +44,8 @@ pub enum Code {
     Overflow,
     Replaced,
     TooManyClients,
+    TooManyRooms,
+    ServerBusy,
 }
 
 impl Code {
@@ -66,6 +70,8 @@ impl Code {
             Code::Overflow => "overflow",
             Code::Replaced => "replaced",
             Code::TooManyClients => "too_many_clients",
+            Code::TooManyRooms => "too_many_rooms",
+            Code::ServerBusy => "server_busy",
         }
     }
 }
@@ -129,12 +135,24 @@ pub enum Op<'a> {
     },
 }
 
+/// An acknowledgement, from an `ack` or a heartbeat: everything up to `seq` was received,
+/// and, when `missing` is not empty, the receiver holds messages after `seq` but not the
+/// ones in these ranges (inclusive, each after `seq`), which it asks to have resent at once.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Ack {
+    pub seq: u64,
+    pub missing: Vec<(u64, u64)>,
+}
+
 /// One frame from a client.
 #[derive(Debug)]
 pub enum ClientFrame<'a> {
     Hello(Option<Resume<'a>>),
-    Ack(u64),
-    Hb(u64),
+    /// An `ack`, or an `hb` (`heartbeat` true).
+    Ack {
+        ack: Ack,
+        heartbeat: bool,
+    },
     /// A data message: its sequence number and its operation, or why the operation is refused.
     Msg(u64, Result<Op<'a>, WireError>),
 }
@@ -169,6 +187,8 @@ struct Fields<'a> {
     to: Option<&'a RawValue>,
     #[serde(borrow, rename = "timeoutMs")]
     timeout_ms: Option<&'a RawValue>,
+    #[serde(borrow)]
+    missing: Option<&'a RawValue>,
 }
 
 fn bad(code: Code, message: impl Into<String>) -> WireError {
@@ -209,7 +229,44 @@ fn room<'a>(f: &Fields<'a>) -> Result<Cow<'a, str>, WireError> {
             format!("room must be 1 to {MAX_ROOM_BYTES} bytes"),
         ));
     }
+    // NUL and other control characters would end up in logs, metrics labels and other
+    // clients' screens.
+    if room.chars().any(char::is_control) {
+        return Err(bad(Code::BadOp, "room must not contain control characters"));
+    }
     Ok(room)
+}
+
+/// An ack's cumulative `seq` and its optional `missing` ranges.
+fn parse_ack(seq: &RawValue, name: &str, missing: Option<&RawValue>) -> Result<Ack, WireError> {
+    let seq = number(seq, name, Code::BadFrame)?;
+    let Some(missing) = missing.filter(|v| v.get() != "null") else {
+        return Ok(Ack {
+            seq,
+            missing: Vec::new(),
+        });
+    };
+    let shape = || {
+        bad(
+            Code::BadFrame,
+            format!(
+                "missing must be at most {MAX_MISSING_RANGES} ranges [from, to] of whole \
+                 numbers, with {name} < from <= to <= {MAX_NUMBER}"
+            ),
+        )
+    };
+    let ranges: Vec<(u64, u64)> = serde_json::from_str(missing.get()).map_err(|_| shape())?;
+    if ranges.len() > MAX_MISSING_RANGES
+        || ranges
+            .iter()
+            .any(|&(from, to)| from <= seq || from > to || to > MAX_NUMBER)
+    {
+        return Err(shape());
+    }
+    Ok(Ack {
+        seq,
+        missing: ranges,
+    })
 }
 
 fn op<'a>(f: &Fields<'a>) -> Result<Op<'a>, WireError> {
@@ -301,16 +358,14 @@ pub fn parse(text: &str) -> Result<ClientFrame<'_>, WireError> {
             };
             Ok(ClientFrame::Hello(resume))
         }
-        "ack" => Ok(ClientFrame::Ack(number(
-            required(f.seq, "seq", Code::BadFrame)?,
-            "seq",
-            Code::BadFrame,
-        )?)),
-        "hb" => Ok(ClientFrame::Hb(number(
-            required(f.ack, "ack", Code::BadFrame)?,
-            "ack",
-            Code::BadFrame,
-        )?)),
+        "ack" => Ok(ClientFrame::Ack {
+            ack: parse_ack(required(f.seq, "seq", Code::BadFrame)?, "seq", f.missing)?,
+            heartbeat: false,
+        }),
+        "hb" => Ok(ClientFrame::Ack {
+            ack: parse_ack(required(f.ack, "ack", Code::BadFrame)?, "ack", f.missing)?,
+            heartbeat: true,
+        }),
         "msg" => {
             let seq = number(
                 required(f.seq, "seq", Code::BadFrame)?,
@@ -365,14 +420,36 @@ pub fn welcome(
     .into()
 }
 
-/// `{"t":"ack","seq":n}`.
-pub fn ack(seq: u64) -> Bytes {
-    format!(r#"{{"t":"ack","seq":{seq}}}"#).into()
+/// `,"missing":[[a,b],...]` when `missing` is not empty.
+fn missing_field(s: &mut String, missing: &[(u64, u64)]) {
+    if missing.is_empty() {
+        return;
+    }
+    s.push_str(r#","missing":["#);
+    for (i, (from, to)) in missing.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        // Writing into a String cannot fail.
+        let _ = write!(s, "[{from},{to}]");
+    }
+    s.push(']');
 }
 
-/// `{"t":"hb","ack":n}`.
-pub fn hb(ack: u64) -> Bytes {
-    format!(r#"{{"t":"hb","ack":{ack}}}"#).into()
+/// `{"t":"ack","seq":n}`, with the ranges the server misses after `n` (it holds later ones).
+pub fn ack(seq: u64, missing: &[(u64, u64)]) -> Bytes {
+    let mut s = format!(r#"{{"t":"ack","seq":{seq}"#);
+    missing_field(&mut s, missing);
+    s.push('}');
+    s.into()
+}
+
+/// `{"t":"hb","ack":n}`, with the ranges the server misses after `n`.
+pub fn hb(ack: u64, missing: &[(u64, u64)]) -> Bytes {
+    let mut s = format!(r#"{{"t":"hb","ack":{ack}"#);
+    missing_field(&mut s, missing);
+    s.push('}');
+    s.into()
 }
 
 /// `{"t":"error",...}`, with the `seq` of the message it concerns when there is one.
@@ -390,14 +467,21 @@ pub fn error(e: &WireError, seq: Option<u64>) -> Bytes {
     s.into()
 }
 
+const MSG_HEAD: &[u8] = br#"{"t":"msg","seq":"#;
+
 /// A data message to one client: `{"t":"msg","seq":<seq>` followed by a tail shared by every
 /// receiver (from one of the `*_tail` functions).
 pub fn msg(seq: u64, tail: &[u8]) -> Bytes {
-    let mut out = Vec::with_capacity(tail.len() + 40);
-    out.extend_from_slice(br#"{"t":"msg","seq":"#);
+    let mut out = Vec::with_capacity(msg_len(seq, tail.len()));
+    out.extend_from_slice(MSG_HEAD);
     out.extend_from_slice(seq.to_string().as_bytes());
     out.extend_from_slice(tail);
     out.into()
+}
+
+/// The length of [`msg`]`(seq, tail)`.
+pub fn msg_len(seq: u64, tail_len: usize) -> usize {
+    MSG_HEAD.len() + seq.checked_ilog10().unwrap_or(0) as usize + 1 + tail_len
 }
 
 /// The tail of a room publish: `,"room":..,"from":..,"data":..}`.
@@ -563,6 +647,69 @@ mod tests {
         );
         assert_eq!(code(r#"{"t":"hb"}"#), Code::BadFrame);
         assert_eq!(code(r#"{"t":"ack","t":"ack","seq":1}"#), Code::BadFrame);
+    }
+
+    #[test]
+    fn acks_with_missing_ranges() {
+        let Ok(ClientFrame::Ack { ack, heartbeat }) =
+            parse(r#"{"t":"ack","seq":3,"missing":[[5,5],[7,9]]}"#)
+        else {
+            panic!()
+        };
+        assert!(!heartbeat);
+        assert_eq!(ack.seq, 3);
+        assert_eq!(ack.missing, vec![(5, 5), (7, 9)]);
+        let Ok(ClientFrame::Ack { ack, heartbeat }) = parse(r#"{"t":"hb","ack":2}"#) else {
+            panic!()
+        };
+        assert!(heartbeat);
+        assert_eq!(
+            ack,
+            Ack {
+                seq: 2,
+                missing: vec![]
+            }
+        );
+        for bad in [
+            r#"{"t":"ack","seq":3,"missing":[[3,4]]}"#,
+            r#"{"t":"ack","seq":3,"missing":[[6,5]]}"#,
+            r#"{"t":"ack","seq":3,"missing":[5]}"#,
+            r#"{"t":"ack","seq":3,"missing":"5"}"#,
+            r#"{"t":"hb","ack":3,"missing":[[4,9007199254740992]]}"#,
+        ] {
+            assert_eq!(code(bad), Code::BadFrame, "{bad}");
+        }
+        let many: Vec<_> = (0..=MAX_MISSING_RANGES as u64)
+            .map(|i| [10 + 2 * i, 10 + 2 * i])
+            .collect();
+        let text = serde_json::json!({"t":"ack","seq":1,"missing":many}).to_string();
+        assert_eq!(code(&text), Code::BadFrame);
+        let v: serde_json::Value =
+            serde_json::from_slice(&super::ack(4, &[(6, 6), (8, 10)])).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"t":"ack","seq":4,"missing":[[6,6],[8,10]]})
+        );
+        assert_eq!(&hb(4, &[])[..], br#"{"t":"hb","ack":4}"#);
+    }
+
+    #[test]
+    fn room_names_refuse_control_characters() {
+        for room in [r"a\u0000b", r"tab\there", r"\u007f", r"\u0085"] {
+            let text = format!(r#"{{"t":"msg","seq":1,"op":"join","room":"{room}"}}"#);
+            assert_eq!(code(&text), Code::BadOp, "{text}");
+        }
+        assert!(matches!(
+            parse(r#"{"t":"msg","seq":1,"op":"join","room":"café ☕ 1"}"#),
+            Ok(ClientFrame::Msg(1, Ok(Op::Join { .. })))
+        ));
+    }
+
+    #[test]
+    fn msg_len_is_the_rendered_length() {
+        for seq in [1, 9, 10, 99, 100, 12345, MAX_NUMBER] {
+            assert_eq!(msg(seq, b"}").len(), msg_len(seq, 1), "{seq}");
+        }
     }
 
     #[test]

@@ -13,6 +13,14 @@
  * (`maxInFlightBytes`) are unacknowledged at once. A message the server refuses rejects its
  * promise with the server's code; one larger than the server's `maxMessageBytes` is rejected
  * at once (`too_big`) and never sent.
+ *
+ * Losses: a message that arrives ahead of a gap is kept (up to `MAX_AHEAD` numbers ahead)
+ * and the ack names what is missing (`missing`); what the server names missing is resent at
+ * once. Both sides also resend on a timeout.
+ *
+ * Connecting: `connect` (and `ready`) reject with a `ConnectError` (refused, HTTP status,
+ * timeout, aborted) when the first connection fails, and the client closes; once welcomed,
+ * a lost connection is reconnected with backoff and the session resumed with its token.
  */
 
 import { E2EKey, type Key } from "./crypto.js";
@@ -39,6 +47,7 @@ export type ConnectionState = "connecting" | "open" | "reconnecting" | "closed";
 /** What it takes to resume a session in another process or page (see `ClientOptions.session`). */
 export interface SavedSession {
   clientId: string;
+  /** The welcome's secret: the id alone never resumes. Keep it like a password. */
   token: string;
   /** The last `seq` received from the server in order. */
   lastSeq: number;
@@ -62,8 +71,20 @@ export interface ClientOptions {
   /** Reconnect backoff: first delay, cap, in ms (defaults 100 and 5000), with jitter. */
   backoffMs?: number;
   maxBackoffMs?: number;
-  /** Give up on a connection that has not been welcomed within this long, in ms (default 5000). */
+  /**
+   * The first welcome must come within this long, in ms (default 10000), else `connect`
+   * rejects with `connect_timeout`. Until then, a connection that opened and was lost before
+   * its welcome is tried again; one that could not be made at all (refused, an HTTP status)
+   * rejects at once.
+   */
+  connectTimeoutMs?: number;
+  /** Try again when an open connection has not been welcomed within this long, in ms (default 5000). */
   helloTimeoutMs?: number;
+  /**
+   * Aborts connecting (`connect` rejects with `aborted`), or closes the client once
+   * connected, when it fires.
+   */
+  signal?: AbortSignal;
   /**
    * Messages accepted and not yet acknowledged, at most (default 1000): past it, `publish`,
    * `join`, `leave` and `request` reject at once with `queue_full`. `pending` says how many.
@@ -71,8 +92,8 @@ export interface ClientOptions {
   maxPending?: number;
   /**
    * Messages written and not yet acknowledged, at most, and their bytes (defaults 256 and
-   * 128 KiB; keep the bytes below the server's `--outbound-queue-bytes`). Others wait in
-   * the queue.
+   * 128 KiB; keep the bytes below the server's `--outbound-queue-bytes`, what it keeps of
+   * messages that arrive ahead of a lost one). Others wait in the queue.
    */
   maxInFlight?: number;
   maxInFlightBytes?: number;
@@ -106,13 +127,80 @@ export interface IncomingRequest<Q> {
   data: Q;
 }
 
+/** The codes of the server's `error` frames and error responses (protocol/reliable.md). */
+export type ServerErrorCode =
+  | "bad_json"
+  | "bad_frame"
+  | "binary_frame"
+  | "hello_required"
+  | "already_welcomed"
+  | "seq_gap"
+  | "bad_ack"
+  | "bad_op"
+  | "not_member"
+  | "room_full"
+  | "too_many_rooms"
+  | "server_busy"
+  | "unknown_client"
+  | "unknown_request"
+  | "duplicate_request"
+  | "bad_request"
+  | "too_many_clients"
+  | "timeout"
+  | "overflow"
+  | "replaced";
+
+/** Codes of error responses made by (TypeScript) clients. */
+export type ResponseErrorCode = "no_handler" | "handler_error";
+
+/**
+ * Why connecting failed: refused (nothing listens, unreachable, DNS), an HTTP answer instead
+ * of the upgrade (`status`: a wrong path, a proxy), failed (in browsers, which do not say
+ * which of those it was; or a bad URL), no welcome in time, aborted by the `signal`.
+ */
+export type ConnectErrorCode = "connect_refused" | "connect_http" | "connect_failed" | "connect_timeout" | "aborted";
+
+/** The client's own codes. */
+export type ClientErrorCode =
+  | "closed"
+  | "reset"
+  | "queue_full"
+  | "too_big"
+  | "timeout"
+  | "e2e_plaintext"
+  | "e2e_decrypt"
+  | "client"
+  | ConnectErrorCode;
+
+/**
+ * Every code a `ProtocolError` may have. A code the client does not know (a newer server's,
+ * or another client's own error response code) is `unknown_error`, with the code as received
+ * at the start of the message.
+ */
+export type ErrorCode = ServerErrorCode | ResponseErrorCode | ClientErrorCode | "unknown_error";
+
+const KNOWN_CODES = new Set<string>([
+  "bad_json", "bad_frame", "binary_frame", "hello_required", "already_welcomed", "seq_gap", "bad_ack",
+  "bad_op", "not_member", "room_full", "too_many_rooms", "server_busy", "unknown_client", "unknown_request",
+  "duplicate_request", "bad_request", "too_many_clients", "timeout", "overflow", "replaced",
+  "no_handler", "handler_error",
+]);
+
+/** A ProtocolError from a code and message as received on the wire. */
+function wireError(code: unknown, message: unknown, seq?: number): ProtocolError {
+  const c = String(code);
+  return KNOWN_CODES.has(c)
+    ? new ProtocolError(c as ErrorCode, String(message ?? ""), seq)
+    : new ProtocolError("unknown_error", `${c}: ${String(message ?? "")}`, seq);
+}
+
 /**
  * An error the server reported (`{"t":"error"}`), an error response, or the client's own
- * (`closed`, `reset`, `queue_full`, `too_big`, `timeout`, `e2e_*`).
+ * (`closed`, `reset`, `queue_full`, `too_big`, `timeout`, `e2e_*`, `connect_*`, `aborted`).
  */
 export class ProtocolError extends Error {
   constructor(
-    public readonly code: string,
+    public readonly code: ErrorCode,
     message: string,
     public readonly seq?: number,
     /**
@@ -124,6 +212,18 @@ export class ProtocolError extends Error {
   ) {
     super(`${code}: ${message}`);
     this.name = "ProtocolError";
+  }
+}
+
+/** Connecting failed (see `ConnectErrorCode`); `status` is the HTTP status of `connect_http`. */
+export class ConnectError extends ProtocolError {
+  constructor(
+    code: ConnectErrorCode,
+    message: string,
+    public readonly status?: number,
+  ) {
+    super(code, message);
+    this.name = "ConnectError";
   }
 }
 
@@ -144,7 +244,8 @@ export interface Events<T> {
   join: { room: string; clientId: string };
   leave: { room: string; clientId: string };
   /** Errors no promise reports: server errors without a `seq`, refusals of the client's own
-   * messages (rejoins, responses), and undecryptable room messages. */
+   * messages (rejoins, responses), undecryptable room messages, and the failure of the first
+   * connection (a `ConnectError`, also the rejection of `connect` and `ready`). */
   error: ProtocolError;
 }
 
@@ -161,10 +262,11 @@ interface Outgoing {
   sentAt: number;
   /**
    * Times resent on the current connection after its timeout: each doubles the next timeout
-   * (up to 8x), so that a server holding this sender back (back-pressure) is not flooded
-   * with copies.
+   * (up to 8x), so that a congested path is not flooded with copies.
    */
   resends: number;
+  /** When it was last resent because the server named it missing (0: never). */
+  requestedAt: number;
   /** The server's refusal (an error with this seq), settled when the ack comes. */
   refused: ProtocolError | null;
   /** No caller awaits it (rejoins after a reset, responses): refusals go to `error`. */
@@ -185,6 +287,10 @@ interface Waiting<R> {
 const OPEN = 1;
 /** The longest `seq` (2^53 - 1), for sizes before numbering. */
 const MAX_SEQ = 9007199254740991;
+/** How far past the last message received in order one ahead of a gap is kept. */
+export const MAX_AHEAD = 1024;
+/** The most ranges one ack names missing (the protocol's maximum). */
+const MAX_MISSING_RANGES = 64;
 
 /**
  * Marks a promise as handled, so that one the caller does not await (a fire-and-forget
@@ -268,7 +374,7 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
 
   private token: string | null = null;
   private ws: SocketLike | null = null;
-  private readonly opts: Required<Omit<ClientOptions, "e2eKey" | "WebSocket" | "session">>;
+  private readonly opts: Required<Omit<ClientOptions, "e2eKey" | "WebSocket" | "session" | "signal">>;
   private readonly factory: SocketFactory;
   private readonly key: E2EKey | null = null;
   private heartbeatMs = 15000;
@@ -288,6 +394,10 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
   /** Last seq received in order from the server; acks owed. */
   private inSeq = 0;
   private ackOwed = 0;
+  /** Messages received ahead of a gap, by seq, on the current connection. */
+  private ahead = new Map<number, any>();
+  /** When an ack last named what is missing. */
+  private missingToldAt = 0;
   private ackTimer: ReturnType<typeof setTimeout> | null = null;
   private pumpTimer: ReturnType<typeof setTimeout> | null = null;
 
@@ -302,6 +412,17 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
   private timer: ReturnType<typeof setInterval> | null = null;
   private reconnectTimer: ReturnType<typeof setTimeout> | null = null;
   private helloTimer: ReturnType<typeof setTimeout> | null = null;
+  /** The deadline of the first welcome. */
+  private connectTimer: ReturnType<typeof setTimeout> | null = null;
+  /** Whether the current socket opened (a failure before is final for the first connection). */
+  private opened = false;
+  /** Settled by the first welcome, or by the failure of the first connection. */
+  private readonly first: Promise<void>;
+  private settleFirst: (e?: ProtocolError) => void = noop;
+  /** What the current connection attempt failed with, as far as the socket said. */
+  private failure: { message?: string; code?: string } | null = null;
+  /** An error frame received before the first welcome (`too_many_clients`). */
+  private refusal: ProtocolError | null = null;
   private lastHeard = 0;
   private lastHb = 0;
   private lastFastResend = 0;
@@ -328,6 +449,7 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
       requestTimeoutMs: options.requestTimeoutMs ?? 10000,
       backoffMs: options.backoffMs ?? 100,
       maxBackoffMs: options.maxBackoffMs ?? 5000,
+      connectTimeoutMs: options.connectTimeoutMs ?? 10000,
       helloTimeoutMs: options.helloTimeoutMs ?? 5000,
       maxPending: options.maxPending ?? 1000,
       maxInFlight: options.maxInFlight ?? 256,
@@ -342,6 +464,40 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
       this.inSeq = options.session.lastSeq;
       this.rooms = new Set(options.session.rooms ?? []);
     }
+    this.first = handled(
+      new Promise<void>((resolve, reject) => {
+        this.settleFirst = (e) => {
+          this.settleFirst = noop;
+          if (e) reject(e);
+          else resolve();
+        };
+      }),
+    );
+    const signal = options.signal;
+    if (signal) {
+      const onAbort = () => {
+        if (this.everWelcomed) this.close();
+        else this.fail(new ConnectError("aborted", String(signal.reason ?? "aborted")));
+      };
+      if (signal.aborted) {
+        queueMicrotask(onAbort);
+      } else {
+        signal.addEventListener("abort", onAbort, { once: true });
+      }
+    }
+    if (signal?.aborted) return;
+    this.connectTimer = setTimeout(() => {
+      this.connectTimer = null;
+      if (this.everWelcomed) return;
+      const ws = this.ws;
+      this.ws = null;
+      try {
+        ws?.close();
+      } catch {
+        // Not open yet: dropping it is all that can be done.
+      }
+      this.fail(new ConnectError("connect_timeout", `not welcomed within ${this.opts.connectTimeoutMs} ms`));
+    }, this.opts.connectTimeoutMs);
     this.open();
   }
 
@@ -388,10 +544,20 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
 
   // ---- API ----
 
-  /** Resolves once welcomed (at once if already). */
+  /**
+   * Resolves once welcomed (at once if already). Before the first welcome, rejects with a
+   * `ConnectError` (or the server's refusal, `too_many_clients`) if connecting fails.
+   */
   async ready(): Promise<void> {
     if (this.welcomed) return;
+    if (!this.everWelcomed) return this.first;
+    if (this.closedByUser) throw new ProtocolError("closed", "client closed");
     await this.once("open");
+  }
+
+  /** A handle on one room: its own payload type, events and operations. */
+  room<U = T>(name: string): Room<U> {
+    return new Room<U>(this as unknown as ReliableClient<U, any, any>, name);
   }
 
   /** Joins a room; resolves when the server has accepted it (rejects with its refusal, e.g. `room_full`). */
@@ -432,7 +598,22 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
    * and not acknowledged reject with `closed` and `outcomeUnknown`.
    */
   close(): void {
+    this.end(new ProtocolError("closed", "client closed before it was sent"));
+  }
+
+  /** The first connection failed: the client ends, and `connect` rejects with `e`. */
+  private fail(e: ProtocolError): void {
+    if (this.closedByUser) return;
+    this.emit("error", e);
+    this.end(e);
+  }
+
+  /** Ends the client for good; messages never sent reject with `unsent`. */
+  private end(unsent: ProtocolError): void {
+    if (this.closedByUser) return;
     this.closedByUser = true;
+    this.settleFirst(unsent);
+    if (this.connectTimer) clearTimeout(this.connectTimer);
     this.stopTimers();
     if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
     if (this.pumpTimer) clearTimeout(this.pumpTimer);
@@ -441,13 +622,13 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
     this.ws = null;
     for (const [id, w] of this.waiting) {
       clearTimeout(w.timer);
-      w.reject(new ProtocolError("closed", "client closed before the response", undefined, w.sent));
+      w.reject(w.sent ? new ProtocolError("closed", "client closed before the response", undefined, true) : unsent);
       this.waiting.delete(id);
     }
     for (const o of this.unacked) {
       o.failed(new ProtocolError("closed", "client closed before the server acknowledged it: it may or may not have been carried out", o.seq, true));
     }
-    for (const o of this.queue) o.failed(new ProtocolError("closed", "client closed before it was sent"));
+    for (const o of this.queue) o.failed(unsent);
     this.unacked = [];
     this.queue = [];
     this.inFlightBytes = 0;
@@ -565,6 +746,7 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
       bytes: utf8Length(JSON.stringify({ t: "msg", seq: MAX_SEQ, ...body })),
       sentAt: 0,
       resends: 0,
+      requestedAt: 0,
       refused: null,
       internal: !!how.internal,
       requestId: how.requestId,
@@ -651,15 +833,21 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
     this.welcomed = false;
     this.setState(this.attempts === 0 && !this.everWelcomed ? "connecting" : "reconnecting");
     let ws: SocketLike;
+    this.failure = null;
+    this.opened = false;
     try {
       ws = new this.factory(this.opts.url);
-    } catch {
-      this.scheduleReconnect();
+    } catch (e) {
+      // A bad URL: it will not get better.
+      const message = String((e as Error)?.message ?? e);
+      if (!this.everWelcomed) queueMicrotask(() => this.fail(new ConnectError("connect_failed", message)));
+      else this.scheduleReconnect();
       return;
     }
     this.ws = ws;
     ws.onopen = () => {
       if (this.ws !== ws) return;
+      this.opened = true;
       const hello: Record<string, unknown> = { t: "hello" };
       if (this.clientId && this.token) {
         hello.clientId = this.clientId;
@@ -680,15 +868,22 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
       }
       this.onFrame(frame);
     };
-    ws.onclose = () => {
+    ws.onclose = (ev) => {
       if (this.ws !== ws) return;
+      if (!this.everWelcomed && (!this.opened || this.refusal)) {
+        this.ws = null;
+        this.fail(this.refusal ?? connectError(this.failure, ev?.code));
+        return;
+      }
       this.lost();
     };
-    ws.onerror = () => {
-      // Followed by onclose.
+    ws.onerror = (ev) => {
+      // Followed by onclose. Node's `ws` says why (browsers do not).
+      if (this.ws === ws) this.failure = { message: ev?.message ?? ev?.error?.message, code: ev?.error?.code };
     };
     this.helloTimer = setTimeout(() => {
-      if (this.ws === ws && !this.welcomed) this.drop(ws);
+      // A first connection still opening is left to the connect deadline.
+      if (this.ws === ws && !this.welcomed && (this.opened || this.everWelcomed)) this.drop(ws);
     }, this.opts.helloTimeoutMs);
   }
 
@@ -707,6 +902,8 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
     this.ws = null;
     this.welcomed = false;
     this.pacer = null;
+    // The resume resends everything after inSeq.
+    this.ahead.clear();
     if (this.closedByUser) return;
     this.setState("reconnecting");
     this.scheduleReconnect();
@@ -766,6 +963,9 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
     if (this.timer) clearInterval(this.timer);
     this.timer = setInterval(() => this.onTick(), tick);
     this.emit("open", { clientId: f.clientId, resumed: !!f.resumed });
+    if (this.connectTimer) clearTimeout(this.connectTimer);
+    this.connectTimer = null;
+    this.settleFirst();
     this.pump();
   }
 
@@ -830,11 +1030,51 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
       this.drop(ws);
       return;
     }
-    if (t - this.lastHb >= this.heartbeatMs && this.control({ t: "hb", ack: this.inSeq })) {
+    if (t - this.lastHb >= this.heartbeatMs && this.control(this.withMissing({ t: "hb", ack: this.inSeq }))) {
       this.lastHb = t;
       this.ackOwed = 0;
+    } else if (this.ahead.size > 0 && t - this.missingToldAt >= this.opts.resendMs / 8) {
+      // Still a gap: say so again, in case that ack was lost too.
+      this.ackOwed = Math.max(this.ackOwed, 1);
+      this.sendAck();
     }
     this.pump();
+  }
+
+  /** Adds `missing` (the gaps before the messages kept ahead) to an ack or heartbeat. */
+  private withMissing(frame: Record<string, unknown>): Record<string, unknown> {
+    if (this.ahead.size === 0) return frame;
+    const missing: [number, number][] = [];
+    let next = this.inSeq + 1;
+    for (const seq of [...this.ahead.keys()].sort((a, b) => a - b)) {
+      if (seq > next) {
+        if (missing.length === MAX_MISSING_RANGES) break;
+        missing.push([next, seq - 1]);
+      }
+      next = seq + 1;
+    }
+    this.missingToldAt = now();
+    return { ...frame, missing };
+  }
+
+  /** The server names messages it misses (it has later ones): resent at once. */
+  private resendMissing(missing: unknown): void {
+    if (!Array.isArray(missing)) return;
+    const t = now();
+    let any = false;
+    for (const range of missing) {
+      if (!Array.isArray(range)) continue;
+      const [from, to] = [Number(range[0]), Number(range[1])];
+      for (const o of this.unacked) {
+        if (o.seq < from || o.seq > to || o.sentAt === 0) continue;
+        // Asked again before the resend could arrive: one copy is enough.
+        if (o.requestedAt !== 0 && t - o.requestedAt < this.opts.resendMs / 8) continue;
+        o.requestedAt = t;
+        o.sentAt = 0;
+        any = true;
+      }
+    }
+    if (any) this.pump();
   }
 
   /** A cumulative ack from the server: settles what it covers. */
@@ -869,7 +1109,7 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
     if (this.ackTimer) clearTimeout(this.ackTimer);
     this.ackTimer = null;
     if (this.ackOwed === 0) return;
-    if (!this.control({ t: "ack", seq: this.inSeq })) {
+    if (!this.control(this.withMissing({ t: "ack", seq: this.inSeq }))) {
       // Out of pace: one cumulative ack a little later covers everything owed by then.
       if (this.pacer) this.ackTimer = setTimeout(() => this.sendAck(), this.pacer.waitMs(0));
       return;
@@ -884,13 +1124,20 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
         return;
       case "ack":
         this.ack(Number(f.seq));
+        this.resendMissing(f.missing);
         return;
       case "hb":
         this.ack(Number(f.ack));
+        this.resendMissing(f.missing);
         return;
       case "error": {
         const seq = typeof f.seq === "number" ? f.seq : undefined;
-        const e = new ProtocolError(String(f.code), String(f.message), seq);
+        const e = wireError(f.code, f.message, seq);
+        if (!this.everWelcomed) {
+          // A refusal of the hello (too_many_clients): the rejection of `connect`.
+          this.refusal = e;
+          return;
+        }
         if (f.code === "seq_gap") {
           // Something we sent was lost: resend everything unacknowledged now, at most once
           // per half resend period (every message after the lost one reports the same gap).
@@ -923,10 +1170,28 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
       return;
     }
     if (seq !== this.inSeq + 1) {
-      // Ahead of a gap: dropped; the server resends from the gap.
+      // Ahead of a gap (a message before it was lost): kept, and the gap named at once,
+      // unless it was just named (every message after a loss would repeat it).
+      if (seq - this.inSeq > MAX_AHEAD || this.ahead.has(seq)) {
+        this.owe();
+        return;
+      }
+      this.ahead.set(seq, f);
+      this.ackOwed++;
+      if (now() - this.missingToldAt >= this.opts.resendMs / 8) this.sendAck();
+      else this.owe();
       return;
     }
-    this.inSeq = seq;
+    this.accept(f);
+    for (let next = this.ahead.get(this.inSeq + 1); next !== undefined; next = this.ahead.get(this.inSeq + 1)) {
+      this.ahead.delete(this.inSeq + 1);
+      this.accept(next);
+    }
+  }
+
+  /** The next message in order: counted, acknowledged in time, delivered. */
+  private accept(f: any): void {
+    this.inSeq = Number(f.seq);
     this.owe();
     this.deliverChain = this.deliverChain
       .then(() => this.deliver(f))
@@ -968,7 +1233,7 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
         this.waiting.delete(Number(f.id));
         clearTimeout(w.timer);
         if (f.error !== undefined) {
-          w.reject(new ProtocolError(String(f.error?.code ?? "error"), String(f.error?.message ?? "")));
+          w.reject(wireError(f.error?.code, f.error?.message));
         } else {
           w.resolve(f.data as R);
         }
@@ -999,11 +1264,89 @@ export class ReliableClient<T = unknown, Q = unknown, R = unknown> {
   }
 }
 
-/** Connects; resolves once welcomed. */
+/** What a room handle's listeners receive. */
+export interface RoomEvents<T> {
+  message: { from: string; data: T };
+  join: { clientId: string };
+  leave: { clientId: string };
+}
+
+/**
+ * One room of a client (`client.room<T>(name)`), with its own payload type: its operations,
+ * and its events only. Handles are cheap: any number may exist for a room.
+ */
+export class Room<T = unknown> {
+  constructor(
+    // Request and response types do not matter to a room.
+    private readonly client: ReliableClient<T, any, any>,
+    public readonly name: string,
+  ) {}
+
+  /** Joins it (see `ReliableClient.join`). */
+  join(): Promise<void> {
+    return this.client.join(this.name);
+  }
+
+  leave(): Promise<void> {
+    return this.client.leave(this.name);
+  }
+
+  publish(data: T): Promise<void> {
+    return this.client.publish(this.name, data);
+  }
+
+  /** Its members' ids (the client must be a member). */
+  presence(): Promise<string[]> {
+    return this.client.presence(this.name);
+  }
+
+  /** Listens to this room's messages, joins or leaves; returns the function that stops it. */
+  on<K extends keyof RoomEvents<T>>(event: K, listener: (value: RoomEvents<T>[K]) => void): () => void {
+    const name = this.name;
+    switch (event) {
+      case "message":
+        return this.client.on("message", (m) => {
+          if (m.room === name) (listener as (v: RoomEvents<T>["message"]) => void)({ from: m.from, data: m.data });
+        });
+      case "join":
+      case "leave":
+        return this.client.on(event as "join" | "leave", (m) => {
+          if (m.room === name) (listener as (v: { clientId: string }) => void)({ clientId: m.clientId });
+        });
+      default:
+        throw new TypeError(`no room event ${String(event)}`);
+    }
+  }
+
+  /** Resolves with the next `event` of this room. */
+  once<K extends keyof RoomEvents<T>>(event: K): Promise<RoomEvents<T>[K]> {
+    return new Promise((resolve) => {
+      const off = this.on(event, (v) => {
+        off();
+        resolve(v);
+      });
+    });
+  }
+}
+
+/**
+ * Connects; resolves once welcomed, rejects with a `ConnectError` if the connection fails
+ * (see `ClientOptions.connectTimeoutMs` and `signal`).
+ */
 export async function connect<T = unknown, Q = unknown, R = unknown>(
   options: ClientOptions,
 ): Promise<ReliableClient<T, Q, R>> {
   const c = new ReliableClient<T, Q, R>(options);
   await c.ready();
   return c;
+}
+
+/** The ConnectError for a socket that closed before its welcome. */
+function connectError(failure: { message?: string; code?: string } | null, closeCode?: number): ConnectError {
+  const message = failure?.message ?? `connection closed before the welcome${closeCode ? ` (close ${closeCode})` : ""}`;
+  const status = /Unexpected server response: (\d+)/.exec(message);
+  if (status) return new ConnectError("connect_http", message, Number(status[1]));
+  const refused = ["ECONNREFUSED", "ENOTFOUND", "EAI_AGAIN", "EHOSTUNREACH", "ENETUNREACH", "ECONNRESET"];
+  if (failure?.code && refused.includes(failure.code)) return new ConnectError("connect_refused", message);
+  return new ConnectError("connect_failed", message);
 }
