@@ -18,7 +18,7 @@
 //! - [`store`]: the durable store's backends (SQLite in the data directory, PostgreSQL),
 //!   whose tables belong to the front-ends that keep data.
 //! - [`server`]: listener, routes, shared state and graceful shutdown; [`config`];
-//!   [`metrics`].
+//!   [`metrics`]; [`health`] (`/healthz`, `/readyz`).
 #![forbid(unsafe_code)]
 
 pub mod channels;
@@ -27,6 +27,7 @@ pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod echo;
+pub mod health;
 pub mod hunterpie;
 pub mod limits;
 pub mod logs;
