@@ -34,6 +34,11 @@ pub struct Settings {
     #[arg(long, env = "SUPERSYNK_CONFIG")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// Check the settings (flags, environment, file) and the TLS files, say what is wrong
+    /// naming the flag, and exit: 0 when valid, 2 when not. Connects to nothing
+    #[arg(long)]
+    #[serde(skip)]
+    pub check_config: bool,
     /// Address to listen on [default: 0.0.0.0]
     #[arg(long, env = "SUPERSYNK_BIND")]
     pub bind: Option<IpAddr>,
@@ -261,10 +266,21 @@ pub enum ConfigError {
     Read(PathBuf, std::io::Error),
     #[error("invalid config file {0}: {1}")]
     Parse(PathBuf, toml::de::Error),
-    #[error("invalid value {value:?} for environment variable {name}")]
-    Env { name: &'static str, value: String },
+    #[error("invalid value {value:?} for environment variable {name} ({flag})")]
+    Env {
+        name: &'static str,
+        flag: &'static str,
+        value: String,
+    },
+    /// A value that parses but cannot be used; the message starts with the flag.
     #[error("{0}")]
     Invalid(String),
+}
+
+/// `flag` (as given on the command line; the file key and variable are named after it) and
+/// what is wrong with its value.
+fn invalid(flag: &str, problem: &str) -> ConfigError {
+    ConfigError::Invalid(format!("{flag} {problem}"))
 }
 
 /// The resolved configuration.
@@ -284,6 +300,8 @@ pub struct Config {
     pub echo_endpoint: bool,
     pub log: String,
     pub log_format: LogFormat,
+    /// `--check-config`: check these settings and exit (not a setting of the server).
+    pub check_config: bool,
     pub limits: Limits,
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub allowed_origins: Vec<String>,
@@ -397,7 +415,11 @@ impl Default for Config {
 
 macro_rules! merge {
     ($top:expr, $base:expr, $($field:ident),*) => {
-        Settings { config: $top.config.or($base.config), $($field: $top.$field.or($base.$field)),* }
+        Settings {
+            config: $top.config.or($base.config),
+            check_config: $top.check_config || $base.check_config,
+            $($field: $top.$field.or($base.$field)),*
+        }
     };
 }
 
@@ -475,11 +497,14 @@ impl Settings {
     /// where the new names are not set.
     pub fn from_legacy_env() -> Result<Settings, ConfigError> {
         Ok(Settings {
-            redis_url: legacy("REDIS_URL")?,
-            database_url: legacy("DATABASE_URL")?,
-            port: legacy("PORT")?,
-            socket_timeout_ms: legacy("SOCKET_TIMEOUT")?,
-            socket_timeout_check_interval_ms: legacy("SOCKET_TIMEOUT_CHECK_INTERVAL")?,
+            redis_url: legacy("REDIS_URL", "--redis-url")?,
+            database_url: legacy("DATABASE_URL", "--database-url")?,
+            port: legacy("PORT", "--port")?,
+            socket_timeout_ms: legacy("SOCKET_TIMEOUT", "--socket-timeout-ms")?,
+            socket_timeout_check_interval_ms: legacy(
+                "SOCKET_TIMEOUT_CHECK_INTERVAL",
+                "--socket-timeout-check-interval-ms",
+            )?,
             ..Settings::default()
         })
     }
@@ -491,13 +516,20 @@ impl Settings {
     }
 }
 
-fn legacy<T: std::str::FromStr>(name: &'static str) -> Result<Option<T>, ConfigError> {
+fn legacy<T: std::str::FromStr>(
+    name: &'static str,
+    flag: &'static str,
+) -> Result<Option<T>, ConfigError> {
     match std::env::var(name) {
         Ok(v) => v
             .trim()
             .parse()
             .map(Some)
-            .map_err(|_| ConfigError::Env { name, value: v }),
+            .map_err(|_| ConfigError::Env {
+                name,
+                flag,
+                value: v,
+            }),
         Err(_) => Ok(None),
     }
 }
@@ -537,6 +569,7 @@ impl Config {
             echo_endpoint: s.echo_endpoint.unwrap_or(false),
             log: s.log.unwrap_or_else(|| "info".into()),
             log_format: s.log_format.unwrap_or(LogFormat::Text),
+            check_config: s.check_config,
             limits: Limits {
                 max_connections: s.max_connections.unwrap_or(100_000),
                 max_connections_per_ip: s.max_connections_per_ip.unwrap_or(200),
@@ -611,97 +644,110 @@ impl Config {
                 (Some(c), Some(k)) => Some((c, k)),
                 (None, None) => None,
                 _ => {
-                    return Err(ConfigError::Invalid(
-                        "--tls-cert and --tls-key go together".into(),
-                    ));
+                    return Err(invalid("--tls-cert", "and --tls-key go together"));
                 }
             },
         };
         let l = &config.limits;
-        if l.messages_per_second == 0
-            || l.message_burst == 0
-            || l.session_switches_per_minute == 0
-            || l.http_requests_per_second == 0
-        {
-            return Err(ConfigError::Invalid("rate limits must be above 0".into()));
+        for (flag, value) in [
+            ("--messages-per-second", l.messages_per_second),
+            ("--message-burst", l.message_burst),
+            ("--session-switches-per-minute", l.session_switches_per_minute),
+            ("--http-requests-per-second", l.http_requests_per_second),
+        ] {
+            if value == 0 {
+                return Err(invalid(flag, "must be above 0"));
+            }
         }
-        if config.socket_timeout_check_interval.is_zero() || config.socket_timeout.is_zero() {
-            return Err(ConfigError::Invalid(
-                "socket timeouts must be above 0".into(),
+        if config.socket_timeout.is_zero() {
+            return Err(invalid("--socket-timeout-ms", "must be above 0"));
+        }
+        if config.socket_timeout_check_interval.is_zero() {
+            return Err(invalid(
+                "--socket-timeout-check-interval-ms",
+                "must be above 0",
             ));
         }
         if config.max_message_bytes < 1024 {
-            return Err(ConfigError::Invalid(
-                "max-message-bytes must be at least 1024".into(),
-            ));
+            return Err(invalid("--max-message-bytes", "must be at least 1024"));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log) {
+            return Err(invalid("--log", &format!("is not a valid filter: {e}")));
         }
         if let Some(c) = &config.cluster {
-            redis::Client::open(c.redis_url.as_str())
-                .map_err(|e| ConfigError::Invalid(format!("invalid --redis-url: {e}")))?;
-            if c.node_timeout < Duration::from_millis(300) {
-                return Err(ConfigError::Invalid(
-                    "node-timeout-ms must be at least 300".into(),
+            if let Err(e) = redis::Client::open(c.redis_url.as_str()) {
+                return Err(invalid(
+                    "--redis-url",
+                    &format!("is not a valid Redis URL: {e}"),
                 ));
+            }
+            if c.node_timeout < Duration::from_millis(300) {
+                return Err(invalid("--node-timeout-ms", "must be at least 300"));
             }
         }
         let r = &config.reliable;
-        if r.heartbeat < Duration::from_millis(20)
-            || r.resend < Duration::from_millis(10)
-            || r.request_timeout.is_zero()
-            || r.buffer_messages == 0
-            || r.buffer_bytes == 0
-            || r.max_clients == 0
-            || r.max_detached_per_ip == 0
-        {
-            return Err(ConfigError::Invalid(
-                "reliable-heartbeat-ms must be at least 20, reliable-resend-ms at least 10, \
-                 and the other reliable settings above 0"
-                    .into(),
-            ));
+        if r.heartbeat < Duration::from_millis(20) {
+            return Err(invalid("--reliable-heartbeat-ms", "must be at least 20"));
+        }
+        if r.resend < Duration::from_millis(10) {
+            return Err(invalid("--reliable-resend-ms", "must be at least 10"));
+        }
+        for (flag, zero) in [
+            ("--reliable-request-timeout-ms", r.request_timeout.is_zero()),
+            ("--reliable-buffer-messages", r.buffer_messages == 0),
+            ("--reliable-buffer-bytes", r.buffer_bytes == 0),
+            ("--reliable-max-clients", r.max_clients == 0),
+            ("--reliable-max-detached-per-ip", r.max_detached_per_ip == 0),
+        ] {
+            if zero {
+                return Err(invalid(flag, "must be above 0"));
+            }
         }
         if r.backpressure > r.heartbeat {
             // A waiting reader may stop reading (when its read-ahead is full): it must not
             // wait long enough for its peer to look silent.
-            return Err(ConfigError::Invalid(
-                "reliable-backpressure-ms must be at most reliable-heartbeat-ms".into(),
+            return Err(invalid(
+                "--reliable-backpressure-ms",
+                "must be at most --reliable-heartbeat-ms",
             ));
         }
-        if let StoreConfig::Postgres(url) = &config.store {
-            url.parse::<tokio_postgres::Config>()
-                .map_err(|e| ConfigError::Invalid(format!("invalid --database-url: {e}")))?;
-        }
-        if config.messages.queue_limit == 0 || config.messages.max_bytes == 0 {
-            return Err(ConfigError::Invalid(
-                "messages-queue-limit and messages-max-bytes must be above 0".into(),
+        if let StoreConfig::Postgres(url) = &config.store
+            && let Err(e) = url.parse::<tokio_postgres::Config>()
+        {
+            return Err(invalid(
+                "--database-url",
+                &format!("is not a valid PostgreSQL URL: {e}"),
             ));
+        }
+        if config.messages.queue_limit == 0 {
+            return Err(invalid("--messages-queue-limit", "must be above 0"));
+        }
+        if config.messages.max_bytes == 0 {
+            return Err(invalid("--messages-max-bytes", "must be above 0"));
         }
         if config.messages.max_bytes > config.max_message_bytes {
-            return Err(ConfigError::Invalid(format!(
-                "messages-max-bytes ({}) cannot be above max-message-bytes ({}): larger \
-                 frames are closed by the WebSocket layer",
-                config.messages.max_bytes, config.max_message_bytes
-            )));
+            return Err(invalid(
+                "--messages-max-bytes",
+                &format!(
+                    "{} cannot be above --max-message-bytes ({}): larger frames are closed by \
+                     the WebSocket layer",
+                    config.messages.max_bytes, config.max_message_bytes
+                ),
+            ));
         }
         if config.messages.ping_interval < Duration::from_millis(100) {
-            return Err(ConfigError::Invalid(
-                "messages-ping-interval-ms must be at least 100".into(),
-            ));
+            return Err(invalid("--messages-ping-interval-ms", "must be at least 100"));
         }
-        if config.logs.per_second == 0
-            || config.logs.store_queue_entries == 0
-            || config.logs.store_queue_bytes == 0
-            || config.logs.body_timeout.is_zero()
-        {
-            return Err(ConfigError::Invalid(
-                "logs-per-second, logs-store-queue, logs-store-queue-bytes and \
-                 logs-body-timeout-ms must be above 0"
-                    .into(),
-            ));
-        }
-        if config.logs.ping_interval.is_zero() {
-            return Err(ConfigError::Invalid(
-                "logs-ping-interval-ms must be above 0".into(),
-            ));
+        for (flag, zero) in [
+            ("--logs-per-second", config.logs.per_second == 0),
+            ("--logs-store-queue", config.logs.store_queue_entries == 0),
+            ("--logs-store-queue-bytes", config.logs.store_queue_bytes == 0),
+            ("--logs-body-timeout-ms", config.logs.body_timeout.is_zero()),
+            ("--logs-ping-interval-ms", config.logs.ping_interval.is_zero()),
+        ] {
+            if zero {
+                return Err(invalid(flag, "must be above 0"));
+            }
         }
         if config
             .logs
@@ -709,12 +755,13 @@ impl Config {
             .parse::<tracing_subscriber::filter::LevelFilter>()
             .is_err()
         {
-            return Err(ConfigError::Invalid(
-                "logs-server-level must be off, error, warn, info, debug or trace".into(),
+            return Err(invalid(
+                "--logs-server-level",
+                "must be off, error, warn, info, debug or trace",
             ));
         }
         if config.deflate_level > 9 {
-            return Err(ConfigError::Invalid("deflate-level must be 0-9".into()));
+            return Err(invalid("--deflate-level", "must be 0-9"));
         }
         Ok(config)
     }
