@@ -521,15 +521,11 @@ fn legacy<T: std::str::FromStr>(
     flag: &'static str,
 ) -> Result<Option<T>, ConfigError> {
     match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .map(Some)
-            .map_err(|_| ConfigError::Env {
-                name,
-                flag,
-                value: v,
-            }),
+        Ok(v) => v.trim().parse().map(Some).map_err(|_| ConfigError::Env {
+            name,
+            flag,
+            value: v,
+        }),
         Err(_) => Ok(None),
     }
 }
@@ -652,7 +648,10 @@ impl Config {
         for (flag, value) in [
             ("--messages-per-second", l.messages_per_second),
             ("--message-burst", l.message_burst),
-            ("--session-switches-per-minute", l.session_switches_per_minute),
+            (
+                "--session-switches-per-minute",
+                l.session_switches_per_minute,
+            ),
             ("--http-requests-per-second", l.http_requests_per_second),
         ] {
             if value == 0 {
@@ -736,14 +735,23 @@ impl Config {
             ));
         }
         if config.messages.ping_interval < Duration::from_millis(100) {
-            return Err(invalid("--messages-ping-interval-ms", "must be at least 100"));
+            return Err(invalid(
+                "--messages-ping-interval-ms",
+                "must be at least 100",
+            ));
         }
         for (flag, zero) in [
             ("--logs-per-second", config.logs.per_second == 0),
             ("--logs-store-queue", config.logs.store_queue_entries == 0),
-            ("--logs-store-queue-bytes", config.logs.store_queue_bytes == 0),
+            (
+                "--logs-store-queue-bytes",
+                config.logs.store_queue_bytes == 0,
+            ),
             ("--logs-body-timeout-ms", config.logs.body_timeout.is_zero()),
-            ("--logs-ping-interval-ms", config.logs.ping_interval.is_zero()),
+            (
+                "--logs-ping-interval-ms",
+                config.logs.ping_interval.is_zero(),
+            ),
         ] {
             if zero {
                 return Err(invalid(flag, "must be above 0"));
@@ -782,6 +790,55 @@ mod tests {
             c.socket_timeout_check_interval,
             Duration::from_millis(80_000)
         );
+    }
+
+    #[test]
+    fn every_refused_value_names_its_flag() {
+        for (flag, bad) in [
+            ("--socket-timeout-ms", "0"),
+            ("--socket-timeout-check-interval-ms", "0"),
+            ("--max-message-bytes", "100"),
+            ("--messages-per-second", "0"),
+            ("--message-burst", "0"),
+            ("--session-switches-per-minute", "0"),
+            ("--http-requests-per-second", "0"),
+            ("--log", "a=["),
+            ("--reliable-heartbeat-ms", "10"),
+            ("--reliable-resend-ms", "5"),
+            ("--reliable-request-timeout-ms", "0"),
+            ("--reliable-buffer-messages", "0"),
+            ("--reliable-buffer-bytes", "0"),
+            ("--reliable-max-clients", "0"),
+            ("--reliable-max-detached-per-ip", "0"),
+            ("--reliable-backpressure-ms", "20000"),
+            ("--database-url", "postgres://a:b@c:notaport/d"),
+            ("--messages-queue-limit", "0"),
+            ("--messages-max-bytes", "0"),
+            ("--messages-max-bytes", "100000"),
+            ("--messages-ping-interval-ms", "10"),
+            ("--logs-per-second", "0"),
+            ("--logs-store-queue", "0"),
+            ("--logs-store-queue-bytes", "0"),
+            ("--logs-body-timeout-ms", "0"),
+            ("--logs-ping-interval-ms", "0"),
+            ("--logs-server-level", "loud"),
+            ("--tls-cert", "c.pem"),
+            ("--redis-url", "nope://x"),
+        ] {
+            let settings = Settings::try_parse_from(["s", flag, bad]).unwrap();
+            let e = Config::resolve(settings).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("{flag} ")), "{flag} {bad}: {e}");
+        }
+        let cluster = Settings::try_parse_from([
+            "s",
+            "--redis-url",
+            "redis://127.0.0.1",
+            "--node-timeout-ms",
+            "10",
+        ])
+        .unwrap();
+        let e = Config::resolve(cluster).unwrap_err().to_string();
+        assert!(e.starts_with("--node-timeout-ms "), "{e}");
     }
 
     #[test]

@@ -68,7 +68,10 @@ async fn not_ready_while_postgresql_is_unreachable() {
     })
     .await;
     let body = until_ready(server.local_addr, 503).await;
-    assert!(body.contains("store: store unreachable: PostgreSQL"), "{body}");
+    assert!(
+        body.contains("store: store unreachable: PostgreSQL"),
+        "{body}"
+    );
     // Probes are answered from a cache: a burst of them asks the store at most once a
     // second and each still answers quickly.
     let started = std::time::Instant::now();
@@ -117,7 +120,10 @@ async fn not_ready_while_draining_after_sigterm_but_alive() {
     assert_eq!(body, "not ready\ndraining: the server is shutting down\n");
     let (status, head, health) = http(addr, "GET", "/healthz", "").await;
     assert_eq!((status, health.as_str()), (200, "ok\n"));
-    assert!(head.to_ascii_lowercase().contains("connection: close"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
     // The metrics stay readable; anything else, upgrades included, is refused.
     assert!(metric(addr, "supersynk_connections_total").await >= 1.0);
     assert_eq!(http(addr, "GET", "/version", "").await.0, 503);

@@ -79,7 +79,14 @@ async fn traffic(addr: std::net::SocketAddr) {
             .unwrap();
     }
     let answer = tokio::time::timeout(WAIT, peer.next()).await.unwrap();
-    assert!(answer.unwrap().unwrap().to_text().unwrap().contains("does not exist"));
+    assert!(
+        answer
+            .unwrap()
+            .unwrap()
+            .to_text()
+            .unwrap()
+            .contains("does not exist")
+    );
     drop(peer);
     until_metric(&[addr], "supersynk_connections_open", 0.0).await;
 }
@@ -128,9 +135,8 @@ async fn openmetrics_when_the_scraper_asks_for_it() {
     .await;
     assert_eq!(status, 200);
     assert!(
-        head.to_ascii_lowercase().contains(
-            "content-type: application/openmetrics-text; version=1.0.0; charset=utf-8"
-        ),
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text; version=1.0.0; charset=utf-8"),
         "{head}"
     );
     assert!(body.ends_with("# EOF\n"));
@@ -141,8 +147,14 @@ async fn openmetrics_when_the_scraper_asks_for_it() {
     assert!(body.contains("# UNIT supersynk_relay_latency_seconds seconds\n"));
     // Asked for the text format, or for nothing we make: the text format.
     for accept in ["text/plain;version=0.0.4", "application/json"] {
-        let (_, head, _) =
-            http_with(server.local_addr, "GET", "/metrics", &[("Accept", accept)], "").await;
+        let (_, head, _) = http_with(
+            server.local_addr,
+            "GET",
+            "/metrics",
+            &[("Accept", accept)],
+            "",
+        )
+        .await;
         assert!(head.contains("version=0.0.4"), "{accept}: {head}");
     }
 }
@@ -222,7 +234,10 @@ async fn relay_latency_and_queue_histograms_count_real_deliveries() {
     }
     for f in [&mut f1, &mut f2] {
         for n in 0..PUSHES {
-            assert_eq!(recv(f).await, serde_json::from_str::<serde_json::Value>(&push(session, n)).unwrap());
+            assert_eq!(
+                recv(f).await,
+                serde_json::from_str::<serde_json::Value>(&push(session, n)).unwrap()
+            );
         }
     }
     // Each connection merges at most once a second, and when it ends: closed, every
@@ -253,7 +268,10 @@ async fn relay_latency_and_queue_histograms_count_real_deliveries() {
     // Every batch any connection wrote (pushes, sessionstates) was observed.
     let batches = sample("supersynk_outbound_queue_bytes_count");
     assert!(batches >= 2.0 && batches <= sample("supersynk_messages_out_total"));
-    assert!(sample("supersynk_outbound_queue_bytes_sum") >= (2 * PUSHES * push(session, 0).len()) as f64);
+    assert!(
+        sample("supersynk_outbound_queue_bytes_sum")
+            >= (2 * PUSHES * push(session, 0).len()) as f64
+    );
 }
 
 /// Every PromQL query of a Grafana dashboard (panel targets and variable queries).
@@ -309,7 +327,10 @@ async fn the_grafana_dashboard_queries_only_metrics_the_server_exports() {
         let names = metric_names(q);
         assert!(!names.is_empty(), "a query names no metric: {q}");
         for name in names {
-            assert!(exported.contains(&name), "{name} is not exported (query: {q})");
+            assert!(
+                exported.contains(&name),
+                "{name} is not exported (query: {q})"
+            );
         }
         if !q.starts_with("label_values(") {
             panel_exprs.push(q.clone());
