@@ -7,26 +7,9 @@ mod common;
 
 use std::process::Command;
 
-const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+use common::{compose, compose_json};
 
-/// `docker compose` (the plugin) where it exists, else `docker-compose`.
-fn compose(args: &[&str]) -> std::process::Output {
-    let plugin = Command::new("docker")
-        .args(["compose", "version"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    let mut cmd = if plugin {
-        let mut c = Command::new("docker");
-        c.arg("compose");
-        c
-    } else {
-        Command::new("docker-compose")
-    };
-    cmd.current_dir(ROOT)
-        .args(args)
-        .output()
-        .expect("docker compose or docker-compose is installed (scripts/deps.sh)")
-}
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 #[test]
 fn compose_file_is_valid_and_matches_the_nginx_upstream() {
@@ -54,34 +37,6 @@ fn compose_file_is_valid_and_matches_the_nginx_upstream() {
     upstream.sort();
     upstream.dedup();
     assert_eq!(upstream, ["supersynk-1", "supersynk-2"]);
-}
-
-/// `docker compose config` as JSON: the plugin's `--format json`, else Debian's
-/// docker-compose (YAML) through its own PyYAML.
-fn compose_json() -> serde_json::Value {
-    let plugin = Command::new("docker")
-        .args(["compose", "version"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    let text = if plugin {
-        let out = compose(&["config", "--format", "json"]);
-        String::from_utf8(out.stdout).unwrap()
-    } else {
-        let yaml = compose(&["config"]).stdout;
-        let mut child = Command::new("python3")
-            .args([
-                "-c",
-                "import sys, json, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)",
-            ])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3 (docker-compose's own)");
-        use std::io::Write as _;
-        child.stdin.take().unwrap().write_all(&yaml).unwrap();
-        String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
-    };
-    serde_json::from_str(&text).expect("compose config as JSON")
 }
 
 /// Runs a healthcheck's `test` as Docker would, here (`$$` is compose's escaped `$`).
@@ -127,14 +82,20 @@ async fn healthchecks_gate_startup_and_the_node_check_follows_readyz() {
         deps
     };
     let healthy = |s: &str| (s.to_string(), "service_healthy".to_string());
-    assert_eq!(needs("nginx"), [healthy("supersynk-1"), healthy("supersynk-2")]);
+    assert_eq!(
+        needs("nginx"),
+        [healthy("supersynk-1"), healthy("supersynk-2")]
+    );
     for node in ["supersynk-1", "supersynk-2"] {
         assert_eq!(needs(node), [healthy("postgres"), healthy("redis")]);
     }
     // Every healthcheck runs here as written, against the machine's Redis and PostgreSQL.
     for service in ["redis", "postgres"] {
         let test = &services[service]["healthcheck"]["test"];
-        assert!(run_healthcheck(test, &[]), "{service}'s healthcheck fails: {test}");
+        assert!(
+            run_healthcheck(test, &[]),
+            "{service}'s healthcheck fails: {test}"
+        );
     }
     // The node's: true for a ready node, false for one whose store is unusable and where
     // nothing listens.
@@ -144,7 +105,10 @@ async fn healthchecks_gate_startup_and_the_node_check_follows_readyz() {
     let port = |a: std::net::SocketAddr| vec![("SUPERSYNK_PORT", a.port().to_string())];
     let deadline = std::time::Instant::now() + common::WAIT;
     while !run_healthcheck(test, &port(ready)) {
-        assert!(std::time::Instant::now() < deadline, "a ready node fails its healthcheck");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a ready node fails its healthcheck"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     let (_broken_proc, broken) = common::spawn(&["--port", "0", "--data-dir", "/proc/nope"], &[]);

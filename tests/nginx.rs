@@ -147,9 +147,15 @@ async fn the_plugin_through_nginx_to_two_nodes() {
         let target = link.trim_start_matches(['"', '\'']);
         let target = &target[..target.find(['"', '\'', ' ', '>']).unwrap()];
         let (status, _, _) = http(nginx.addr, "GET", target, "").await;
-        assert_ne!(status, 404, "the status page links {target}, which nginx does not serve");
+        assert_ne!(
+            status, 404,
+            "the status page links {target}, which nginx does not serve"
+        );
     }
-    assert!(page.contains("<code>/metrics</code> on each node"), "{page}");
+    assert!(
+        page.contains("<code>/metrics</code> on each node"),
+        "{page}"
+    );
 
     // The plugin's exact handshake (permessage-deflate offered), through nginx.
     let session = "nginx@Session:Hunter";
