@@ -262,7 +262,9 @@ fn configuration_errors_are_one_plain_line_naming_the_flag() {
     std::fs::write(&zero_timeout, "socket-timeout-ms = 0\n").unwrap();
     let typo = dir.join("typo.toml");
     std::fs::write(&typo, "prot = 5001\n").unwrap();
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+    // (flags, environment, what the error says)
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             vec!["--socket-timeout-ms", "0"],
             vec![],
