@@ -233,6 +233,10 @@ fn draining_router(app: App) -> Router {
         .route("/readyz", get(crate::health::readyz))
         .route("/metrics", get(metrics))
         .fallback(|| async { (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n") })
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            http_rate_limit,
+        ))
         .with_state(app)
 }
 

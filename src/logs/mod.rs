@@ -242,9 +242,7 @@ impl Logs {
             logs.stream.flush();
         });
     }
-}
 
-impl Logs {
     /// After the server has stopped: lets the store's writer write what is queued (the
     /// server's last events included) and waits for it, within `grace`.
     pub async fn close_store(&self, grace: Duration) {
