@@ -3,7 +3,7 @@
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 # Dependencies first, so that changing the code does not rebuild them.
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 RUN mkdir -p src/bin/supersynk-bench \
     && echo 'fn main() {}' > src/main.rs \
     && echo 'fn main() {}' > src/bin/supersynk-bench/main.rs \
@@ -11,6 +11,10 @@ RUN mkdir -p src/bin/supersynk-bench \
     && cargo build --release --locked --bin supersynk \
     && rm -rf src
 COPY src ./src
+# The commit shown in supersynk_build_info (the build context has no .git), declared here
+# so that a new value does not rebuild the dependencies:
+#   docker build --build-arg SUPERSYNK_GIT_COMMIT=$(git rev-parse --short=12 HEAD) -t supersynk .
+ARG SUPERSYNK_GIT_COMMIT=unknown
 RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin supersynk
 
 FROM debian:bookworm-slim

@@ -3,7 +3,8 @@
 # a Redis server on 127.0.0.1:6379 (cluster tests), nginx (the proxy test) and
 # docker-compose (to validate docker-compose.yml without a Docker engine), PostgreSQL on
 # 127.0.0.1:5432 (the PostgreSQL store's tests), Debian's Chromium and the npm package
-# playwright-core that drives it (the browser tests in tests/browser/).
+# playwright-core that drives it (the browser tests in tests/browser/), and promtool (from
+# Debian's prometheus package: it checks /metrics).
 set -euo pipefail
 
 need=()
@@ -13,6 +14,7 @@ command -v redis-cli >/dev/null || need+=(redis-tools)
 docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || need+=(docker-compose)
 [[ -x /usr/bin/chromium ]] || need+=(chromium)
 command -v pg_ctlcluster >/dev/null || need+=(postgresql)
+command -v promtool >/dev/null || need+=(prometheus)
 if ((${#need[@]})); then
   echo "deps: installing ${need[*]}" >&2
   sudo=; [[ $(id -u) == 0 ]] || sudo=sudo

@@ -34,6 +34,11 @@ pub struct Settings {
     #[arg(long, env = "SUPERSYNK_CONFIG")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// Check the settings (flags, environment, file) and the TLS files, say what is wrong
+    /// naming the flag, and exit: 0 when valid, 2 when not. Connects to nothing
+    #[arg(long)]
+    #[serde(skip)]
+    pub check_config: bool,
     /// Address to listen on [default: 0.0.0.0]
     #[arg(long, env = "SUPERSYNK_BIND")]
     pub bind: Option<IpAddr>,
@@ -268,10 +273,21 @@ pub enum ConfigError {
     Read(PathBuf, std::io::Error),
     #[error("invalid config file {0}: {1}")]
     Parse(PathBuf, toml::de::Error),
-    #[error("invalid value {value:?} for environment variable {name}")]
-    Env { name: &'static str, value: String },
+    #[error("invalid value {value:?} for environment variable {name} ({flag})")]
+    Env {
+        name: &'static str,
+        flag: &'static str,
+        value: String,
+    },
+    /// A value that parses but cannot be used; the message starts with the flag.
     #[error("{0}")]
     Invalid(String),
+}
+
+/// `flag` (as given on the command line; the file key and variable are named after it) and
+/// what is wrong with its value.
+fn invalid(flag: &str, problem: &str) -> ConfigError {
+    ConfigError::Invalid(format!("{flag} {problem}"))
 }
 
 /// The resolved configuration.
@@ -291,6 +307,8 @@ pub struct Config {
     pub echo_endpoint: bool,
     pub log: String,
     pub log_format: LogFormat,
+    /// `--check-config`: check these settings and exit (not a setting of the server).
+    pub check_config: bool,
     pub limits: Limits,
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub allowed_origins: Vec<String>,
@@ -406,7 +424,11 @@ impl Default for Config {
 
 macro_rules! merge {
     ($top:expr, $base:expr, $($field:ident),*) => {
-        Settings { config: $top.config.or($base.config), $($field: $top.$field.or($base.$field)),* }
+        Settings {
+            config: $top.config.or($base.config),
+            check_config: $top.check_config || $base.check_config,
+            $($field: $top.$field.or($base.$field)),*
+        }
     };
 }
 
@@ -485,11 +507,14 @@ impl Settings {
     /// where the new names are not set.
     pub fn from_legacy_env() -> Result<Settings, ConfigError> {
         Ok(Settings {
-            redis_url: legacy("REDIS_URL")?,
-            database_url: legacy("DATABASE_URL")?,
-            port: legacy("PORT")?,
-            socket_timeout_ms: legacy("SOCKET_TIMEOUT")?,
-            socket_timeout_check_interval_ms: legacy("SOCKET_TIMEOUT_CHECK_INTERVAL")?,
+            redis_url: legacy("REDIS_URL", "--redis-url")?,
+            database_url: legacy("DATABASE_URL", "--database-url")?,
+            port: legacy("PORT", "--port")?,
+            socket_timeout_ms: legacy("SOCKET_TIMEOUT", "--socket-timeout-ms")?,
+            socket_timeout_check_interval_ms: legacy(
+                "SOCKET_TIMEOUT_CHECK_INTERVAL",
+                "--socket-timeout-check-interval-ms",
+            )?,
             ..Settings::default()
         })
     }
@@ -552,13 +577,16 @@ where
         .map(Some)
 }
 
-fn legacy<T: std::str::FromStr>(name: &'static str) -> Result<Option<T>, ConfigError> {
+fn legacy<T: std::str::FromStr>(
+    name: &'static str,
+    flag: &'static str,
+) -> Result<Option<T>, ConfigError> {
     match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .map(Some)
-            .map_err(|_| ConfigError::Env { name, value: v }),
+        Ok(v) => v.trim().parse().map(Some).map_err(|_| ConfigError::Env {
+            name,
+            flag,
+            value: v,
+        }),
         Err(_) => Ok(None),
     }
 }
@@ -598,6 +626,7 @@ impl Config {
             echo_endpoint: s.echo_endpoint.unwrap_or(false),
             log: s.log.unwrap_or_else(|| "info".into()),
             log_format: s.log_format.unwrap_or(LogFormat::Text),
+            check_config: s.check_config,
             limits: Limits {
                 max_connections: s.max_connections.unwrap_or(100_000),
                 max_connections_per_ip: s.max_connections_per_ip.unwrap_or(200),
@@ -671,97 +700,122 @@ impl Config {
                 (Some(c), Some(k)) => Some((c, k)),
                 (None, None) => None,
                 _ => {
-                    return Err(ConfigError::Invalid(
-                        "--tls-cert and --tls-key go together".into(),
-                    ));
+                    return Err(invalid("--tls-cert", "and --tls-key go together"));
                 }
             },
         };
         let l = &config.limits;
         if l.http_body_timeout.is_zero() {
-            return Err(ConfigError::Invalid(
-                "http-body-timeout-ms must be above 0".into(),
-            ));
+            return Err(invalid("--http-body-timeout-ms", "must be above 0"));
         }
-        if l.messages_per_second == 0
-            || l.message_burst == 0
-            || l.session_switches_per_minute == 0
-            || l.http_requests_per_second == 0
-        {
-            return Err(ConfigError::Invalid("rate limits must be above 0".into()));
+        for (flag, value) in [
+            ("--messages-per-second", l.messages_per_second),
+            ("--message-burst", l.message_burst),
+            (
+                "--session-switches-per-minute",
+                l.session_switches_per_minute,
+            ),
+            ("--http-requests-per-second", l.http_requests_per_second),
+        ] {
+            if value == 0 {
+                return Err(invalid(flag, "must be above 0"));
+            }
         }
-        if config.socket_timeout_check_interval.is_zero() || config.socket_timeout.is_zero() {
-            return Err(ConfigError::Invalid(
-                "socket timeouts must be above 0".into(),
+        if config.socket_timeout.is_zero() {
+            return Err(invalid("--socket-timeout-ms", "must be above 0"));
+        }
+        if config.socket_timeout_check_interval.is_zero() {
+            return Err(invalid(
+                "--socket-timeout-check-interval-ms",
+                "must be above 0",
             ));
         }
         if config.max_message_bytes < 1024 {
-            return Err(ConfigError::Invalid(
-                "max-message-bytes must be at least 1024".into(),
-            ));
+            return Err(invalid("--max-message-bytes", "must be at least 1024"));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log) {
+            return Err(invalid("--log", &format!("is not a valid filter: {e}")));
         }
         if let Some(c) = &config.cluster {
-            redis::Client::open(c.redis_url.as_str())
-                .map_err(|e| ConfigError::Invalid(format!("invalid --redis-url: {e}")))?;
-            if c.node_timeout < Duration::from_millis(300) {
-                return Err(ConfigError::Invalid(
-                    "node-timeout-ms must be at least 300".into(),
+            if let Err(e) = redis::Client::open(c.redis_url.as_str()) {
+                return Err(invalid(
+                    "--redis-url",
+                    &format!("is not a valid Redis URL: {e}"),
                 ));
+            }
+            if c.node_timeout < Duration::from_millis(300) {
+                return Err(invalid("--node-timeout-ms", "must be at least 300"));
             }
         }
         let r = &config.reliable;
-        if r.heartbeat < Duration::from_millis(20)
-            || r.resend < Duration::from_millis(10)
-            || r.request_timeout.is_zero()
-            || r.buffer_messages == 0
-            || r.buffer_bytes == 0
-            || r.max_clients == 0
-            || r.max_detached_per_ip == 0
-            || r.total_buffer_bytes == 0
-            || r.max_rooms_per_client == 0
+        if r.heartbeat < Duration::from_millis(20) {
+            return Err(invalid("--reliable-heartbeat-ms", "must be at least 20"));
+        }
+        if r.resend < Duration::from_millis(10) {
+            return Err(invalid("--reliable-resend-ms", "must be at least 10"));
+        }
+        for (flag, zero) in [
+            ("--reliable-request-timeout-ms", r.request_timeout.is_zero()),
+            ("--reliable-buffer-messages", r.buffer_messages == 0),
+            ("--reliable-buffer-bytes", r.buffer_bytes == 0),
+            ("--reliable-max-clients", r.max_clients == 0),
+            ("--reliable-max-detached-per-ip", r.max_detached_per_ip == 0),
+            ("--reliable-total-buffer-bytes", r.total_buffer_bytes == 0),
+            (
+                "--reliable-max-rooms-per-client",
+                r.max_rooms_per_client == 0,
+            ),
+        ] {
+            if zero {
+                return Err(invalid(flag, "must be above 0"));
+            }
+        }
+        if let StoreConfig::Postgres(url) = &config.store
+            && let Err(e) = url.parse::<tokio_postgres::Config>()
         {
-            return Err(ConfigError::Invalid(
-                "reliable-heartbeat-ms must be at least 20, reliable-resend-ms at least 10, \
-                 and the other reliable settings above 0"
-                    .into(),
+            return Err(invalid(
+                "--database-url",
+                &format!("is not a valid PostgreSQL URL: {e}"),
             ));
         }
-        if let StoreConfig::Postgres(url) = &config.store {
-            url.parse::<tokio_postgres::Config>()
-                .map_err(|e| ConfigError::Invalid(format!("invalid --database-url: {e}")))?;
+        if config.messages.queue_limit == 0 {
+            return Err(invalid("--messages-queue-limit", "must be above 0"));
         }
-        if config.messages.queue_limit == 0 || config.messages.max_bytes == 0 {
-            return Err(ConfigError::Invalid(
-                "messages-queue-limit and messages-max-bytes must be above 0".into(),
-            ));
+        if config.messages.max_bytes == 0 {
+            return Err(invalid("--messages-max-bytes", "must be above 0"));
         }
         if config.messages.max_bytes > config.max_message_bytes {
-            return Err(ConfigError::Invalid(format!(
-                "messages-max-bytes ({}) cannot be above max-message-bytes ({}): larger \
-                 frames are closed by the WebSocket layer",
-                config.messages.max_bytes, config.max_message_bytes
-            )));
+            return Err(invalid(
+                "--messages-max-bytes",
+                &format!(
+                    "{} cannot be above --max-message-bytes ({}): larger frames are closed by \
+                     the WebSocket layer",
+                    config.messages.max_bytes, config.max_message_bytes
+                ),
+            ));
         }
         if config.messages.ping_interval < Duration::from_millis(100) {
-            return Err(ConfigError::Invalid(
-                "messages-ping-interval-ms must be at least 100".into(),
+            return Err(invalid(
+                "--messages-ping-interval-ms",
+                "must be at least 100",
             ));
         }
-        if config.logs.per_second == 0
-            || config.logs.store_queue_entries == 0
-            || config.logs.store_queue_bytes == 0
-            || config.logs.body_timeout.is_zero()
-        {
-            return Err(ConfigError::Invalid(
-                "logs-per-second, logs-store-queue, logs-store-queue-bytes and \
-                 logs-body-timeout-ms must be above 0"
-                    .into(),
-            ));
-        }
-        if config.logs.ping_interval.is_zero() {
-            return Err(ConfigError::Invalid(
-                "logs-ping-interval-ms must be above 0".into(),
-            ));
+        for (flag, zero) in [
+            ("--logs-per-second", config.logs.per_second == 0),
+            ("--logs-store-queue", config.logs.store_queue_entries == 0),
+            (
+                "--logs-store-queue-bytes",
+                config.logs.store_queue_bytes == 0,
+            ),
+            ("--logs-body-timeout-ms", config.logs.body_timeout.is_zero()),
+            (
+                "--logs-ping-interval-ms",
+                config.logs.ping_interval.is_zero(),
+            ),
+        ] {
+            if zero {
+                return Err(invalid(flag, "must be above 0"));
+            }
         }
         if config
             .logs
@@ -769,12 +823,13 @@ impl Config {
             .parse::<tracing_subscriber::filter::LevelFilter>()
             .is_err()
         {
-            return Err(ConfigError::Invalid(
-                "logs-server-level must be off, error, warn, info, debug or trace".into(),
+            return Err(invalid(
+                "--logs-server-level",
+                "must be off, error, warn, info, debug or trace",
             ));
         }
         if config.deflate_level > 9 {
-            return Err(ConfigError::Invalid("deflate-level must be 0-9".into()));
+            return Err(invalid("--deflate-level", "must be 0-9"));
         }
         Ok(config)
     }
@@ -795,6 +850,58 @@ mod tests {
             c.socket_timeout_check_interval,
             Duration::from_millis(80_000)
         );
+    }
+
+    #[test]
+    fn every_refused_value_names_its_flag() {
+        for (flag, bad) in [
+            ("--socket-timeout-ms", "0"),
+            ("--socket-timeout-check-interval-ms", "0"),
+            ("--max-message-bytes", "100"),
+            ("--messages-per-second", "0"),
+            ("--message-burst", "0"),
+            ("--session-switches-per-minute", "0"),
+            ("--http-requests-per-second", "0"),
+            ("--log", "a=["),
+            ("--reliable-heartbeat-ms", "10"),
+            ("--reliable-resend-ms", "5"),
+            ("--reliable-request-timeout-ms", "0"),
+            ("--reliable-buffer-messages", "0"),
+            ("--reliable-buffer-bytes", "0"),
+            ("--reliable-max-clients", "0"),
+            ("--reliable-max-detached-per-ip", "0"),
+            ("--reliable-total-buffer-bytes", "0"),
+            ("--reliable-max-rooms-per-client", "0"),
+            ("--http-body-timeout-ms", "0"),
+            ("--admin-token", " "),
+            ("--database-url", "postgres://a:b@c:notaport/d"),
+            ("--messages-queue-limit", "0"),
+            ("--messages-max-bytes", "0"),
+            ("--messages-max-bytes", "100000"),
+            ("--messages-ping-interval-ms", "10"),
+            ("--logs-per-second", "0"),
+            ("--logs-store-queue", "0"),
+            ("--logs-store-queue-bytes", "0"),
+            ("--logs-body-timeout-ms", "0"),
+            ("--logs-ping-interval-ms", "0"),
+            ("--logs-server-level", "loud"),
+            ("--tls-cert", "c.pem"),
+            ("--redis-url", "nope://x"),
+        ] {
+            let settings = Settings::try_parse_from(["s", flag, bad]).unwrap();
+            let e = Config::resolve(settings).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("{flag} ")), "{flag} {bad}: {e}");
+        }
+        let cluster = Settings::try_parse_from([
+            "s",
+            "--redis-url",
+            "redis://127.0.0.1",
+            "--node-timeout-ms",
+            "10",
+        ])
+        .unwrap();
+        let e = Config::resolve(cluster).unwrap_err().to_string();
+        assert!(e.starts_with("--node-timeout-ms "), "{e}");
     }
 
     #[test]

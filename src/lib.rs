@@ -19,7 +19,8 @@
 //!   whose tables belong to the front-ends that keep data.
 //! - [`server`]: listener, routes, shared state and graceful shutdown; [`http`]: what
 //!   every HTTP endpoint shares (reading request bodies, the pages' headers, bearer tokens,
-//!   the checks before routing); [`limits`]; [`config`]; [`metrics`].
+//!   the checks before routing); [`limits`]; [`config`]; [`metrics`]; [`health`]
+//!   (`/healthz`, `/readyz`).
 #![forbid(unsafe_code)]
 
 pub mod channels;
@@ -28,6 +29,7 @@ pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod echo;
+pub mod health;
 pub mod http;
 pub mod hunterpie;
 pub mod limits;

@@ -2,7 +2,13 @@
 //!
 //! Owns the registry and the counters; knows nothing about who increments them. Counters
 //! on the hot path are plain atomics (prometheus-client's), bumped once per batch, not per
-//! byte.
+//! byte; the hot path's histograms are filled from per-connection accumulators
+//! ([`histogram`]). The registry also holds the build info and the process metrics
+//! ([`process`]); [`exposition`] writes it in the format the scraper asks for.
+
+pub mod exposition;
+pub mod histogram;
+pub mod process;
 
 use std::time::Instant;
 
@@ -10,7 +16,38 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Registry, Unit};
+
+pub use exposition::Format;
+use histogram::Histogram;
+
+/// The git commit the binary was built from (`build.rs`), or `unknown`.
+pub const GIT_COMMIT: &str = env!("SUPERSYNK_GIT_COMMIT");
+
+/// Upper bounds of `supersynk_relay_latency_seconds`, in nanoseconds: 50 µs to 5 s.
+const LATENCY_BOUNDS_NS: &[u64] = &[
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+];
+
+/// Upper bounds of `supersynk_outbound_queue_bytes`: 64 bytes to 1 MiB (the queue's
+/// default bound is 256 KiB).
+const QUEUE_BOUNDS: &[u64] = &[64, 256, 1024, 4096, 16_384, 65_536, 262_144, 1_048_576];
 
 /// Label of a per-protocol or per-kind metric.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -89,6 +126,12 @@ pub struct Metrics {
     /// Log front-end: listeners connected; entries listeners missed for being slow.
     pub logs_listeners: Gauge,
     pub logs_listener_missed: Counter,
+    /// From a push's arrival at this node (from its leader, or from another node) to its
+    /// write to each follower's socket, in nanoseconds; fed per connection
+    /// ([`histogram::Local`]).
+    pub relay_latency: Histogram,
+    /// Bytes a connection's outbound queue held each time its writer took a batch.
+    pub outbound_queue: Histogram,
     registry: Registry,
 }
 
@@ -138,9 +181,35 @@ impl Metrics {
             logs_store_queue_bytes: Gauge::default(),
             logs_listeners: Gauge::default(),
             logs_listener_missed: Counter::default(),
-            registry: Registry::with_prefix("supersynk"),
+            relay_latency: Histogram::new(LATENCY_BOUNDS_NS, 1e-9),
+            outbound_queue: Histogram::new(QUEUE_BOUNDS, 1.0),
+            registry: Registry::default(),
         };
-        let r = &mut m.registry;
+        // The process metrics keep their standard names; the server's own carry its prefix.
+        m.registry
+            .register_collector(Box::new(process::ProcessCollector));
+        let r = m.registry.sub_registry_with_prefix("supersynk");
+        r.register(
+            "build",
+            "The version and git commit of this build",
+            Info::new(vec![
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("git_commit", GIT_COMMIT),
+            ]),
+        );
+        r.register_with_unit(
+            "relay_latency",
+            "From a push's arrival at this node to its write to each follower's socket \
+             (merged per connection at most once a second)",
+            Unit::Seconds,
+            m.relay_latency.clone(),
+        );
+        r.register_with_unit(
+            "outbound_queue",
+            "Bytes waiting in a connection's outbound queue when its writer takes a batch",
+            Unit::Bytes,
+            m.outbound_queue.clone(),
+        );
         r.register(
             "connections_open",
             "WebSocket connections open",
@@ -364,12 +433,15 @@ impl Metrics {
             .inc();
     }
 
-    /// The Prometheus text exposition.
-    pub fn encode(&self) -> String {
+    /// The exposition in `format`.
+    pub fn encode(&self, format: Format) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        match format {
+            Format::OpenMetrics => out,
+            Format::Text => exposition::to_text(&out),
+        }
     }
 }
 

@@ -1,9 +1,12 @@
 //! The listener, the HTTP routes and the server's shared state.
 //!
 //! Owns accepting connections (one port for HTTP and every WebSocket front-end), routing,
-//! the small HTTP endpoints (`/version`, `/`, `/metrics`, `/healthz`) and graceful shutdown:
-//! on the shutdown signal the listener stops, every WebSocket front-end says goodbye and
-//! closes with 1001, and the server waits for connections within the grace period.
+//! the small HTTP endpoints (`/version`, `/`, `/metrics`; `/healthz` and `/readyz` are in
+//! [`crate::health`]) and graceful shutdown: on the shutdown signal every WebSocket
+//! front-end says goodbye and closes with 1001, and the server waits for connections within
+//! the grace period. Meanwhile the main port still answers `/readyz` (503: draining),
+//! `/healthz` and `/metrics`, one request per connection, so that a load balancer sees the
+//! drain; every other request, upgrades included, gets 503.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -60,6 +63,8 @@ pub struct AppInner {
     pub messages: crate::messages::Messages,
     /// The log front-end's state (live stream, store writer).
     pub logs: crate::logs::Logs,
+    /// The readiness probe's cache.
+    pub health: crate::health::Health,
 }
 
 impl std::ops::Deref for App {
@@ -100,6 +105,7 @@ impl App {
             ),
             messages: crate::messages::Messages::new(&config, metrics.clone()),
             logs: crate::logs::Logs::new(&config, metrics.clone()),
+            health: crate::health::Health::default(),
             metrics,
             ws,
             config,
@@ -125,7 +131,8 @@ pub fn router(app: App) -> Router {
     let mut r = Router::new()
         .route("/", get(status_page))
         .route("/version", get(|| async { PROTOCOL_VERSION }))
-        .route("/healthz", get(healthz))
+        .route("/healthz", get(crate::health::healthz))
+        .route("/readyz", get(crate::health::readyz))
         .route("/metrics", get(metrics))
         .route("/connect", get(connect))
         .route("/v1/reliable", get(crate::reliable::connect))
@@ -217,23 +224,29 @@ where
     accepted.response
 }
 
-/// 200 while the server serves. In cluster mode with Redis unreachable the answer stays
-/// 200 (local delivery goes on, and a Redis outage must not take every node out of a load
-/// balancer) but says `degraded`.
-async fn healthz(State(app): State<App>) -> &'static str {
-    match app.hub.link() {
-        Some(link) if !link.is_up() => "degraded: Redis unreachable, serving local members only\n",
-        _ => "ok\n",
-    }
+/// What the main port serves while the server drains: the probes and the metrics, and
+/// 503 for everything else.
+fn draining_router(app: App) -> Router {
+    Router::new()
+        .route("/healthz", get(crate::health::healthz))
+        .route("/readyz", get(crate::health::readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n") })
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            http_rate_limit,
+        ))
+        .with_state(app)
 }
 
-async fn metrics(State(app): State<App>) -> Response {
+/// The metrics in the format the scraper's `Accept` asks for (Prometheus text 0.0.4 by
+/// default, OpenMetrics 1.0.0 when preferred).
+async fn metrics(State(app): State<App>, headers: axum::http::HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = crate::metrics::Format::negotiate(accept);
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        app.metrics.encode(),
+        [(header::CONTENT_TYPE, format.content_type())],
+        app.metrics.encode(format),
     )
         .into_response()
 }
@@ -248,7 +261,8 @@ async fn status_page(State(app): State<App>) -> Response {
          <tr><th align=left>sockets</th><td id=sockets>{}</td></tr>\
          <tr><th align=left>bytes relayed</th><td id=bytes-relayed>{}</td></tr>\
          <tr><th align=left>uptime</th><td id=uptime>{}d {:02}:{:02}:{:02}</td></tr>\
-         </table><p><a href=/metrics>metrics</a></p></body></html>",
+         </table><p>Prometheus metrics are at <code>/metrics</code> on each node \
+         (not served through the proxy).</p></body></html>",
         env!("CARGO_PKG_VERSION"),
         app.hub.len(),
         m.connections_open.get(),
@@ -297,7 +311,11 @@ impl Server {
             info!(local_addr = %addr, "direct messages: original clients' port");
             messages_addr = Some(addr);
             let router = crate::messages::compat_router(app.clone());
-            tokio::spawn(accept_loop(compat, app.clone(), tls.clone(), router));
+            let (app, tls) = (app.clone(), tls.clone());
+            tokio::spawn(async move {
+                let until = app.shutdown.cancelled();
+                accept_loop(&compat, &app, tls.as_ref(), &router, until).await;
+            });
         }
         tokio::spawn(crate::messages::open_store(app.clone()));
         tokio::spawn(crate::messages::cluster::run(app.clone()));
@@ -343,13 +361,24 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Serves the main port until shutdown, then waits for every connection (of every port)
-/// within the grace period.
+/// within the grace period, still answering probes on the main port, and lets the log
+/// store write the last events.
 async fn run(listener: TcpListener, app: App, tls: Option<TlsAcceptor>) {
-    accept_loop(listener, app.clone(), tls, router(app.clone())).await;
+    let serving = router(app.clone());
+    accept_loop(
+        &listener,
+        &app,
+        tls.as_ref(),
+        &serving,
+        app.shutdown.cancelled(),
+    )
+    .await;
     info!("shutting down: closing connections");
     let grace = app.config.shutdown_grace;
     app.tracker.close();
-    if tokio::time::timeout(grace, app.tracker.wait())
+    let drained = tokio::time::timeout(grace, app.tracker.wait());
+    let draining = draining_router(app.clone());
+    if accept_loop(&listener, &app, tls.as_ref(), &draining, drained)
         .await
         .is_err()
     {
@@ -358,16 +387,27 @@ async fn run(listener: TcpListener, app: App, tls: Option<TlsAcceptor>) {
             "grace period over; dropping remaining connections"
         );
     }
+    drop(listener);
     info!("stopped");
+    app.logs.close_store(grace).await;
 }
 
-/// Accepts connections and serves `router` on them until shutdown.
-async fn accept_loop(listener: TcpListener, app: App, tls: Option<TlsAcceptor>, router: Router) {
+/// Accepts connections and serves `router` on them until `until` is done; returns its
+/// output. Connections accepted once shutdown has begun serve one request each.
+async fn accept_loop<F: std::future::Future>(
+    listener: &TcpListener,
+    app: &App,
+    tls: Option<&TlsAcceptor>,
+    router: &Router,
+    until: F,
+) -> F::Output {
     let mut backoff = Duration::from_millis(5);
     let mut housekeeping = tokio::time::interval(Duration::from_secs(60));
+    let mut until = std::pin::pin!(until);
     loop {
         let accepted = tokio::select! {
-            _ = app.shutdown.cancelled() => break,
+            biased;
+            done = &mut until => return done,
             _ = housekeeping.tick() => {
                 app.guard.forget_idle();
                 continue;
@@ -396,7 +436,7 @@ async fn accept_loop(listener: TcpListener, app: App, tls: Option<TlsAcceptor>, 
                 continue;
             }
         };
-        serve_http(tcp, peer, permit, &router, &app, tls.as_ref());
+        serve_http(tcp, peer, permit, router, app, tls);
     }
 }
 
@@ -457,15 +497,18 @@ where
             }
         }
     });
+    // Accepted during the drain: one request, then the connection closes by itself.
+    let draining = app.shutdown.is_cancelled();
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(app.config.handshake_timeout)
+        .keep_alive(!draining)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     let mut conn = std::pin::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
-        _ = app.shutdown.cancelled() => {
+        _ = app.shutdown.cancelled(), if !draining => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }

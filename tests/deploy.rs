@@ -1,29 +1,15 @@
-//! The deployment files: docker-compose.yml is valid for Docker Compose, and its nodes are
-//! the ones nginx/supersynk.conf sends traffic to. (The image itself is built only where a
+//! The deployment files: docker-compose.yml is valid for Docker Compose, its nodes are the
+//! ones nginx/supersynk.conf sends traffic to, and its healthchecks run here as written (the
+//! node's against real servers, ready and not). (The image itself is built only where a
 //! Docker engine exists; the README says so.)
+
+mod common;
 
 use std::process::Command;
 
-const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+use common::{compose, compose_json};
 
-/// `docker compose` (the plugin) where it exists, else `docker-compose`.
-fn compose(args: &[&str]) -> std::process::Output {
-    let plugin = Command::new("docker")
-        .args(["compose", "version"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    let mut cmd = if plugin {
-        let mut c = Command::new("docker");
-        c.arg("compose");
-        c
-    } else {
-        Command::new("docker-compose")
-    };
-    cmd.current_dir(ROOT)
-        .args(args)
-        .output()
-        .expect("docker compose or docker-compose is installed (scripts/deps.sh)")
-}
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 #[test]
 fn compose_file_is_valid_and_matches_the_nginx_upstream() {
@@ -51,4 +37,85 @@ fn compose_file_is_valid_and_matches_the_nginx_upstream() {
     upstream.sort();
     upstream.dedup();
     assert_eq!(upstream, ["supersynk-1", "supersynk-2"]);
+}
+
+/// Runs a healthcheck's `test` as Docker would, here (`$$` is compose's escaped `$`).
+fn run_healthcheck(test: &serde_json::Value, env: &[(&str, String)]) -> bool {
+    let words: Vec<String> = test
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_str().unwrap().replace("$$", "$"))
+        .collect();
+    let mut cmd = match words[0].as_str() {
+        "CMD" => {
+            let mut c = Command::new(&words[1]);
+            c.args(&words[2..]);
+            c
+        }
+        "CMD-SHELL" => {
+            let mut c = Command::new("sh");
+            c.args(["-c", &words[1]]);
+            c
+        }
+        other => panic!("healthcheck form {other}"),
+    };
+    cmd.envs(env.iter().map(|(k, v)| (k, v.as_str())))
+        .status()
+        .expect("healthcheck command runs")
+        .success()
+}
+
+#[tokio::test]
+async fn healthchecks_gate_startup_and_the_node_check_follows_readyz() {
+    let config = compose_json();
+    let services = &config["services"];
+    // nginx waits for both nodes to be ready, the nodes for Redis and PostgreSQL.
+    let needs = |service: &str| -> Vec<(String, String)> {
+        let mut deps: Vec<(String, String)> = services[service]["depends_on"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{service} has long-form depends_on"))
+            .iter()
+            .map(|(k, v)| (k.clone(), v["condition"].as_str().unwrap().to_string()))
+            .collect();
+        deps.sort();
+        deps
+    };
+    let healthy = |s: &str| (s.to_string(), "service_healthy".to_string());
+    assert_eq!(
+        needs("nginx"),
+        [healthy("supersynk-1"), healthy("supersynk-2")]
+    );
+    for node in ["supersynk-1", "supersynk-2"] {
+        assert_eq!(needs(node), [healthy("postgres"), healthy("redis")]);
+    }
+    // Every healthcheck runs here as written, against the machine's Redis and PostgreSQL.
+    for service in ["redis", "postgres"] {
+        let test = &services[service]["healthcheck"]["test"];
+        assert!(
+            run_healthcheck(test, &[]),
+            "{service}'s healthcheck fails: {test}"
+        );
+    }
+    // The node's: true for a ready node, false for one whose store is unusable and where
+    // nothing listens.
+    let test = &services["supersynk-1"]["healthcheck"]["test"];
+    assert_eq!(test, &services["supersynk-2"]["healthcheck"]["test"]);
+    let (_ready_proc, ready) = common::spawn(&["--port", "0"], &[]);
+    let port = |a: std::net::SocketAddr| vec![("SUPERSYNK_PORT", a.port().to_string())];
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while !run_healthcheck(test, &port(ready)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a ready node fails its healthcheck"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (_broken_proc, broken) = common::spawn(&["--port", "0", "--data-dir", "/proc/nope"], &[]);
+    assert_eq!(common::http(broken, "GET", "/readyz", "").await.0, 503);
+    assert!(!run_healthcheck(test, &port(broken)));
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nobody = closed.local_addr().unwrap();
+    drop(closed);
+    assert!(!run_healthcheck(test, &port(nobody)));
 }

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use supersynk::config::Settings;
 use tokio_tungstenite::tungstenite::Message;
 
-const OFFLINE: &str = "messages will be send as B comes back online";
+const OFFLINE: &str = "messages will be sent as B comes back online";
 
 /// A peer of the direct-message protocol.
 struct Peer(Ws);
@@ -134,7 +134,7 @@ async fn the_original_error_texts_and_the_queue() {
     let sent = a.msg("A", "B", "while you were away").await;
     assert_eq!(
         a.error().await,
-        "connection to B closed, messages will be send as B comes back online"
+        "connection to B closed, messages will be sent as B comes back online"
     );
     let mut b = Peer::login(addr, "B").await;
     assert_eq!(b.next().await, sent);

@@ -138,6 +138,24 @@ async fn the_plugin_through_nginx_to_two_nodes() {
     // What the plugin asks first, through the proxy; what the public must not see.
     assert_eq!(http(nginx.addr, "GET", "/version", "").await.2, "0.1");
     assert_eq!(http(nginx.addr, "GET", "/metrics", "").await.0, 404);
+    assert_eq!(http(nginx.addr, "GET", "/readyz", "").await.0, 404);
+    assert_eq!(http(a, "GET", "/readyz", "").await.0, 200);
+    // The status page links nothing the proxy does not serve.
+    let (status, _, page) = http(nginx.addr, "GET", "/", "").await;
+    assert_eq!(status, 200);
+    for link in page.split("href=").skip(1) {
+        let target = link.trim_start_matches(['"', '\'']);
+        let target = &target[..target.find(['"', '\'', ' ', '>']).unwrap()];
+        let (status, _, _) = http(nginx.addr, "GET", target, "").await;
+        assert_ne!(
+            status, 404,
+            "the status page links {target}, which nginx does not serve"
+        );
+    }
+    assert!(
+        page.contains("<code>/metrics</code> on each node"),
+        "{page}"
+    );
 
     // The plugin's exact handshake (permessage-deflate offered), through nginx.
     let session = "nginx@Session:Hunter";

@@ -237,3 +237,232 @@ async fn floods_do_not_starve_a_well_behaved_session() {
         "RSS grew from {before} KiB to {after} KiB"
     );
 }
+
+/// Runs the binary to completion with `args` and `env` (RUST_BACKTRACE=1 always, as an
+/// operator's shell may have it); returns (exit code, stdout, stderr).
+fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_supersynk"))
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_BACKTRACE", "1")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn configuration_errors_are_one_plain_line_naming_the_flag() {
+    let dir = data_dir();
+    let zero_timeout = dir.join("zero.toml");
+    std::fs::write(&zero_timeout, "socket-timeout-ms = 0\n").unwrap();
+    let typo = dir.join("typo.toml");
+    std::fs::write(&typo, "prot = 5001\n").unwrap();
+    // (flags, environment, what the error says)
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            vec!["--socket-timeout-ms", "0"],
+            vec![],
+            "--socket-timeout-ms must be above 0",
+        ),
+        (
+            vec!["--socket-timeout-check-interval-ms", "0"],
+            vec![],
+            "--socket-timeout-check-interval-ms must be above 0",
+        ),
+        (
+            vec!["--messages-per-second", "0"],
+            vec![],
+            "--messages-per-second must be above 0",
+        ),
+        (
+            vec![],
+            vec![("SUPERSYNK_LOG", "x=[")],
+            "--log is not a valid filter",
+        ),
+        (
+            vec![],
+            vec![("PORT", "x")],
+            "environment variable PORT (--port)",
+        ),
+        (
+            vec!["--tls-cert", "c.pem"],
+            vec![],
+            "--tls-cert and --tls-key go together",
+        ),
+        (
+            vec!["--config", zero_timeout.to_str().unwrap()],
+            vec![],
+            "--socket-timeout-ms must be above 0",
+        ),
+        (
+            vec!["--config", typo.to_str().unwrap()],
+            vec![],
+            "unknown field `prot`",
+        ),
+        (vec!["--port", "x"], vec![], "'--port <PORT>'"),
+    ];
+    for (args, env, says) in cases {
+        let (code, stdout, stderr) = run_to_end(&args, &env);
+        assert_eq!(code, 2, "{args:?} {env:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?} {env:?}: {stderr}");
+        assert!(
+            !stderr.to_lowercase().contains("backtrace") && !stderr.contains(".rs:"),
+            "{args:?}: {stderr}"
+        );
+        assert!(stdout.is_empty(), "{args:?}: {stdout}");
+    }
+    // A port already taken: a runtime error (exit 1), as plain.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let data = dir.join("data");
+    let args = [
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        &port,
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    let (code, _, stderr) = run_to_end(&args, &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(
+        stderr,
+        format!(
+            "supersynk: cannot start on 127.0.0.1:{port}: Address already in use (os error 98)\n"
+        )
+    );
+}
+
+#[test]
+fn check_config_validates_and_exits_like_nginx_t() {
+    let dir = data_dir();
+    let file = dir.join("supersynk.toml");
+    std::fs::write(&file, "port = 6001\nlog-format = \"json\"\n").unwrap();
+    let args = ["--config", file.to_str().unwrap(), "--check-config"];
+    let (code, stdout, stderr) =
+        run_to_end(&args, &[("SUPERSYNK_REDIS_URL", "redis://127.0.0.1:1")]);
+    assert_eq!((code, stderr.as_str()), (0, ""));
+    assert_eq!(
+        stdout,
+        "supersynk: configuration ok: listens on 0.0.0.0:6001, store: SQLite in data, cluster node (Redis)\n"
+    );
+    // It starts nothing: nothing listens on the port, no data directory is made.
+    assert!(std::net::TcpStream::connect("127.0.0.1:6001").is_err());
+    let data = dir.join("never-made");
+    let args = ["--data-dir", data.to_str().unwrap(), "--check-config"];
+    assert_eq!(run_to_end(&args, &[]).0, 0);
+    assert!(!data.exists());
+    // Each source is checked: flag, environment, file, and the TLS files.
+    let (code, _, stderr) = run_to_end(
+        &["--check-config"],
+        &[("SUPERSYNK_RELIABLE_HEARTBEAT_MS", "5")],
+    );
+    assert_eq!(code, 2);
+    assert_eq!(
+        stderr,
+        "supersynk: configuration error: --reliable-heartbeat-ms must be at least 20\n"
+    );
+    let missing = dir.join("missing.pem");
+    let missing = missing.to_str().unwrap();
+    let (code, _, stderr) = run_to_end(
+        &[
+            "--tls-cert",
+            missing,
+            "--tls-key",
+            missing,
+            "--check-config",
+        ],
+        &[],
+    );
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("--tls-cert/--tls-key: TLS certificate") && stderr.contains(missing),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn a_clean_stop_warns_of_nothing_and_a_log_file_has_no_colour_codes() {
+    let data = data_dir();
+    let log_path = data.join("server.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    // Text logs (the default) into a file, as `supersynk > server.log` does. The connection
+    // cap fits the descriptors, whatever this machine's limit (else a deserved warning).
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_supersynk"))
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--max-connections",
+            "1000",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .stdout(log)
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let child = Proc(child);
+    let deadline = std::time::Instant::now() + WAIT;
+    let addr: std::net::SocketAddr = loop {
+        let text = std::fs::read_to_string(&log_path).unwrap();
+        if let Some(line) = text.lines().find(|l| l.contains("listening")) {
+            let at = line.split("local_addr=").nth(1).unwrap();
+            break at.split(' ').next().unwrap().parse().unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no listening line: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut a = plugin(addr).await;
+    join(&mut a, "A", "clean", true).await;
+    state(&mut a).await;
+    sigterm(&child);
+    assert_eq!(close_code(&mut a).await, Some(1001));
+    assert!(exits_cleanly(child).await);
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert!(!text.contains('\x1b'), "colour codes in a file:\n{text}");
+    assert!(
+        text.lines()
+            .last()
+            .unwrap()
+            .ends_with("supersynk::server: stopped"),
+        "{text}"
+    );
+    assert!(
+        !text.contains(" WARN ") && !text.contains("ERROR"),
+        "{text}"
+    );
+    // The last events reached the log store too: a server started on the same data
+    // directory finds them.
+    let server = start(supersynk::config::Settings {
+        data_dir: Some(data),
+        ..Default::default()
+    })
+    .await;
+    let (status, _, body) = http(
+        server.local_addr,
+        "GET",
+        "/logs/query?user=server&text=stopped",
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let msgs: Vec<&str> = page["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["msg"].as_str())
+        .collect();
+    assert_eq!(msgs, ["stopped"], "{body}");
+}

@@ -551,11 +551,7 @@ async fn dispatch(
                 binary,
                 data,
             }) if from != node => {
-                let payload = if binary {
-                    Payload::binary(data)
-                } else {
-                    Payload::text(data)
-                };
+                let payload = Payload::relayed(data, binary, std::time::Instant::now());
                 app.metrics.cluster_received.inc();
                 app.hub.deliver_remote(session, &payload, audience);
             }

@@ -9,6 +9,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -24,6 +25,9 @@ pub struct Payload {
     /// The permessage-deflate payload, computed on first use. `OnceLock` so concurrent
     /// writers on both runtime threads share one compression.
     deflated: OnceLock<Bytes>,
+    /// When a relayed push arrived at this node (`supersynk_relay_latency_seconds`);
+    /// `None` for everything the server says itself.
+    arrived: Option<Instant>,
 }
 
 /// What a [`Payload`] is sent as.
@@ -41,7 +45,24 @@ impl Payload {
             data,
             kind,
             deflated: OnceLock::new(),
+            arrived: None,
         })
+    }
+
+    /// A relayed push (text, or binary from another node), which arrived at `arrived`: its
+    /// writes are timed into the relay latency histogram.
+    pub fn relayed(data: impl Into<Bytes>, binary: bool, arrived: Instant) -> Arc<Payload> {
+        Arc::new(Payload {
+            data: data.into(),
+            kind: if binary { Kind::Binary } else { Kind::Text },
+            deflated: OnceLock::new(),
+            arrived: Some(arrived),
+        })
+    }
+
+    /// When a relayed push arrived.
+    pub fn arrived(&self) -> Option<Instant> {
+        self.arrived
     }
 
     /// A text message; `data` must be UTF-8 (it comes from a `&str` or a validated frame).

@@ -162,9 +162,11 @@ fn on_text(conn: &Connection, client: &mut Client, text: bytes::Bytes, app: &App
                 }
                 Some((_, Role::Follower)) => Some("Push refused: only the session leader can push"),
                 Some((session, Role::Leader)) => {
+                    // Timed from when the reader got the frame.
+                    let arrived = conn.last_activity().into_std();
                     let delivered = session.publish(
                         conn.id,
-                        &crate::core::outbound::Payload::text(text.clone()),
+                        &crate::core::outbound::Payload::relayed(text.clone(), false, arrived),
                         Audience::Followers,
                     );
                     app.metrics.pushes_relayed.inc();

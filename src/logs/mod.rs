@@ -35,6 +35,8 @@ use axum::routing::{get, post};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use hyper::upgrade::Upgraded;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::core::outbound::Payload;
@@ -67,6 +69,12 @@ pub struct LogsInner {
     pub stream: Arc<Stream>,
     /// `None` when the store could not be opened: entries are then only live.
     store: Option<LogStore>,
+    /// Why the store could not be opened (for `/readyz`).
+    store_error: Option<String>,
+    /// The store's writer: it outlives the server's drain (so the last events are stored)
+    /// and stops when [`Logs::close_store`] cancels `store_close`.
+    store_tasks: TaskTracker,
+    store_close: CancellationToken,
     /// To the store's writer; bounded in entries and bytes (`--logs-store-queue`,
     /// `--logs-store-queue-bytes`), never waits. `None` without a store: every entry is
     /// then counted as not stored and released once listeners had it.
@@ -98,11 +106,11 @@ impl Logs {
     /// cannot be opened is logged and the server runs without it.
     pub fn new(config: &crate::config::Config, metrics: Arc<Metrics>) -> Logs {
         let l = &config.logs;
-        let store = match LogStore::open(&config.store) {
-            Ok(s) => Some(s),
+        let (store, store_error) = match LogStore::open(&config.store) {
+            Ok(s) => (Some(s), None),
             Err(e) => {
                 error!(error = %e, store = %config.store.describe(), "log store unavailable: logs are only live");
-                None
+                (None, Some(e.to_string()))
             }
         };
         let (store_queue, store_rx) = match &store {
@@ -132,6 +140,9 @@ impl Logs {
                 metrics.clone(),
             )),
             store,
+            store_error,
+            store_tasks: TaskTracker::new(),
+            store_close: CancellationToken::new(),
             store_queue,
             store_rx: Mutex::new(store_rx),
             relay_tx,
@@ -177,12 +188,13 @@ impl Logs {
                             .map(|d| Duration::from_secs(u64::from(d) * 86_400)),
                         max_rows: l.retention_rows,
                     };
-                    app.tracker.spawn(writer::run_writer(
+                    self.store_tasks.spawn(writer::run_writer(
                         store.clone(),
                         rx,
                         retention,
                         self.metrics.clone(),
                         app.shutdown.clone(),
+                        self.store_close.clone(),
                     ));
                     app.tracker.spawn(writer::run_reserver(
                         store.clone(),
@@ -231,6 +243,35 @@ impl Logs {
             logs.stream.flush();
         });
     }
+
+    /// After the server has stopped: lets the store's writer write what is queued (the
+    /// server's last events included) and waits for it, within `grace`.
+    pub async fn close_store(&self, grace: Duration) {
+        self.store_close.cancel();
+        self.store_tasks.close();
+        if tokio::time::timeout(grace, self.store_tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!("log store: entries still queued at exit were not stored");
+        }
+    }
+
+    /// Whether the log store can be used: `Err(why)` when it could not be opened or does not
+    /// answer now (within 2 s).
+    pub async fn store_health(&self) -> Result<(), String> {
+        let Some(store) = &self.store else {
+            return Err(format!(
+                "log store unavailable: {}",
+                self.store_error.as_deref().unwrap_or("not opened")
+            ));
+        };
+        match tokio::time::timeout(Duration::from_secs(2), store.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("store unreachable: {e}")),
+            Err(_) => Err("store unreachable: no answer within 2 s".into()),
+        }
+    }
 }
 
 impl LogsInner {
@@ -248,6 +289,9 @@ impl LogsInner {
     fn stamp_and_queue(&self, posted: Vec<Posted>, relay: bool) {
         self.metrics.logs_received.inc_by(posted.len() as u64);
         let mut dropped = 0u64;
+        // Entries after the store's writer stopped (the server has stopped): not stored,
+        // but no sign of a full queue.
+        let mut after_close = 0u64;
         let mut not_relayed = 0u64;
         self.stream.publish(posted, |e| {
             if relay
@@ -256,12 +300,16 @@ impl LogsInner {
             {
                 not_relayed += 1;
             }
-            match &self.store_queue {
-                Some(q) if q.try_push(e) => {}
+            match self.store_queue.as_ref().map(|q| q.try_push(e)) {
+                Some(Ok(())) => {}
+                Some(Err(queue::Refused::Closed)) => after_close += 1,
                 // Full, or no store: not stored (listeners still get it).
-                _ => dropped += 1,
+                Some(Err(queue::Refused::Full)) | None => dropped += 1,
             }
         });
+        if after_close > 0 {
+            self.metrics.logs_store_dropped.inc_by(after_close);
+        }
         if not_relayed > 0 {
             self.metrics.cluster_dropped.inc_by(not_relayed);
         }

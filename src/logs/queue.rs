@@ -27,6 +27,15 @@ pub struct StoreQueue {
     gauge: Gauge,
 }
 
+/// Why [`StoreQueue::try_push`] refused an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// A bound (entries or bytes) would be passed.
+    Full,
+    /// The writer is gone: the server has stopped.
+    Closed,
+}
+
 /// The writer's end.
 #[derive(Debug)]
 pub struct QueueRx {
@@ -52,17 +61,25 @@ impl StoreQueue {
         )
     }
 
-    /// Queues `entry` unless a bound would be passed or the writer is gone; `false`:
-    /// refused.
-    pub fn try_push(&self, entry: Arc<Entry>) -> bool {
+    /// Queues `entry` unless a bound would be passed or the writer is gone.
+    pub fn try_push(&self, entry: Arc<Entry>) -> Result<(), Refused> {
         let size = entry.size();
         let before = self.bytes.fetch_add(size, Ordering::Relaxed);
-        if before + size > self.max_bytes || self.tx.try_send(entry).is_err() {
+        let refused = if before + size > self.max_bytes {
+            Some(Refused::Full)
+        } else {
+            match self.tx.try_send(entry) {
+                Ok(()) => None,
+                Err(mpsc::error::TrySendError::Full(_)) => Some(Refused::Full),
+                Err(mpsc::error::TrySendError::Closed(_)) => Some(Refused::Closed),
+            }
+        };
+        if let Some(why) = refused {
             self.bytes.fetch_sub(size, Ordering::Relaxed);
-            return false;
+            return Err(why);
         }
         self.gauge.set((before + size) as i64);
-        true
+        Ok(())
     }
 
     /// Bytes queued or being written now.
@@ -110,27 +127,27 @@ mod tests {
     #[tokio::test]
     async fn bounded_in_bytes_until_released() {
         let (q, mut rx) = StoreQueue::new(100, 10_000, Gauge::default());
-        assert!(q.try_push(entry(4000)));
-        assert!(q.try_push(entry(4000)));
+        assert!(q.try_push(entry(4000)).is_ok());
+        assert!(q.try_push(entry(4000)).is_ok());
         // A third would pass 10,000 bytes; a small one still fits.
-        assert!(!q.try_push(entry(4000)));
-        assert!(q.try_push(entry(10)));
+        assert_eq!(q.try_push(entry(4000)), Err(Refused::Full));
+        assert!(q.try_push(entry(10)).is_ok());
         let mut batch = Vec::new();
         assert_eq!(rx.recv_many(&mut batch, 10).await, 3);
         // Taken but not written yet: still counted.
-        assert!(!q.try_push(entry(4000)));
+        assert_eq!(q.try_push(entry(4000)), Err(Refused::Full));
         rx.release(&batch);
         assert_eq!(q.queued_bytes(), 0);
-        assert!(q.try_push(entry(4000)));
+        assert!(q.try_push(entry(4000)).is_ok());
     }
 
     #[test]
     fn bounded_in_entries_and_refused_once_the_writer_is_gone() {
         let (q, rx) = StoreQueue::new(2, usize::MAX, Gauge::default());
-        assert!(q.try_push(entry(1)) && q.try_push(entry(1)));
-        assert!(!q.try_push(entry(1)));
+        assert!(q.try_push(entry(1)).is_ok() && q.try_push(entry(1)).is_ok());
+        assert_eq!(q.try_push(entry(1)), Err(Refused::Full));
         drop(rx);
-        assert!(!q.try_push(entry(1)));
+        assert_eq!(q.try_push(entry(1)), Err(Refused::Closed));
         assert_eq!(q.queued_bytes(), 2 * entry(1).size());
     }
 }

@@ -280,6 +280,20 @@ impl LogStore {
         }
     }
 
+    /// Whether the store answers (its tables made, a trivial query run): for `/readyz`.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.init().await?;
+        match &self.backend {
+            Backend::Sqlite { read, .. } => {
+                read.call(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
+            }
+            Backend::Postgres(pool) => {
+                pool.get().await?.simple_query("SELECT 1").await?;
+                Ok(())
+            }
+        }
+    }
+
     /// Reserves `count` `seqNumber`s for this server: returns (first, last), the first at
     /// least `at_least` and above every number reserved before or stored, and records the
     /// last in `log_meta` before returning, so that no number handed out from it is ever

@@ -45,31 +45,26 @@ enum Backfill {
 }
 
 /// The writer: takes what the queue holds, writes it as one batch, runs retention, and
-/// fills `search` of old rows while idle. On shutdown it writes what is queued, waiting
-/// briefly for requests still in flight, then returns.
+/// fills `search` of old rows while idle. It keeps writing while the server drains, so the
+/// server's last events are stored too; once `close` is cancelled (the server has stopped:
+/// nothing posts any more) it writes what is queued and returns. `shutdown` (the start of
+/// the drain) only shortens the retries of a failing store.
 pub async fn run_writer(
     store: LogStore,
     mut rx: QueueRx,
     retention: Retention,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
+    close: CancellationToken,
 ) {
     let mut retention_tick = tokio::time::interval(RETENTION_INTERVAL);
     retention_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    let mut stopping = false;
     let mut backfill = Backfill::Pending;
     loop {
-        if stopping {
-            // Requests in flight when shutdown began may still post: wait a little for them.
-            match tokio::time::timeout(
-                Duration::from_millis(200),
-                rx.recv_many(&mut batch, MAX_BATCH),
-            )
-            .await
-            {
-                Ok(n) if n > 0 => {}
-                _ => return,
+        if close.is_cancelled() {
+            if rx.is_empty() || rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
+                return;
             }
         } else {
             if backfill == Backfill::Pending && rx.is_empty() && !shutdown.is_cancelled() {
@@ -86,7 +81,7 @@ pub async fn run_writer(
             }
             tokio::select! {
                 n = rx.recv_many(&mut batch, MAX_BATCH) => if n == 0 { return },
-                _ = shutdown.cancelled() => { stopping = true; continue; }
+                _ = close.cancelled() => continue,
                 _ = retention_tick.tick() => {
                     if backfill == Backfill::Failed {
                         backfill = Backfill::Pending;

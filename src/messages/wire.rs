@@ -127,7 +127,7 @@ pub fn unknown_peer(name: &str) -> Arc<Payload> {
 /// The original server's answer for a peer that is offline (its message is queued).
 pub fn offline_peer(name: &str) -> Arc<Payload> {
     error(format!(
-        "connection to {name} closed, messages will be send as {name} comes back online"
+        "connection to {name} closed, messages will be sent as {name} comes back online"
     ))
 }
 
@@ -195,7 +195,7 @@ mod tests {
         );
         assert_eq!(
             offline_peer("B").data().as_ref(),
-            br#"{"error":"connection to B closed, messages will be send as B comes back online"}"#
+            br#"{"error":"connection to B closed, messages will be sent as B comes back online"}"#
         );
     }
 }

@@ -443,6 +443,12 @@ async fn write_loop(
 ) {
     let s = &ctx.settings;
     let mut batch = Vec::new();
+    // Arrival times of the relayed pushes of the batch being written.
+    let mut arrivals = Vec::new();
+    // This connection's share of the histograms, merged at most once a second (and when
+    // the writer ends, aborted included): no atomics shared per delivery.
+    let mut latency = ctx.metrics.relay_latency.local();
+    let mut queued = ctx.metrics.outbound_queue.local();
     loop {
         let close = outbound.next_batch(&mut batch).await;
         if !batch.is_empty() {
@@ -450,6 +456,7 @@ async fn write_loop(
                 (0usize, 0usize, 0usize, 0u64, 0u64);
             let count = batch.len();
             for p in batch.drain(..) {
+                arrivals.extend(p.arrived());
                 let (frame, computed) = frame_for(&p, deflate, s);
                 compressions += computed as u64;
                 plain += p.data().len();
@@ -470,6 +477,14 @@ async fn write_loop(
                 return;
             }
             outbound.written(plain);
+            let now = std::time::Instant::now();
+            for arrived in arrivals.drain(..) {
+                latency.observe(now.saturating_duration_since(arrived).as_nanos() as u64);
+            }
+            // What the batch took is what the queue held: the previous batch was written.
+            queued.observe(plain as u64);
+            latency.merge_every(now);
+            queued.merge_every(now);
             let m = &ctx.metrics;
             m.messages_out.inc_by(count as u64);
             m.bytes_out.inc_by(wire as u64);

@@ -28,7 +28,7 @@ try {
   await a.locator('.send-button').click();
   await eventually('A told B is offline', async () =>
     (await a.locator('li.error').allTextContents()).includes(
-      'connection to B closed, messages will be send as B comes back online'));
+      'connection to B closed, messages will be sent as B comes back online'));
 
   await b.locator('.login').click();
   await eventually('B gets the queued message', async () =>

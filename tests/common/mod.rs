@@ -331,3 +331,50 @@ pub async fn until_metric(addrs: &[SocketAddr], name: &str, want: f64) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// `docker compose` (the plugin) where it exists, else `docker-compose`.
+pub fn compose(args: &[&str]) -> std::process::Output {
+    let plugin = Command::new("docker")
+        .args(["compose", "version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let mut cmd = if plugin {
+        let mut c = Command::new("docker");
+        c.arg("compose");
+        c
+    } else {
+        Command::new("docker-compose")
+    };
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(args)
+        .output()
+        .expect("docker compose or docker-compose is installed (scripts/deps.sh)")
+}
+
+/// `docker compose config` as JSON: the plugin's `--format json`, else Debian's
+/// docker-compose (YAML) through its own PyYAML.
+pub fn compose_json() -> serde_json::Value {
+    let plugin = Command::new("docker")
+        .args(["compose", "version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let text = if plugin {
+        let out = compose(&["config", "--format", "json"]);
+        String::from_utf8(out.stdout).unwrap()
+    } else {
+        let yaml = compose(&["config"]).stdout;
+        let mut child = Command::new("python3")
+            .args([
+                "-c",
+                "import sys, json, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 (docker-compose's own)");
+        use std::io::Write as _;
+        child.stdin.take().unwrap().write_all(&yaml).unwrap();
+        String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
+    };
+    serde_json::from_str(&text).expect("compose config as JSON")
+}
