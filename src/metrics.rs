@@ -87,6 +87,9 @@ pub struct Metrics {
     /// Log front-end: listeners connected; entries listeners missed for being slow.
     pub logs_listeners: Gauge,
     pub logs_listener_missed: Counter,
+    /// The kinds counted in `errors` so far, for the admin dashboard (a family cannot list
+    /// its series). A `std` mutex taken only the first time a kind is counted.
+    error_kinds: std::sync::Mutex<std::collections::BTreeSet<&'static str>>,
     registry: Registry,
 }
 
@@ -136,6 +139,7 @@ impl Metrics {
             logs_store_queue_bytes: Gauge::default(),
             logs_listeners: Gauge::default(),
             logs_listener_missed: Counter::default(),
+            error_kinds: Default::default(),
             registry: Registry::with_prefix("supersynk"),
         };
         let r = &mut m.registry;
@@ -351,7 +355,32 @@ impl Metrics {
 
     /// Counts one error of `kind`.
     pub fn error(&self, kind: &'static str) {
-        self.errors.get_or_create(&KindLabel { kind }).inc();
+        let label = KindLabel { kind };
+        if self.errors.get(&label).is_none() {
+            self.error_kinds
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(kind);
+        }
+        self.errors.get_or_create(&label).inc();
+    }
+
+    /// Every kind of error counted so far, with its count, by kind.
+    pub fn errors_by_kind(&self) -> Vec<(&'static str, u64)> {
+        let kinds: Vec<&'static str> = self
+            .error_kinds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        kinds
+            .into_iter()
+            .map(|kind| {
+                let n = self.errors.get(&KindLabel { kind }).map_or(0, |c| c.get());
+                (kind, n)
+            })
+            .collect()
     }
 
     /// Counts one direct message that was `kind` (delivered, spilled into the queue of an online

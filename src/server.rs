@@ -60,6 +60,8 @@ pub struct AppInner {
     pub messages: crate::messages::Messages,
     /// The log front-end's state (live stream, store writer).
     pub logs: crate::logs::Logs,
+    /// Browser logins to the admin dashboard and the log viewer.
+    pub logins: crate::http::login::Logins,
 }
 
 impl std::ops::Deref for App {
@@ -100,6 +102,7 @@ impl App {
             ),
             messages: crate::messages::Messages::new(&config, metrics.clone()),
             logs: crate::logs::Logs::new(&config, metrics.clone()),
+            logins: Default::default(),
             metrics,
             ws,
             config,
@@ -123,7 +126,7 @@ impl App {
 /// Every route of the server.
 pub fn router(app: App) -> Router {
     let mut r = Router::new()
-        .route("/", get(status_page))
+        .route("/", get(crate::hunterpie::dashboard::page))
         .route("/version", get(|| async { PROTOCOL_VERSION }))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -236,28 +239,6 @@ async fn metrics(State(app): State<App>) -> Response {
         app.metrics.encode(),
     )
         .into_response()
-}
-
-async fn status_page(State(app): State<App>) -> Response {
-    let m = &app.metrics;
-    let up = m.started.elapsed().as_secs();
-    crate::http::page::dynamic(format!(
-        "<!doctype html><html><head><meta charset=utf-8><title>supersynk</title></head><body>\
-         <h1>supersynk {}</h1><table>\
-         <tr><th align=left>sessions</th><td id=sessions>{}</td></tr>\
-         <tr><th align=left>sockets</th><td id=sockets>{}</td></tr>\
-         <tr><th align=left>bytes relayed</th><td id=bytes-relayed>{}</td></tr>\
-         <tr><th align=left>uptime</th><td id=uptime>{}d {:02}:{:02}:{:02}</td></tr>\
-         </table><p><a href=/metrics>metrics</a></p></body></html>",
-        env!("CARGO_PKG_VERSION"),
-        app.hub.len(),
-        m.connections_open.get(),
-        m.bytes_relayed.get(),
-        up / 86400,
-        up / 3600 % 24,
-        up / 60 % 60,
-        up % 60
-    ))
 }
 
 /// Who is on the other end of an upgraded connection; holds its place under the
