@@ -80,7 +80,11 @@ async fn admin_dashboard_in_chromium_with_real_sessions() {
         .unwrap();
     // A follower that pushes is refused (a refusal the dashboard lists by kind).
     members[0].send_text(&push(PARTY, 0)).await.unwrap();
-    assert!(servermsg(&mut members[0]).await.contains("only the session leader"));
+    assert!(
+        servermsg(&mut members[0])
+            .await
+            .contains("only the session leader")
+    );
 
     // The host pushes ten times a second while the page watches.
     let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
@@ -148,7 +152,11 @@ async fn admin_dashboard_in_chromium_with_real_sessions() {
     }
     assert_eq!(host_saw, [party_message, everyone_message]);
     server.shutdown().await;
-    for (who, saw) in [("guest", guest_saw), ("loner", loner_saw), ("solo", solo_saw)] {
+    for (who, saw) in [
+        ("guest", guest_saw),
+        ("loner", loner_saw),
+        ("solo", solo_saw),
+    ] {
         let (texts, _) = tokio::time::timeout(WAIT, saw).await.unwrap().unwrap();
         let want: &[&str] = if who == "guest" {
             &[party_message, everyone_message]

@@ -94,7 +94,10 @@ impl Gate<'_> {
     /// `POST .../login`: 200 `{"csrf": ...}` with the cookie, or 401 for a wrong token.
     pub async fn login(&self, req: Request) -> Response {
         let Some(token) = self.token else {
-            return error(StatusCode::NOT_FOUND, "no token is set: nothing to log in to");
+            return error(
+                StatusCode::NOT_FOUND,
+                "no token is set: nothing to log in to",
+            );
         };
         let headers = req.headers().clone();
         let bytes = match body::read(self.metrics, req, self.limit).await {
@@ -116,7 +119,10 @@ impl Gate<'_> {
             }
             Err(e) => {
                 tracing::error!(error = %e, "login failed");
-                error(StatusCode::INTERNAL_SERVER_ERROR, "login failed: no randomness")
+                error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "login failed: no randomness",
+                )
             }
         }
     }
@@ -344,10 +350,17 @@ mod tests {
     #[test]
     fn a_login_is_found_by_its_cookie_in_its_scope_until_it_ends() {
         let logins = Logins::default();
-        let (login, set) = logins.start(Scope::Admin, &HeaderMap::new(), false).unwrap();
+        let (login, set) = logins
+            .start(Scope::Admin, &HeaderMap::new(), false)
+            .unwrap();
         let set_text = set.to_str().unwrap();
         assert!(set_text.starts_with("supersynk_admin="), "{set_text}");
-        for part in ["Path=/admin", "HttpOnly", "SameSite=Strict", "Max-Age=43200"] {
+        for part in [
+            "Path=/admin",
+            "HttpOnly",
+            "SameSite=Strict",
+            "Max-Age=43200",
+        ] {
             assert!(set_text.contains(part), "{set_text}");
         }
         assert!(!set_text.contains("Secure"), "{set_text}");
@@ -378,7 +391,10 @@ mod tests {
     #[test]
     fn logins_are_bounded() {
         let logins = Logins::default();
-        let first = logins.start(Scope::Logs, &HeaderMap::new(), false).unwrap().1;
+        let first = logins
+            .start(Scope::Logs, &HeaderMap::new(), false)
+            .unwrap()
+            .1;
         for _ in 0..MAX_LOGINS {
             logins.start(Scope::Logs, &HeaderMap::new(), false).unwrap();
         }

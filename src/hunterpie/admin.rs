@@ -286,7 +286,8 @@ pub(crate) fn parse_for_fuzzing(body: &[u8]) {
 }
 
 async fn kick(State(app): State<App>, req: Request) -> Response {
-    let expected = "expected JSON {\"conn\": <connection id from /admin/sessions>, \"node\"?: name}";
+    let expected =
+        "expected JSON {\"conn\": <connection id from /admin/sessions>, \"node\"?: name}";
     let body: KickBody = match json_body(&app, req, expected).await {
         Ok(body) => body,
         Err(res) => return res,
