@@ -131,13 +131,20 @@ fn start_nginx(nodes: &[SocketAddr]) -> Nginx {
 #[tokio::test]
 async fn the_plugin_through_nginx_to_two_nodes() {
     let (redis, prefix) = (redis_url(), unique_prefix());
-    let (_a_proc, a) = node(&redis, &prefix, &[]).await;
-    let (_b_proc, b) = node(&redis, &prefix, &[]).await;
+    let admin = ["--admin-token", "t0ken"];
+    let (_a_proc, a) = node(&redis, &prefix, &admin).await;
+    let (_b_proc, b) = node(&redis, &prefix, &admin).await;
     let nginx = start_nginx(&[a, b]);
 
     // What the plugin asks first, through the proxy; what the public must not see.
     assert_eq!(http(nginx.addr, "GET", "/version", "").await.2, "0.1");
     assert_eq!(http(nginx.addr, "GET", "/metrics", "").await.0, 404);
+    // The admin API and its login stay on the nodes; the public status page passes.
+    let login = r#"{"token":"t0ken"}"#;
+    assert_eq!(http(a, "POST", "/admin/login", login).await.0, 200);
+    assert_eq!(http(nginx.addr, "POST", "/admin/login", login).await.0, 404);
+    assert_eq!(http(nginx.addr, "GET", "/admin/sessions", "").await.0, 404);
+    assert_eq!(http(nginx.addr, "GET", "/", "").await.0, 200);
 
     // The plugin's exact handshake (permessage-deflate offered), through nginx.
     let session = "nginx@Session:Hunter";
