@@ -78,9 +78,9 @@ async fn stats_and_sessions_report_the_real_members_with_their_node() {
         .unwrap();
     servermsg(&mut follower).await;
 
-    let (status, _, body) = http_with(addr, "GET", "/admin/stats", &auth, "").await;
-    assert_eq!(status, 200, "{body}");
-    let v = json(&body);
+    let (status, _, stats_body) = http_with(addr, "GET", "/admin/stats", &auth, "").await;
+    assert_eq!(status, 200, "{stats_body}");
+    let v = json(&stats_body);
     assert!(v["time"].as_i64().unwrap() > 1_600_000_000_000);
     let nodes = v["nodes"].as_array().unwrap();
     assert_eq!(nodes.len(), 1);
@@ -112,6 +112,10 @@ async fn stats_and_sessions_report_the_real_members_with_their_node() {
     assert_eq!(m["node"], name.as_str());
     let since = m["since"].as_i64().unwrap();
     assert!(since <= now_ms() && since > now_ms() - 60_000, "{since}");
+
+    // The examples of protocol/hunterpie.md have the answers' fields, all of them.
+    assert_same_keys(&doc_example(r#"{"time":"#), &json(&stats_body), "stats");
+    assert_same_keys(&doc_example(r#"{"total":"#), &v, "sessions");
 
     // Search (session id, member name or address, any case) and limit.
     let (_, _, body) = http_with(addr, "GET", "/admin/sessions?search=OTHER", &auth, "").await;
@@ -155,6 +159,46 @@ async fn stats_and_sessions_report_the_real_members_with_their_node() {
     assert_eq!(status, 200);
     assert_eq!(close_code(&mut follower).await, Some(4003));
     server.shutdown().await;
+}
+
+/// The inline JSON example of protocol/hunterpie.md that starts with `start`.
+fn doc_example(start: &str) -> Value {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/protocol/hunterpie.md"
+    ))
+    .unwrap();
+    let at = doc
+        .find(&format!("`{start}"))
+        .unwrap_or_else(|| panic!("an example {start}"));
+    let rest = &doc[at + 1..];
+    json(&rest[..rest.find('`').unwrap()])
+}
+
+/// Objects with the same keys at every level (the first element of arrays; `refusals` is a
+/// map of kinds, whatever they are).
+fn assert_same_keys(doc: &Value, real: &Value, at: &str) {
+    match (doc, real) {
+        (Value::Object(d), Value::Object(r)) if !at.ends_with("refusals") => {
+            let (mut dk, mut rk): (Vec<_>, Vec<_>) = (d.keys().collect(), r.keys().collect());
+            dk.sort();
+            rk.sort();
+            assert_eq!(dk, rk, "{at}");
+            for (k, dv) in d {
+                assert_same_keys(dv, &r[k], &format!("{at}.{k}"));
+            }
+        }
+        (Value::Array(d), Value::Array(r)) => {
+            if let (Some(d), Some(r)) = (d.first(), r.first()) {
+                assert_same_keys(d, r, &format!("{at}[0]"));
+            }
+        }
+        _ => assert_eq!(
+            std::mem::discriminant(doc),
+            std::mem::discriminant(real),
+            "{at}: {doc} and {real}"
+        ),
+    }
 }
 
 fn now_ms() -> i64 {
