@@ -1,7 +1,7 @@
 //! The listener, the HTTP routes and the server's shared state.
 //!
 //! Owns accepting connections (one port for HTTP and every WebSocket front-end), routing,
-//! the small HTTP endpoints (`/version`, `/`, `/metrics`, `/healthz`) and graceful shutdown:
+//! the small HTTP endpoints (`/version`, `/metrics`, `/healthz`) and graceful shutdown:
 //! on the shutdown signal the listener stops, every WebSocket front-end says goodbye and
 //! closes with 1001, and the server waits for connections within the grace period.
 

@@ -224,14 +224,15 @@ impl Logins {
         };
         let mut map = self.map();
         let now = Instant::now();
-        if map.keys().filter(|(s, _)| *s == scope).count() >= MAX_LOGINS {
+        let in_scope = |map: &HashMap<_, _>| map.keys().filter(|(s, _)| *s == scope).count();
+        if in_scope(&map) >= MAX_LOGINS {
             map.retain(|_, l| l.expires > now);
             let soonest = map
                 .iter()
                 .filter(|((s, _), _)| *s == scope)
                 .min_by_key(|(_, l)| l.expires)
                 .map(|(k, _)| *k);
-            if let Some(k) = soonest.filter(|_| map.len() >= MAX_LOGINS) {
+            if let Some(k) = soonest.filter(|_| in_scope(&map) >= MAX_LOGINS) {
                 map.remove(&k);
             }
         }
@@ -296,18 +297,30 @@ fn secure(headers: &HeaderMap, tls: bool) -> &'static str {
 /// Whether a browser's request comes from a page of this server: its `Origin` (when it has
 /// one) names the host the request was sent to. A cookie-authenticated WebSocket must: a
 /// browser sends cookies with another site's WebSocket handshakes in some cases, and the
-/// `Origin` is what tells them apart.
+/// `Origin` is what tells them apart. Ports are not compared (a proxy's `Host` may leave
+/// its port out, and to a browser's cookies every port of a host is the same site).
 pub fn same_origin(headers: &HeaderMap) -> bool {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return true;
     };
-    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(host_name);
     let origin_host = origin
         .to_str()
         .ok()
         .and_then(|o| o.split_once("://"))
-        .map(|(_, rest)| rest.trim_end_matches('/'));
+        .map(|(_, rest)| host_name(rest.trim_end_matches('/')));
     matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
+}
+
+/// The host of `host[:port]` or `[v6]:port`.
+fn host_name(authority: &str) -> &str {
+    match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => authority.split(':').next().unwrap_or(authority),
+    }
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers.
@@ -400,6 +413,14 @@ mod tests {
         }
         assert_eq!(logins.map().len(), MAX_LOGINS);
         assert!(logins.check(Scope::Logs, &with_cookie(&first)).is_none());
+        // The other scope's logins are its own.
+        let admin = logins
+            .start(Scope::Admin, &HeaderMap::new(), false)
+            .unwrap()
+            .1;
+        logins.start(Scope::Logs, &HeaderMap::new(), false).unwrap();
+        assert!(logins.check(Scope::Admin, &with_cookie(&admin)).is_some());
+        assert_eq!(logins.map().len(), MAX_LOGINS + 1);
     }
 
     #[test]
@@ -409,6 +430,15 @@ mod tests {
         h.insert(header::HOST, "node:5001".parse().unwrap());
         h.insert(header::ORIGIN, "http://node:5001".parse().unwrap());
         assert!(same_origin(&h));
+        // Behind a proxy, Host may leave the port out.
+        h.insert(header::ORIGIN, "https://NODE:8443".parse().unwrap());
+        assert!(same_origin(&h));
+        h.insert(header::HOST, "[::1]:5001".parse().unwrap());
+        h.insert(header::ORIGIN, "http://[::1]:5001".parse().unwrap());
+        assert!(same_origin(&h));
+        h.insert(header::ORIGIN, "http://node.evil.example".parse().unwrap());
+        assert!(!same_origin(&h));
+        h.insert(header::HOST, "node:5001".parse().unwrap());
         h.insert(header::ORIGIN, "https://evil.example".parse().unwrap());
         assert!(!same_origin(&h));
         h.insert(header::ORIGIN, "null".parse().unwrap());
