@@ -16,10 +16,11 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use axum::Json;
-use axum::extract::Request;
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use serde_json::json;
 
 use super::body::{self, BodyLimit};
@@ -88,6 +89,30 @@ struct LoginBody {
 /// The login body's parser, for the body fuzz target.
 pub(crate) fn parse_for_fuzzing(body: &[u8]) {
     let _ = serde_json::from_slice::<LoginBody>(body);
+}
+
+/// The routes `{prefix}/login` (GET and POST) and `{prefix}/logout` over the gate that
+/// `gate` makes of the state.
+pub fn routes<S>(prefix: &str, gate: for<'a> fn(&'a S) -> Gate<'a>) -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    Router::new()
+        .route(
+            &format!("{prefix}/login"),
+            get(move |State(s): State<S>, req: Request| async move {
+                gate(&s).state(req.headers())
+            })
+            .post(move |State(s): State<S>, req: Request| async move {
+                gate(&s).login(req).await
+            }),
+        )
+        .route(
+            &format!("{prefix}/logout"),
+            post(move |State(s): State<S>, req: Request| async move {
+                gate(&s).logout(req.headers())
+            }),
+        )
 }
 
 impl Gate<'_> {

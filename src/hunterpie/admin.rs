@@ -40,23 +40,7 @@ pub fn routes(app: App) -> Router<App> {
         .route("/message", post(message))
         .route("/kick", post(kick))
         .route_layer(axum::middleware::from_fn_with_state(app, require_token));
-    Router::new()
-        .route(
-            "/login",
-            get(|State(app): State<App>, req: Request| async move {
-                gate(&app).state(req.headers())
-            })
-            .post(|State(app): State<App>, req: Request| async move {
-                gate(&app).login(req).await
-            }),
-        )
-        .route(
-            "/logout",
-            post(|State(app): State<App>, req: Request| async move {
-                gate(&app).logout(req.headers())
-            }),
-        )
-        .merge(api)
+    login::routes("", gate).merge(api)
 }
 
 fn gate(app: &App) -> Gate<'_> {

@@ -299,21 +299,7 @@ pub fn routes() -> Router<App> {
         .route("/logs/listen", get(listen))
         .route("/logs/query", get(query))
         .route("/logs.html", get(|| async { VIEWER.response() }))
-        .route(
-            "/logs/login",
-            get(|State(app): State<App>, req: Request| async move {
-                gate(&app).state(req.headers())
-            })
-            .post(|State(app): State<App>, req: Request| async move {
-                gate(&app).login(req).await
-            }),
-        )
-        .route(
-            "/logs/logout",
-            post(|State(app): State<App>, req: Request| async move {
-                gate(&app).logout(req.headers())
-            }),
-        )
+        .merge(login::routes("/logs", gate))
 }
 
 fn json_error(app: &App, status: StatusCode, text: &str, kind: &'static str) -> Response {
