@@ -127,7 +127,8 @@ pub struct Settings {
     /// Secret for HMAC-signed leader tokens (see protocol/hunterpie.md) [default: none]
     #[arg(long, env = "SUPERSYNK_LEADER_TOKEN_SECRET")]
     pub leader_token_secret: Option<String>,
-    /// Bearer token of the admin API under /admin; the API is off without it [default: none]
+    /// Token of the admin API under /admin (Bearer) and of the dashboard's login at /; both
+    /// are off without it [default: none]
     #[arg(long, env = "SUPERSYNK_ADMIN_TOKEN")]
     pub admin_token: Option<String>,
     /// PEM certificate chain: serve TLS (wss/https) instead of plain TCP [default: none]
@@ -225,8 +226,8 @@ pub struct Settings {
     /// twice this with no answer, in ms [default: 20000]
     #[arg(long, env = "SUPERSYNK_MESSAGES_PING_INTERVAL_MS")]
     pub messages_ping_interval_ms: Option<u64>,
-    /// Token required by /logs.html, /logs/listen and /logs/query (as ?token= or a Bearer
-    /// header); /logs/add stays open [default: none, open]
+    /// Token required by /logs/listen and /logs/query (as ?token=, a Bearer header, or the
+    /// viewer's login at /logs.html); /logs/add stays open [default: none, open]
     #[arg(long, env = "SUPERSYNK_LOGS_TOKEN")]
     pub logs_token: Option<String>,
     /// Log store: delete entries older than this many days; 0 keeps them [default: 30]

@@ -6,9 +6,9 @@
 //! - [`ws`]: WebSocket plumbing for every WebSocket front-end: handshake, permessage-deflate
 //!   under tungstenite, and one connection's reader and writer.
 //! - Front-ends, each speaking one protocol over the core and never importing each other:
-//!   [`hunterpie`] (the HunterPie SyncPlugin protocol on `/connect`), [`channels`] (the HTTP
-//!   channel API under `/api`), [`messages`] (direct messages with a durable offline queue
-//!   on `/messages`), [`logs`] (the plugin's remote logs: `/logs/add`, the live
+//!   [`hunterpie`] (the HunterPie SyncPlugin protocol on `/connect`, its admin API and the
+//!   dashboard at `/`), [`channels`] (the HTTP channel API under `/api`), [`messages`]
+//!   (direct messages with a durable offline queue on `/messages`), [`logs`] (the plugin's remote logs: `/logs/add`, the live
 //!   `/logs/listen`, `/logs/query` over the log store, the `/logs.html` viewer),
 //!   [`reliable`] (the reliable session protocol on `/v1/reliable`: acks, resends, resume,
 //!   rooms, request/response) and [`echo`] (for conformance testing).
@@ -18,7 +18,8 @@
 //! - [`store`]: the durable store's backends (SQLite in the data directory, PostgreSQL),
 //!   whose tables belong to the front-ends that keep data.
 //! - [`server`]: listener, routes, shared state and graceful shutdown; [`http`]: what
-//!   every HTTP endpoint shares (reading request bodies, the pages' headers, bearer tokens,
+//!   every HTTP endpoint shares (reading request bodies, the pages' headers, browser logins,
+//!   bearer tokens,
 //!   the checks before routing); [`limits`]; [`config`]; [`metrics`]; [`health`]
 //!   (`/healthz`, `/readyz`).
 #![forbid(unsafe_code)]

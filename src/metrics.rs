@@ -132,6 +132,9 @@ pub struct Metrics {
     pub relay_latency: Histogram,
     /// Bytes a connection's outbound queue held each time its writer took a batch.
     pub outbound_queue: Histogram,
+    /// The kinds counted in `errors` so far, for the admin dashboard (a family cannot list
+    /// its series). A `std` mutex taken only the first time a kind is counted.
+    error_kinds: std::sync::Mutex<std::collections::BTreeSet<&'static str>>,
     registry: Registry,
 }
 
@@ -183,6 +186,7 @@ impl Metrics {
             logs_listener_missed: Counter::default(),
             relay_latency: Histogram::new(LATENCY_BOUNDS_NS, 1e-9),
             outbound_queue: Histogram::new(QUEUE_BOUNDS, 1.0),
+            error_kinds: Default::default(),
             registry: Registry::default(),
         };
         // The process metrics keep their standard names; the server's own carry its prefix.
@@ -422,7 +426,32 @@ impl Metrics {
 
     /// Counts one error of `kind`.
     pub fn error(&self, kind: &'static str) {
-        self.errors.get_or_create(&KindLabel { kind }).inc();
+        let label = KindLabel { kind };
+        if self.errors.get(&label).is_none() {
+            self.error_kinds
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(kind);
+        }
+        self.errors.get_or_create(&label).inc();
+    }
+
+    /// Every kind of error counted so far, with its count, by kind.
+    pub fn errors_by_kind(&self) -> Vec<(&'static str, u64)> {
+        let kinds: Vec<&'static str> = self
+            .error_kinds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        kinds
+            .into_iter()
+            .map(|kind| {
+                let n = self.errors.get(&KindLabel { kind }).map_or(0, |c| c.get());
+                (kind, n)
+            })
+            .collect()
     }
 
     /// Counts one direct message that was `kind` (delivered, spilled into the queue of an online

@@ -1,7 +1,7 @@
 //! The listener, the HTTP routes and the server's shared state.
 //!
 //! Owns accepting connections (one port for HTTP and every WebSocket front-end), routing,
-//! the small HTTP endpoints (`/version`, `/`, `/metrics`; `/healthz` and `/readyz` are in
+//! the small HTTP endpoints (`/version`, `/metrics`; `/healthz` and `/readyz` are in
 //! [`crate::health`]) and graceful shutdown: on the shutdown signal every WebSocket
 //! front-end says goodbye and closes with 1001, and the server waits for connections within
 //! the grace period. Meanwhile the main port still answers `/readyz` (503: draining),
@@ -65,6 +65,8 @@ pub struct AppInner {
     pub logs: crate::logs::Logs,
     /// The readiness probe's cache.
     pub health: crate::health::Health,
+    /// Browser logins to the admin dashboard and the log viewer.
+    pub logins: crate::http::login::Logins,
 }
 
 impl std::ops::Deref for App {
@@ -106,6 +108,7 @@ impl App {
             messages: crate::messages::Messages::new(&config, metrics.clone()),
             logs: crate::logs::Logs::new(&config, metrics.clone()),
             health: crate::health::Health::default(),
+            logins: Default::default(),
             metrics,
             ws,
             config,
@@ -129,7 +132,7 @@ impl App {
 /// Every route of the server.
 pub fn router(app: App) -> Router {
     let mut r = Router::new()
-        .route("/", get(status_page))
+        .route("/", get(crate::hunterpie::dashboard::page))
         .route("/version", get(|| async { PROTOCOL_VERSION }))
         .route("/healthz", get(crate::health::healthz))
         .route("/readyz", get(crate::health::readyz))
@@ -249,29 +252,6 @@ async fn metrics(State(app): State<App>, headers: axum::http::HeaderMap) -> Resp
         app.metrics.encode(format),
     )
         .into_response()
-}
-
-async fn status_page(State(app): State<App>) -> Response {
-    let m = &app.metrics;
-    let up = m.started.elapsed().as_secs();
-    crate::http::page::dynamic(format!(
-        "<!doctype html><html><head><meta charset=utf-8><title>supersynk</title></head><body>\
-         <h1>supersynk {}</h1><table>\
-         <tr><th align=left>sessions</th><td id=sessions>{}</td></tr>\
-         <tr><th align=left>sockets</th><td id=sockets>{}</td></tr>\
-         <tr><th align=left>bytes relayed</th><td id=bytes-relayed>{}</td></tr>\
-         <tr><th align=left>uptime</th><td id=uptime>{}d {:02}:{:02}:{:02}</td></tr>\
-         </table><p>Prometheus metrics are at <code>/metrics</code> on each node \
-         (not served through the proxy).</p></body></html>",
-        env!("CARGO_PKG_VERSION"),
-        app.hub.len(),
-        m.connections_open.get(),
-        m.bytes_relayed.get(),
-        up / 86400,
-        up / 3600 % 24,
-        up / 60 % 60,
-        up % 60
-    ))
 }
 
 /// Who is on the other end of an upgraded connection; holds its place under the

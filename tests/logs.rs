@@ -353,7 +353,11 @@ async fn the_token_guards_viewer_listen_and_query_but_not_add() {
             .0,
         200
     );
-    for path in ["/logs.html", "/logs/query", "/logs/listen"] {
+    // The viewer page is open (it holds no entry and asks for the token: tests/browser.rs).
+    let (status, _, body) = http(addr, "GET", "/logs.html", "").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("login-form"));
+    for path in ["/logs/query", "/logs/listen"] {
         let (status, head, body) = http(addr, "GET", path, "").await;
         assert_eq!(status, 401, "{path}");
         assert!(body.contains("token"), "{body}");

@@ -131,31 +131,44 @@ fn start_nginx(nodes: &[SocketAddr]) -> Nginx {
 #[tokio::test]
 async fn the_plugin_through_nginx_to_two_nodes() {
     let (redis, prefix) = (redis_url(), unique_prefix());
-    let (_a_proc, a) = node(&redis, &prefix, &[]).await;
-    let (_b_proc, b) = node(&redis, &prefix, &[]).await;
+    let admin = ["--admin-token", "t0ken"];
+    let (_a_proc, a) = node(&redis, &prefix, &admin).await;
+    let (_b_proc, b) = node(&redis, &prefix, &admin).await;
     let nginx = start_nginx(&[a, b]);
 
     // What the plugin asks first, through the proxy; what the public must not see.
     assert_eq!(http(nginx.addr, "GET", "/version", "").await.2, "0.1");
     assert_eq!(http(nginx.addr, "GET", "/metrics", "").await.0, 404);
+    // The admin API and its login stay on the nodes; the public status page passes.
+    let login = r#"{"token":"t0ken"}"#;
+    assert_eq!(http(a, "POST", "/admin/login", login).await.0, 200);
+    assert_eq!(http(nginx.addr, "POST", "/admin/login", login).await.0, 404);
+    assert_eq!(http(nginx.addr, "GET", "/admin/sessions", "").await.0, 404);
     assert_eq!(http(nginx.addr, "GET", "/readyz", "").await.0, 404);
     assert_eq!(http(a, "GET", "/readyz", "").await.0, 200);
     // The status page links nothing the proxy does not serve.
     let (status, _, page) = http(nginx.addr, "GET", "/", "").await;
     assert_eq!(status, 200);
-    for link in page.split("href=").skip(1) {
+    // Links shown to the public: the dashboard's own (hidden until an operator logs in on
+    // a node, which the proxy does not allow) and inline data aside.
+    for tag in page.split('<').filter(|t| !t.contains(" hidden")) {
+        let Some(link) = tag[..tag.find('>').unwrap_or(tag.len())]
+            .split("href=")
+            .nth(1)
+        else {
+            continue;
+        };
         let target = link.trim_start_matches(['"', '\'']);
-        let target = &target[..target.find(['"', '\'', ' ', '>']).unwrap()];
+        let target = &target[..target.find(['"', '\'', ' ', '>']).unwrap_or(target.len())];
+        if target.starts_with("data:") {
+            continue;
+        }
         let (status, _, _) = http(nginx.addr, "GET", target, "").await;
         assert_ne!(
             status, 404,
             "the status page links {target}, which nginx does not serve"
         );
     }
-    assert!(
-        page.contains("<code>/metrics</code> on each node"),
-        "{page}"
-    );
 
     // The plugin's exact handshake (permessage-deflate offered), through nginx.
     let session = "nginx@Session:Hunter";

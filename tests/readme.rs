@@ -183,7 +183,7 @@ async fn probe(addr: SocketAddr, line: &str) {
     );
     let (status, _, page) = http(addr, "GET", "/", "").await;
     assert!(
-        status == 200 && page.contains("<h1>supersynk"),
+        status == 200 && page.contains("<title>supersynk") && page.contains("id=sessions>0<"),
         "{line}: {page}"
     );
     assert!(metric(addr, "supersynk_build_info").await == 1.0, "{line}");

@@ -50,9 +50,11 @@ pub struct Member {
     pub conn: ConnId,
     pub role: Role,
     pub outbound: Outbound,
-    /// The name the client gave (for operators), and its address.
+    /// The name the client gave (for operators), its address, and when it connected
+    /// (unix ms).
     pub name: Arc<str>,
     pub addr: std::net::IpAddr,
+    pub since: i64,
 }
 
 /// Why a join was refused.
@@ -78,6 +80,8 @@ pub struct MemberInfo {
     pub name: String,
     pub leader: bool,
     pub addr: String,
+    /// When the member's connection opened, unix ms.
+    pub since: i64,
 }
 
 /// One session as operators see it.
@@ -203,6 +207,7 @@ impl Session {
                     name: m.name.to_string(),
                     leader: m.role == Role::Leader,
                     addr: m.addr.to_string(),
+                    since: m.since,
                 })
                 .collect(),
         }
@@ -559,6 +564,11 @@ impl Hub {
         }
     }
 
+    /// Members of every session on this node.
+    pub fn local_members(&self) -> usize {
+        self.all().iter().map(|s| s.state().members.len()).sum()
+    }
+
     /// Number of sessions.
     pub fn len(&self) -> usize {
         self.sessions().len()
@@ -585,6 +595,7 @@ mod tests {
             outbound: Outbound::new(1 << 20),
             name: Arc::from("n"),
             addr: [127, 0, 0, 1].into(),
+            since: 0,
         }
     }
 

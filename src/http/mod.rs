@@ -1,8 +1,9 @@
 //! HTTP plumbing shared by every front-end: reading request bodies ([`body`]), the headers
-//! of the HTML pages ([`page`]), bearer tokens, and the checks every request passes before
-//! it is routed.
+//! of the HTML pages ([`page`]), browser logins to token-protected pages ([`login`]), bearer
+//! tokens, and the checks every request passes before it is routed.
 
 pub mod body;
+pub mod login;
 pub mod page;
 
 use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, Version, header};

@@ -24,15 +24,39 @@ impl Page {
     }
 
     pub fn response(&'static self) -> Response {
-        let csp = self.csp.get_or_init(|| policy(self.html));
-        with_headers(Html(self.html).into_response(), csp.clone())
+        with_headers(Html(self.html).into_response(), self.csp().clone())
+    }
+
+    /// The page with each `{{name}}` of `vars` replaced by its value, HTML-escaped. The
+    /// placeholders stand outside the inline scripts and styles, so the policy stays the
+    /// template's.
+    pub fn render(&'static self, vars: &[(&str, &str)]) -> Response {
+        let mut html = self.html.to_string();
+        for (name, value) in vars {
+            html = html.replace(&format!("{{{{{name}}}}}"), &escape(value));
+        }
+        with_headers(Html(html).into_response(), self.csp().clone())
+    }
+
+    fn csp(&'static self) -> &'static HeaderValue {
+        self.csp.get_or_init(|| policy(self.html))
     }
 }
 
-/// A page made per request.
-pub fn dynamic(html: String) -> Response {
-    let csp = policy(&html);
-    with_headers(Html(html).into_response(), csp)
+/// `text` safe inside an HTML element or a quoted attribute.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn with_headers(mut res: Response, csp: HeaderValue) -> Response {
@@ -115,5 +139,13 @@ mod tests {
         assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
         let none = policy("<p>no script</p>");
         assert!(none.to_str().unwrap().contains("script-src 'none'"));
+    }
+
+    #[test]
+    fn templates_escape_their_values() {
+        assert_eq!(
+            escape("<a href=\"x\">&'"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
     }
 }

@@ -6,6 +6,7 @@
 //! own beyond each connection's name and current session.
 
 pub mod admin;
+pub mod dashboard;
 pub mod message;
 
 use std::sync::Arc;
@@ -26,6 +27,8 @@ pub const SHUTDOWN_TEXT: &str = "Server is shutting down for maintenance; reconn
 /// What the server knows of one client.
 struct Client {
     name: Arc<str>,
+    /// When the connection opened (unix ms), for operators.
+    since: i64,
     session: Option<(Arc<Session>, Role)>,
     /// Session switches this connection may still make (per-minute rate).
     switches: governor::DefaultDirectRateLimiter,
@@ -37,6 +40,7 @@ pub async fn serve(upgraded: Upgraded, deflate: Option<Deflate>, app: App, peer:
     app.hub.register(conn.id, conn.outbound.clone());
     let mut client = Client {
         name: Arc::from(""),
+        since: now_ms(),
         session: None,
         switches: app.guard.switch_limiter(),
     };
@@ -64,6 +68,13 @@ pub async fn serve(upgraded: Upgraded, deflate: Option<Deflate>, app: App, peer:
     leave(&app, &conn, &mut client);
     app.hub.unregister(conn.id);
     conn.finish().await;
+}
+
+/// The time now, unix ms.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn leave(app: &App, conn: &Connection, client: &mut Client) {
@@ -132,6 +143,7 @@ fn on_text(conn: &Connection, client: &mut Client, text: bytes::Bytes, app: &App
                 outbound: conn.outbound.clone(),
                 name: client.name.clone(),
                 addr: conn.peer.addr,
+                since: client.since,
             };
             match app
                 .hub

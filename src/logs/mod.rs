@@ -42,6 +42,7 @@ use tracing::{debug, error, info, warn};
 use crate::core::outbound::Payload;
 use crate::core::secret_eq;
 use crate::http::body::{self, BodyLimit};
+use crate::http::login::{self, Gate, Scope};
 use crate::http::page::Page;
 use crate::metrics::Metrics;
 use crate::server::{App, Peer, client_ip, upgrade_with};
@@ -53,7 +54,8 @@ use queue::{QueueRx, StoreQueue};
 use store::{Cursor, LogStore, Query, Retention};
 use stream::Stream;
 
-/// The viewer page, served as is.
+/// The viewer page, served as is and to anyone: it holds no entry, and asks for the token
+/// when the server has one.
 static VIEWER: Page = Page::new(include_str!("viewer.html"));
 /// Entries that may wait for one 100 ms flush of the live stream.
 const MAX_PENDING: usize = 100_000;
@@ -344,7 +346,8 @@ pub fn routes() -> Router<App> {
         .route("/logs/add", post(add))
         .route("/logs/listen", get(listen))
         .route("/logs/query", get(query))
-        .route("/logs.html", get(viewer))
+        .route("/logs.html", get(|| async { VIEWER.response() }))
+        .merge(login::routes("/logs", gate))
 }
 
 fn json_error(app: &App, status: StatusCode, text: &str, kind: &'static str) -> Response {
@@ -397,22 +400,43 @@ impl Params {
 }
 
 /// Whether the request carries the logs token (`?token=` or `Authorization: Bearer`, the
-/// scheme in any case), or none is configured.
-fn authorized(app: &App, headers: &HeaderMap, params: &Params) -> bool {
+/// scheme in any case) or the cookie of a viewer login, or no token is configured. A
+/// WebSocket authorized by the cookie alone must come from a page of this server
+/// ([`login::same_origin`]).
+fn authorized(app: &App, headers: &HeaderMap, params: &Params, websocket: bool) -> bool {
     let Some(want) = &app.config.logs.token else {
         return true;
     };
-    crate::http::bearer(headers)
+    let by_token = crate::http::bearer(headers)
         .into_iter()
         .chain(params.all("token"))
-        .any(|got| secret_eq(got, want))
+        .any(|got| secret_eq(got, want));
+    by_token
+        || (app.logins.check(Scope::Logs, headers).is_some()
+            && (!websocket || login::same_origin(headers)))
+}
+
+/// The viewer's login endpoints (`/logs/login`, `/logs/logout`); without `--logs-token`
+/// there is nothing to log in to (404, and `GET /logs/login` says the logs are open).
+fn gate(app: &App) -> Gate<'_> {
+    Gate {
+        logins: &app.logins,
+        scope: Scope::Logs,
+        token: app.config.logs.token.as_deref(),
+        tls: app.config.tls.is_some(),
+        metrics: &app.metrics,
+        limit: BodyLimit {
+            max_bytes: app.config.limits.max_http_body_bytes,
+            deadline: app.config.limits.http_body_timeout,
+        },
+    }
 }
 
 fn unauthorized(app: &App) -> Response {
     let mut res = json_error(
         app,
         StatusCode::UNAUTHORIZED,
-        "a valid logs token is required (?token=... or Authorization: Bearer ...)",
+        "a valid logs token is required (?token=..., Authorization: Bearer ..., or log in on /logs.html)",
         "logs_unauthorized",
     );
     res.headers_mut().insert(
@@ -467,7 +491,7 @@ async fn add(State(app): State<App>, req: Request) -> Response {
 /// `GET /logs/listen?room=R` (or `roomId=R`): the live stream as a WebSocket.
 async fn listen(State(app): State<App>, mut req: Request) -> Response {
     let p = Params::of(&req);
-    if !authorized(&app, req.headers(), &p) {
+    if !authorized(&app, req.headers(), &p, true) {
         return unauthorized(&app);
     }
     let room = match p.room() {
@@ -558,7 +582,7 @@ fn parse_query(p: &Params) -> Result<Query, String> {
 /// `GET /logs/query`: stored entries, newest first, a page at a time.
 async fn query(State(app): State<App>, req: Request) -> Response {
     let p = Params::of(&req);
-    if !authorized(&app, req.headers(), &p) {
+    if !authorized(&app, req.headers(), &p, false) {
         return unauthorized(&app);
     }
     let q = match parse_query(&p) {
@@ -601,15 +625,6 @@ async fn query(State(app): State<App>, req: Request) -> Response {
             )
         }
     }
-}
-
-/// `GET /logs.html`: the viewer.
-async fn viewer(State(app): State<App>, req: Request) -> Response {
-    let p = Params::of(&req);
-    if !authorized(&app, req.headers(), &p) {
-        return unauthorized(&app);
-    }
-    VIEWER.response()
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 // headless Chromium through playwright-core, wait for conditions.
 import { spawn } from 'node:child_process';
 import { createInterface } from 'node:readline';
-import { mkdtempSync } from 'node:fs';
+import { mkdtempSync, mkdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
@@ -69,4 +69,49 @@ export async function eventually(what, check, ms = 10000) {
     if (Date.now() > until) throw new Error(`timed out waiting for ${what} (last: ${last})`);
     await new Promise((r) => setTimeout(r, 50));
   }
+}
+
+/** Where screenshots go: SCREENSHOTS (target/screenshots when run by cargo test). */
+export const SCREENSHOTS = process.env.SCREENSHOTS ?? join(tmpdir(), 'supersynk-screenshots');
+
+/** A full-page screenshot named `name`.png in SCREENSHOTS; prints its path. */
+export async function screenshot(page, name) {
+  mkdirSync(SCREENSHOTS, { recursive: true });
+  const path = join(SCREENSHOTS, name + '.png');
+  await page.evaluate(() => window.scrollTo(0, 0));
+  await page.screenshot({ path, fullPage: true });
+  console.log('screenshot: ' + path);
+  return path;
+}
+
+/**
+ * Collects what must not happen on a page: script errors and anything its
+ * Content-Security-Policy blocked. `check()` throws if either happened.
+ */
+export function watch(page) {
+  const problems = [];
+  page.on('pageerror', (e) => problems.push('page error: ' + e.message));
+  page.on('console', (m) => { if (/Content Security Policy/i.test(m.text())) problems.push('CSP: ' + m.text()); });
+  return { check() { if (problems.length) throw new Error(problems.join('\n')); } };
+}
+
+/**
+ * What does not fit the page's width: the page scrolls sideways, or an element that should be
+ * seen (matching `selector`) is cut off or outside the viewport. Returns a list (empty: fine).
+ */
+export function overflowing(page, selector) {
+  return page.evaluate((selector) => {
+    const out = [];
+    const width = document.documentElement.clientWidth;
+    if (document.documentElement.scrollWidth > width) out.push(`page is ${document.documentElement.scrollWidth}px wide`);
+    for (const el of document.querySelectorAll(selector)) {
+      const b = el.getBoundingClientRect();
+      if (b.width === 0 && b.height === 0) continue; // not shown at all
+      if (b.left < 0 || b.right > width + 0.5) out.push(`${el.id || el.className}: ${b.left}..${b.right}`);
+      if (el.scrollWidth > el.clientWidth + 1 && getComputedStyle(el).overflowX !== 'visible' && el.tagName !== 'CANVAS') {
+        out.push(`${el.id || el.className} cuts its content (${el.scrollWidth} > ${el.clientWidth}): ${el.textContent.slice(0, 40)}`);
+      }
+    }
+    return out;
+  }, selector);
 }

@@ -283,15 +283,21 @@ pub async fn exits_cleanly(mut child: Proc) -> bool {
 /// A WebSocket client of the tests' own (not the plugin's).
 pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
 
-/// The next message of a watch socket, as JSON, within [`WAIT`].
+/// The next message of a watch socket, as JSON, within [`WAIT`]; the server's pings (a
+/// quiet log listener gets them) are skipped.
 pub async fn next_json(ws: &mut Ws) -> Value {
     use futures::StreamExt;
-    let msg = tokio::time::timeout(WAIT, ws.next())
-        .await
-        .expect("a message in time")
-        .expect("socket open")
-        .expect("no socket error");
-    serde_json::from_str(msg.to_text().unwrap()).unwrap()
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a message in time")
+            .expect("socket open")
+            .expect("no socket error");
+        if msg.is_ping() || msg.is_pong() {
+            continue;
+        }
+        return serde_json::from_str(msg.to_text().unwrap()).unwrap();
+    }
 }
 
 /// (info string, body) of every fenced block of a markdown file: how the protocol docs'
