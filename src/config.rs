@@ -50,6 +50,10 @@ pub struct Settings {
     /// Largest WebSocket message accepted, in bytes, after decompression [default: 65536]
     #[arg(long, env = "SUPERSYNK_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
+    /// Frames one fragmented WebSocket message may have at most (close 1009 past it)
+    /// [default: 128]
+    #[arg(long, env = "SUPERSYNK_MAX_MESSAGE_FRAGMENTS")]
+    pub max_message_fragments: Option<usize>,
     /// Outbound queue per connection, in bytes; a receiver past it is a slow consumer
     /// [default: 262144]
     #[arg(long, env = "SUPERSYNK_OUTBOUND_QUEUE_BYTES")]
@@ -85,7 +89,8 @@ pub struct Settings {
     /// [default: 200]
     #[arg(long, env = "SUPERSYNK_MAX_CONNECTIONS_PER_IP")]
     pub max_connections_per_ip: Option<usize>,
-    /// Messages (and pings) a connection may send per second, sustained [default: 200]
+    /// Messages (and every other frame: pings, pongs, fragments) a connection may send per
+    /// second, sustained [default: 200]
     #[arg(long, env = "SUPERSYNK_MESSAGES_PER_SECOND")]
     pub messages_per_second: Option<u32>,
     /// Messages a connection may send in a burst above the sustained rate [default: 400]
@@ -275,6 +280,7 @@ pub struct Config {
     pub socket_timeout: Duration,
     pub socket_timeout_check_interval: Duration,
     pub max_message_bytes: usize,
+    pub max_message_fragments: usize,
     pub outbound_queue_bytes: usize,
     pub deflate: bool,
     pub deflate_threshold: usize,
@@ -412,6 +418,7 @@ impl Settings {
             socket_timeout_ms,
             socket_timeout_check_interval_ms,
             max_message_bytes,
+            max_message_fragments,
             outbound_queue_bytes,
             deflate,
             deflate_threshold,
@@ -528,6 +535,7 @@ impl Config {
             socket_timeout: ms(s.socket_timeout_ms.unwrap_or(300_000)),
             socket_timeout_check_interval: ms(s.socket_timeout_check_interval_ms.unwrap_or(80_000)),
             max_message_bytes,
+            max_message_fragments: s.max_message_fragments.unwrap_or(128),
             outbound_queue_bytes,
             deflate: s.deflate.unwrap_or(true),
             deflate_threshold: s.deflate_threshold.unwrap_or(50),
@@ -633,6 +641,11 @@ impl Config {
         if config.max_message_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "max-message-bytes must be at least 1024".into(),
+            ));
+        }
+        if config.max_message_fragments == 0 {
+            return Err(ConfigError::Invalid(
+                "max-message-fragments must be above 0".into(),
             ));
         }
         if let Some(c) = &config.cluster {

@@ -8,6 +8,12 @@
 //! checks. Outbound, [`deflate_message`] produces the payload of an RSV1 frame, which the
 //! writer sends as a raw `Message::Frame`.
 //!
+//! The same header parser enforces a server's [`FrameLimits`] on every inbound frame,
+//! compressed or not: tungstenite answers pings and gathers fragments without returning to
+//! its caller, so pings, pongs and continuation frames are charged to the connection's
+//! message rate here (whole messages are charged by the connection when they arrive), and
+//! a message may have at most so many fragments.
+//!
 //! Both directions use no context takeover: every message is a fresh deflate stream. That is
 //! what the deployed HunterPie client needs (it inflates each message with a fresh inflater)
 //! and it lets one compressed message be shared by every follower. The inflater accepts
@@ -17,6 +23,7 @@ use std::cell::RefCell;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -26,8 +33,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// The four bytes a sync flush ends with; RFC 7692 strips them from the wire.
 const SYNC_TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 
-/// Why an inbound compressed message was refused. Carried inside the `io::Error` that the
-/// layer returns, so the connection can pick the close code.
+/// Why the layer refused the inbound stream: a compressed message, or a frame over the
+/// [`FrameLimits`]. Carried inside the `io::Error` that the layer returns, so the connection
+/// can pick the close code.
 #[derive(Debug, thiserror::Error, Clone, Copy, PartialEq, Eq)]
 pub enum InflateError {
     /// The compressed or the inflated message is over the configured limit (close 1009).
@@ -40,6 +48,23 @@ pub enum InflateError {
     /// compressed fragmented message (close 1002).
     #[error("protocol error: {0}")]
     Protocol(&'static str),
+    /// A ping, pong or continuation frame over the connection's message rate (close 1008).
+    #[error("rate limit: too many frames per second")]
+    RateLimited,
+    /// A fragmented message with more fragments than allowed (close 1009).
+    #[error("message too big: more than {0} fragments")]
+    TooManyFragments(usize),
+}
+
+/// What a server enforces on every inbound frame.
+#[derive(Debug, Clone)]
+pub struct FrameLimits {
+    /// The connection's message rate, shared with the connection: it charges each whole
+    /// text or binary message; the layer charges every other frame but a close (pings,
+    /// pongs and continuations), so no kind of frame escapes the rate.
+    pub rate: Arc<governor::DefaultDirectRateLimiter>,
+    /// Frames one fragmented message may have, its first included.
+    pub max_fragments: usize,
 }
 
 impl InflateError {
@@ -93,8 +118,13 @@ struct Pending {
 #[derive(Debug)]
 pub struct InflateLayer<S> {
     inner: S,
-    /// Off until the extension is negotiated; then every byte is scanned.
+    /// Whether the extension was negotiated: compressed messages are inflated.
     enabled: bool,
+    /// A server's limits on every frame. With neither these nor the extension, bytes pass
+    /// straight through unscanned.
+    limits: Option<FrameLimits>,
+    /// Frames of the fragmented message in progress (0: none in progress).
+    fragments: usize,
     side: Side,
     /// Limit for a compressed message and for its inflated size.
     max_message: usize,
@@ -118,6 +148,8 @@ impl<S> InflateLayer<S> {
         InflateLayer {
             inner,
             enabled,
+            limits: None,
+            fragments: 0,
             side,
             max_message,
             input: BytesMut::from(&initial[..]),
@@ -128,6 +160,17 @@ impl<S> InflateLayer<S> {
             pending: None,
             inflated: 0,
         }
+    }
+
+    /// Enforces `limits` on every inbound frame from now on.
+    pub fn with_limits(mut self, limits: FrameLimits) -> Self {
+        self.limits = Some(limits);
+        self
+    }
+
+    /// Whether inbound bytes go through the frame scanner.
+    fn scanning(&self) -> bool {
+        self.enabled || self.limits.is_some()
     }
 
     /// The wrapped stream.
@@ -215,10 +258,41 @@ impl<S> InflateLayer<S> {
         Ok(())
     }
 
+    /// Charges a frame to the limits: continuations count towards their message's
+    /// fragments, and every frame but a data frame that starts a message (the connection
+    /// charges the message) and a close costs one unit of the rate.
+    fn charge(&mut self, h: &Header) -> Result<(), InflateError> {
+        let Some(limits) = &self.limits else {
+            return Ok(());
+        };
+        match h.opcode {
+            // A new message; a fragmented one counts its first frame.
+            0x1 | 0x2 => {
+                self.fragments = usize::from(!h.fin);
+                return Ok(());
+            }
+            0x0 => {
+                self.fragments = self.fragments.saturating_add(1);
+                if self.fragments > limits.max_fragments {
+                    return Err(InflateError::TooManyFragments(limits.max_fragments));
+                }
+                if h.fin {
+                    self.fragments = 0;
+                }
+            }
+            0x8 => return Ok(()),
+            _ => {}
+        }
+        limits.rate.check().map_err(|_| InflateError::RateLimited)
+    }
+
     /// Decides what to do with a frame whose header was just parsed.
     fn start_frame(&mut self, h: Header) -> Result<(), InflateError> {
+        self.charge(&h)?;
         let is_control = h.opcode & 0x08 != 0;
-        let collect = if self.pending.is_some() {
+        let collect = if !self.enabled {
+            false
+        } else if self.pending.is_some() {
             // Inside a compressed fragmented message: continuations belong to it.
             match h.opcode {
                 0x0 if h.rsv1 => return Err(InflateError::Protocol("RSV1 set on a continuation")),
@@ -480,7 +554,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for InflateLayer<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if !this.enabled {
+        if !this.scanning() {
             if !this.input.is_empty() {
                 let n = this.input.len().min(buf.remaining());
                 buf.put_slice(&this.input[..n]);
