@@ -121,6 +121,11 @@ pub struct Settings {
     /// Secret for HMAC-signed leader tokens (see protocol/hunterpie.md) [default: none]
     #[arg(long, env = "SUPERSYNK_LEADER_TOKEN_SECRET")]
     pub leader_token_secret: Option<String>,
+    /// Let a session's first leader protect it with a secret of its own choosing; off, a
+    /// secret is ignored (a client could pre-claim a session id against the plugin, which
+    /// cannot send one) (see protocol/hunterpie.md) [default: false]
+    #[arg(long, env = "SUPERSYNK_LEADER_SECRETS")]
+    pub leader_secrets: Option<bool>,
     /// Bearer token of the admin API under /admin; the API is off without it [default: none]
     #[arg(long, env = "SUPERSYNK_ADMIN_TOKEN")]
     pub admin_token: Option<String>,
@@ -228,6 +233,18 @@ pub struct Settings {
     /// Log store: keep at most this many entries (the newest); 0 for no limit [default: 0]
     #[arg(long, env = "SUPERSYNK_LOGS_RETENTION_ROWS")]
     pub logs_retention_rows: Option<u64>,
+    /// Log store: keep it under this many bytes on disk, deleting the oldest entries first;
+    /// 0 for no limit [default: 1073741824]
+    #[arg(long, env = "SUPERSYNK_LOGS_RETENTION_BYTES")]
+    pub logs_retention_bytes: Option<u64>,
+    /// POST /logs/add: entries per second per client address, bursts of ten seconds' worth
+    /// (loopback and trusted proxies exempt) [default: 100]
+    #[arg(long, env = "SUPERSYNK_LOGS_ENTRIES_PER_SECOND")]
+    pub logs_entries_per_second: Option<u32>,
+    /// POST /logs/add: body bytes per second per client address, bursts of ten seconds'
+    /// worth (loopback and trusted proxies exempt) [default: 131072]
+    #[arg(long, env = "SUPERSYNK_LOGS_BYTES_PER_SECOND")]
+    pub logs_bytes_per_second: Option<u32>,
     /// POST /logs/add requests per second per client address, burst twice that (loopback
     /// and trusted proxies exempt) [default: 20]
     #[arg(long, env = "SUPERSYNK_LOGS_PER_SECOND")]
@@ -294,6 +311,8 @@ pub struct Config {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub allowed_origins: Vec<String>,
     pub leader_token_secret: Option<String>,
+    /// Session secrets chosen by leaders protect leadership (off: they are ignored).
+    pub leader_secrets: bool,
     pub admin_token: Option<String>,
     pub tls: Option<(PathBuf, PathBuf)>,
     pub channel_timeout: Duration,
@@ -327,7 +346,12 @@ pub struct LogsConfig {
     pub retention_days: Option<u32>,
     /// `None`: no limit.
     pub retention_rows: Option<u64>,
+    /// Bytes of the store on disk; `None`: no limit.
+    pub retention_bytes: Option<u64>,
     pub per_second: u32,
+    /// `/logs/add` entries and body bytes per second per client address.
+    pub entries_per_second: u32,
+    pub bytes_per_second: u32,
     pub listener_buffer_bytes: usize,
     /// A `tracing` level filter (`off`, `error`, ..., `trace`).
     pub server_level: String,
@@ -439,6 +463,7 @@ impl Settings {
             trusted_proxies,
             allowed_origins,
             leader_token_secret,
+            leader_secrets,
             admin_token,
             tls_cert,
             tls_key,
@@ -458,6 +483,9 @@ impl Settings {
             logs_token,
             logs_retention_days,
             logs_retention_rows,
+            logs_retention_bytes,
+            logs_entries_per_second,
+            logs_bytes_per_second,
             logs_per_second,
             logs_listener_buffer_bytes,
             logs_server_level,
@@ -543,6 +571,7 @@ impl Config {
             handshake_timeout: ms(s.handshake_timeout_ms.unwrap_or(10_000)),
             shutdown_grace: ms(s.shutdown_grace_ms.unwrap_or(10_000)),
             echo_endpoint: s.echo_endpoint.unwrap_or(false),
+            leader_secrets: s.leader_secrets.unwrap_or(false),
             log: s.log.unwrap_or_else(|| "info".into()),
             log_format: s.log_format.unwrap_or(LogFormat::Text),
             limits: Limits {
@@ -606,6 +635,9 @@ impl Config {
                 token: s.logs_token.filter(|v| !v.is_empty()),
                 retention_days: Some(s.logs_retention_days.unwrap_or(30)).filter(|d| *d > 0),
                 retention_rows: s.logs_retention_rows.filter(|n| *n > 0),
+                retention_bytes: Some(s.logs_retention_bytes.unwrap_or(1 << 30)).filter(|n| *n > 0),
+                entries_per_second: s.logs_entries_per_second.unwrap_or(100),
+                bytes_per_second: s.logs_bytes_per_second.unwrap_or(128 * 1024),
                 per_second: s.logs_per_second.unwrap_or(20),
                 listener_buffer_bytes: s.logs_listener_buffer_bytes.unwrap_or(1 << 20),
                 server_level: s.logs_server_level.unwrap_or_else(|| "info".into()),
@@ -701,13 +733,16 @@ impl Config {
             ));
         }
         if config.logs.per_second == 0
+            || config.logs.entries_per_second == 0
+            || config.logs.bytes_per_second == 0
             || config.logs.store_queue_entries == 0
             || config.logs.store_queue_bytes == 0
             || config.logs.body_timeout.is_zero()
         {
             return Err(ConfigError::Invalid(
-                "logs-per-second, logs-store-queue, logs-store-queue-bytes and \
-                 logs-body-timeout-ms must be above 0"
+                "logs-per-second, logs-entries-per-second, logs-bytes-per-second, \
+                 logs-store-queue, logs-store-queue-bytes and logs-body-timeout-ms must be \
+                 above 0"
                     .into(),
             ));
         }

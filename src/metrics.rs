@@ -87,6 +87,11 @@ pub struct Metrics {
     /// Log front-end: listeners connected; entries listeners missed for being slow.
     pub logs_listeners: Gauge,
     pub logs_listener_missed: Counter,
+    /// Log front-end: entries and bytes of `/logs/add` bodies refused by the per-address
+    /// ingest limits; the store's size as last measured.
+    pub logs_refused_entries: Counter,
+    pub logs_refused_bytes: Counter,
+    pub logs_store_bytes: Gauge,
     registry: Registry,
 }
 
@@ -136,6 +141,9 @@ impl Metrics {
             logs_store_queue_bytes: Gauge::default(),
             logs_listeners: Gauge::default(),
             logs_listener_missed: Counter::default(),
+            logs_refused_entries: Counter::default(),
+            logs_refused_bytes: Counter::default(),
+            logs_store_bytes: Gauge::default(),
             registry: Registry::with_prefix("supersynk"),
         };
         let r = &mut m.registry;
@@ -345,6 +353,21 @@ impl Metrics {
             "logs_listener_missed",
             "Log entries not sent to listeners that could not keep up (they are told)",
             m.logs_listener_missed.clone(),
+        );
+        r.register(
+            "logs_refused_entries",
+            "Log entries refused by /logs/add's per-address limits on entries and bytes",
+            m.logs_refused_entries.clone(),
+        );
+        r.register(
+            "logs_refused_bytes",
+            "Body bytes of /logs/add requests refused by the per-address limits on entries and bytes",
+            m.logs_refused_bytes.clone(),
+        );
+        r.register(
+            "logs_store_bytes",
+            "Size of the log store as last measured (SQLite: pages in use; PostgreSQL: estimated row bytes)",
+            m.logs_store_bytes.clone(),
         );
         m
     }

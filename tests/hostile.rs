@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use futures::StreamExt;
 use supersynk::client::HunterClient;
@@ -196,4 +198,287 @@ fn long_frame(first: u8, payload: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&mask);
     out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
     out
+}
+
+// ---- Leadership protection used as a takeover (point 4) ----
+
+/// Joins `session` as leader presenting `secret`, as a client other than the plugin could.
+async fn lead_with_secret(c: &mut HunterClient, session: &str, secret: &str) {
+    c.send_text(&format!(
+        r#"{{"type":"SetSession","sessionId":"{session}","isLeader":true,"secret":"{secret}"}}"#
+    ))
+    .await
+    .unwrap();
+}
+
+/// The next message `c` gets is the answer to a text `ping`: nothing (no servermsg) came
+/// before it.
+async fn nothing_pending(c: &mut HunterClient) {
+    c.send_text("ping").await.unwrap();
+    assert_eq!(recv(c).await, "pong");
+}
+
+/// The plugin leader `leader` leads `session`: its pushes reach `follower`, unchanged.
+async fn leads(leader: &mut HunterClient, follower: &mut HunterClient, session: &str) {
+    let text = push(session, 7);
+    leader.send_text(&text).await.unwrap();
+    loop {
+        let got = tokio::time::timeout(WAIT, follower.next_text())
+            .await
+            .expect("a push in time")
+            .expect("open")
+            .expect("no error");
+        if got.contains("\"Push\"") {
+            assert_eq!(got, text);
+            break;
+        }
+    }
+    nothing_pending(leader).await;
+}
+
+#[tokio::test]
+async fn a_secret_cannot_take_over_a_running_plugin_session() {
+    for secrets in [None, Some(true)] {
+        let server = start(Settings {
+            leader_secrets: secrets,
+            ..Settings::default()
+        })
+        .await;
+        let addr = server.local_addr;
+        let session = "c3@uTKeQR3Mp:Host";
+        let (mut host, mut follower) = pair(addr, session).await;
+        let mut attacker = plugin(addr).await;
+        lead_with_secret(&mut attacker, session, "mine now").await;
+        assert_eq!(state(&mut attacker).await, (3, true));
+        let warning = servermsg(&mut attacker).await;
+        assert!(
+            warning.contains("not protected") || warning.contains("stays unprotected"),
+            "{warning}"
+        );
+        for c in [&mut host, &mut follower] {
+            assert_eq!(state(c).await, (3, true));
+        }
+        leads(&mut host, &mut follower, session).await;
+        // The plugin host reconnects (a new socket, no secret): it leads again at once.
+        drop(host);
+        for c in [&mut attacker, &mut follower] {
+            assert_eq!(state(c).await, (2, true));
+        }
+        let mut host = plugin(addr).await;
+        join(&mut host, "Host", session, true).await;
+        assert_eq!(state(&mut host).await, (3, true));
+        nothing_pending(&mut host).await;
+        assert_eq!(state(&mut follower).await, (3, true));
+        leads(&mut host, &mut follower, session).await;
+        assert_eq!(
+            metric(addr, "supersynk_errors_total{kind=\"leadership_refused\"}").await,
+            0.0
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_pre_claimed_session_id_does_not_lock_out_the_plugin_leader() {
+    let server = start_default().await;
+    let addr = server.local_addr;
+    let session = "c3@uTKeQR3Mp:Late";
+    // The attacker claims the id with a secret before the plugin host arrives.
+    let mut attacker = plugin(addr).await;
+    lead_with_secret(&mut attacker, session, "squatted").await;
+    assert_eq!(state(&mut attacker).await, (1, true));
+    assert!(servermsg(&mut attacker).await.contains("secrets are off"));
+    let mut host = plugin(addr).await;
+    join(&mut host, "Late", session, true).await;
+    assert_eq!(state(&mut host).await, (2, true));
+    nothing_pending(&mut host).await;
+    let mut follower = plugin(addr).await;
+    join(&mut follower, "F", session, false).await;
+    assert_eq!(state(&mut follower).await, (3, true));
+    assert_eq!(state(&mut host).await, (3, true));
+    leads(&mut host, &mut follower, session).await;
+}
+
+#[tokio::test]
+async fn with_leader_secrets_on_a_pre_claimed_id_refuses_a_secretless_leader() {
+    // What the operator accepts with --leader-secrets true (protocol/hunterpie.md): only
+    // for leaders that all present secrets, which the deployed plugin does not.
+    let server = start(Settings {
+        leader_secrets: Some(true),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    let mut owner = plugin(addr).await;
+    lead_with_secret(&mut owner, "vip", "s3cret").await;
+    assert_eq!(state(&mut owner).await, (1, true));
+    nothing_pending(&mut owner).await;
+    let mut plain = plugin(addr).await;
+    join(&mut plain, "P", "vip", true).await;
+    assert_eq!(state(&mut plain).await, (2, true));
+    assert!(servermsg(&mut plain).await.contains("protected"));
+}
+
+// ---- Log store flood (point 5) ----
+
+/// One plugin-style log entry, padded to about `pad` bytes of message.
+fn log_entry(user: &str, n: usize, pad: usize) -> String {
+    let msg = format!("entry {n} {}", "x".repeat(pad));
+    format!(
+        r#"{{"timestamp":1700000000000,"level":"Info","msg":"{msg}","text":"00:00:00:000 [Info] {msg}","user":"{user}","room":"r"}}"#
+    )
+}
+
+/// Waits until every entry received was either stored or counted as not stored.
+async fn store_settled(addr: std::net::SocketAddr) {
+    let deadline = tokio::time::Instant::now() + WAIT * 4;
+    loop {
+        let received = metric(addr, "supersynk_logs_received_total").await;
+        let done = metric(addr, "supersynk_logs_stored_total").await
+            + metric(addr, "supersynk_logs_store_dropped_total").await;
+        if done >= received {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "store not settled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How many stored entries `user` has (at most 1000 looked at).
+async fn stored(addr: std::net::SocketAddr, user: &str) -> usize {
+    let (status, _, body) = http(
+        addr,
+        "GET",
+        &format!("/logs/query?user={user}&limit=1000"),
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["entries"].as_array().unwrap().len()
+}
+
+#[tokio::test]
+async fn a_log_flood_from_one_address_loses_only_its_own_entries() {
+    // A store queue of 2,000 entries: without per-address limits on entries, the flood's
+    // bodies (900 entries each, as fast as the request rate allows) fill it and everyone's
+    // entries are dropped with the flood's.
+    let server = start(Settings {
+        trusted_proxies: Some(vec!["127.0.0.1/32".parse().unwrap()]),
+        logs_store_queue: Some(2000),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    let flood_body = format!(
+        "[{}]",
+        (0..900)
+            .map(|n| log_entry("flood", n, 150))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let flooder = tokio::spawn(async move {
+        let mut statuses = Vec::new();
+        for _ in 0..60 {
+            let (status, _, _) = http_with(
+                addr,
+                "POST",
+                "/logs/add",
+                &[("X-Forwarded-For", "203.0.113.66")],
+                &flood_body,
+            )
+            .await;
+            statuses.push(status);
+        }
+        statuses
+    });
+    // A plugin posting batches of 5 beside it, from another address: every entry is stored.
+    for batch in 0..40 {
+        let body = format!(
+            "[{}]",
+            (0..5)
+                .map(|i| log_entry("hunter", batch * 5 + i, 80))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let (status, _, text) = http_with(
+            addr,
+            "POST",
+            "/logs/add",
+            &[("X-Forwarded-For", "203.0.113.7")],
+            &body,
+        )
+        .await;
+        assert_eq!(status, 200, "{text}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let statuses = flooder.await.unwrap();
+    assert!(
+        statuses.contains(&200),
+        "the flood's first bodies fit its burst"
+    );
+    assert!(statuses.contains(&429), "{statuses:?}");
+    store_settled(addr).await;
+    assert_eq!(stored(addr, "hunter").await, 200);
+    assert_eq!(
+        metric(addr, "supersynk_logs_store_dropped_total").await,
+        0.0
+    );
+    assert!(metric(addr, "supersynk_logs_refused_entries_total").await >= 900.0);
+    assert!(metric(addr, "supersynk_errors_total{kind=\"logs_ingest_rate\"}").await >= 1.0);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_log_store_stays_within_its_size_on_disk_oldest_deleted_first() {
+    let dir = data_dir();
+    let bound: u64 = 2 << 20;
+    let server = start(Settings {
+        data_dir: Some(dir.clone()),
+        logs_retention_bytes: Some(bound),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    // About 24 MB of entries from loopback (exempt from per-address limits), twelve times
+    // the bound, in bodies of 1,000 entries.
+    let mut n = 0;
+    for _ in 0..60 {
+        let body = format!(
+            "[{}]",
+            (0..1000)
+                .map(|_| {
+                    n += 1;
+                    log_entry("big", n, 160)
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let (status, _, text) = http(addr, "POST", "/logs/add", &body).await;
+        assert_eq!(status, 200, "{text}");
+    }
+    store_settled(addr).await;
+    let file = std::fs::metadata(dir.join("logs.sqlite3")).unwrap().len();
+    assert!(
+        file <= bound * 2,
+        "logs.sqlite3 is {file} bytes, bound {bound}"
+    );
+    // The newest entries are kept, the oldest went first.
+    let (_, _, body) = http(addr, "GET", "/logs/query?user=big&limit=1", "").await;
+    assert!(
+        body.contains(&format!("\"entry {n} ")),
+        "{}",
+        &body[..200.min(body.len())]
+    );
+    let (_, _, body) = http(addr, "GET", "/logs/query?text=entry%201%20x", "").await;
+    assert!(
+        body.starts_with("{\"entries\":[]"),
+        "{}",
+        &body[..200.min(body.len())]
+    );
+    let measured = metric(addr, "supersynk_logs_store_bytes").await;
+    assert!(
+        measured > 0.0 && measured <= (bound * 2) as f64,
+        "{measured}"
+    );
+    server.shutdown().await;
 }
