@@ -141,6 +141,14 @@ pub struct Settings {
     /// HTTP channel API: largest posted body, in bytes [default: 65536]
     #[arg(long, env = "SUPERSYNK_MAX_CHANNEL_BODY_BYTES")]
     pub max_channel_body_bytes: Option<usize>,
+    /// HTTP channel API: clients one channel holds at most; a new client's post past it gets
+    /// 413 [default: 100]
+    #[arg(long, env = "SUPERSYNK_MAX_CHANNEL_CLIENTS")]
+    pub max_channel_clients: Option<usize>,
+    /// HTTP channel API: bytes of every client's state in one channel together, at least
+    /// max-channel-body-bytes; the post that would pass it gets 413 [default: 131072]
+    #[arg(long, env = "SUPERSYNK_MAX_CHANNEL_BYTES")]
+    pub max_channel_bytes: Option<usize>,
     /// PEM private key for --tls-cert [default: none]
     #[arg(long, env = "SUPERSYNK_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
@@ -318,6 +326,9 @@ pub struct Config {
     pub channel_timeout: Duration,
     pub channel_watch_interval: Duration,
     pub max_channel_body_bytes: usize,
+    /// Bounds of one channel: clients, and bytes of their states together.
+    pub max_channel_clients: usize,
+    pub max_channel_bytes: usize,
     pub cluster: Option<ClusterConfig>,
     pub reliable: ReliableConfig,
     /// Where the durable store lives.
@@ -470,6 +481,8 @@ impl Settings {
             channel_timeout_ms,
             channel_watch_interval_ms,
             max_channel_body_bytes,
+            max_channel_clients,
+            max_channel_bytes,
             redis_url,
             redis_prefix,
             node_timeout_ms,
@@ -591,6 +604,8 @@ impl Config {
             channel_timeout: ms(s.channel_timeout_ms.unwrap_or(1000)),
             channel_watch_interval: ms(s.channel_watch_interval_ms.unwrap_or(50)),
             max_channel_body_bytes: s.max_channel_body_bytes.unwrap_or(64 * 1024),
+            max_channel_clients: s.max_channel_clients.unwrap_or(100),
+            max_channel_bytes: s.max_channel_bytes.unwrap_or(128 * 1024),
             cluster: s
                 .redis_url
                 .filter(|u| !u.is_empty())
@@ -673,6 +688,15 @@ impl Config {
         if config.max_message_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "max-message-bytes must be at least 1024".into(),
+            ));
+        }
+        if config.max_channel_clients == 0
+            || config.max_channel_bytes < config.max_channel_body_bytes
+        {
+            return Err(ConfigError::Invalid(
+                "max-channel-clients must be above 0 and max-channel-bytes at least \
+                 max-channel-body-bytes"
+                    .into(),
             ));
         }
         if config.max_message_fragments == 0 {

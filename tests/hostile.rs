@@ -482,3 +482,106 @@ async fn the_log_store_stays_within_its_size_on_disk_oldest_deleted_first() {
     );
     server.shutdown().await;
 }
+
+// ---- Unbounded channel state (point 7) ----
+
+async fn post_channel(addr: std::net::SocketAddr, key: &str, body: &str) -> (u16, String) {
+    let (status, _, body) = http_with(
+        addr,
+        "POST",
+        &format!("/api/channels/{key}"),
+        &[("Content-Type", "application/json")],
+        body,
+    )
+    .await;
+    (status, body)
+}
+
+#[tokio::test]
+async fn a_channel_is_bounded_in_clients_and_bytes_on_one_node_and_in_a_cluster() {
+    let prefix = common::cluster::unique_prefix();
+    for redis in [None, Some(common::cluster::redis_url())] {
+        let server = start(Settings {
+            // Nobody times out during the attack: the bounds alone hold it.
+            channel_timeout_ms: Some(30_000),
+            redis_url: redis.clone(),
+            redis_prefix: Some(prefix.to_string()),
+            ..Settings::default()
+        })
+        .await;
+        let addr = server.local_addr;
+        let (status, _) = post_channel(addr, "room", r#"{"client_id":"ada","pos":[1,2]}"#).await;
+        assert_eq!(status, 200);
+        let (mut watcher, _) =
+            tokio_tungstenite::connect_async(format!("ws://{addr}/api/channels/room/watch"))
+                .await
+                .unwrap();
+        // 200 client ids of 60 KB each (12 MB): the state would be 12 MB for every watcher.
+        let pad = "x".repeat(60_000);
+        let mut statuses = Vec::new();
+        for i in 0..200 {
+            let body = format!(r#"{{"client_id":"big{i}","pad":"{pad}"}}"#);
+            let (status, text) = post_channel(addr, "room", &body).await;
+            if status == 413 {
+                let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                assert!(
+                    v["error"]
+                        .as_str()
+                        .unwrap()
+                        .contains("channel state too large"),
+                    "{text}"
+                );
+            }
+            statuses.push(status);
+        }
+        let accepted = statuses.iter().filter(|s| **s == 200).count();
+        assert_eq!(accepted, 2, "two 60 KB states fit in 128 KiB beside ada's");
+        assert_eq!(statuses.iter().filter(|s| **s == 413).count(), 198);
+        // Then many small ones: past 100 clients, refused.
+        let mut full = 0;
+        for i in 0..150 {
+            let (status, text) =
+                post_channel(addr, "room", &format!(r#"{{"client_id":"c{i}"}}"#)).await;
+            if status == 413 {
+                assert!(text.contains("channel full: at most 100 clients"), "{text}");
+                full += 1;
+            }
+        }
+        assert_eq!(full, 150 - (100 - 3));
+        // Every user still sees a bounded state, and ada's posts work as before.
+        let (status, _, state) = http(addr, "GET", "/api/channels/room", "").await;
+        assert_eq!(status, 200);
+        assert!(state.len() < 128 * 1024 + 200 * 2, "{}", state.len());
+        let (status, others) =
+            post_channel(addr, "room", r#"{"client_id":"ada","pos":[3,4]}"#).await;
+        assert_eq!(status, 200);
+        assert!(others.contains("big0") && !others.contains("\"ada\""));
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, watcher.next())
+                .await
+                .expect("the watcher sees ada's last post")
+                .unwrap()
+                .unwrap();
+            let text = msg.to_text().unwrap();
+            assert!(
+                text.len() < 128 * 1024 + 200 * 2,
+                "watch message of {}",
+                text.len()
+            );
+            if text.contains("[3,4]") {
+                break;
+            }
+        }
+        assert!(
+            metric(
+                addr,
+                "supersynk_errors_total{kind=\"channel_state_too_large\"}"
+            )
+            .await
+                >= 198.0
+        );
+        assert!(metric(addr, "supersynk_errors_total{kind=\"channel_full\"}").await >= 53.0);
+        server.shutdown().await;
+    }
+}
