@@ -227,6 +227,14 @@ pub struct Settings {
     /// Direct messages: messages kept for one offline peer at most [default: 1000]
     #[arg(long, env = "SUPERSYNK_MESSAGES_QUEUE_LIMIT")]
     pub messages_queue_limit: Option<usize>,
+    /// Direct messages: bytes of queued messages kept for every offline peer together
+    /// [default: 268435456]
+    #[arg(long, env = "SUPERSYNK_MESSAGES_STORE_BYTES")]
+    pub messages_store_bytes: Option<u64>,
+    /// Direct messages: names known at most (every name that ever logged in); past it a new
+    /// name cannot log in, known ones still can [default: 100000]
+    #[arg(long, env = "SUPERSYNK_MESSAGES_MAX_PEERS")]
+    pub messages_max_peers: Option<u64>,
     /// Direct messages: ping a quiet connection after this long, and count it gone after
     /// twice this with no answer, in ms [default: 20000]
     #[arg(long, env = "SUPERSYNK_MESSAGES_PING_INTERVAL_MS")]
@@ -345,6 +353,9 @@ pub struct MessagesConfig {
     pub secret: Option<String>,
     pub max_bytes: usize,
     pub queue_limit: usize,
+    /// Bytes of queued messages in all, and names known, at most.
+    pub store_bytes: u64,
+    pub max_peers: u64,
     /// Server pings on a quiet connection; silence for twice this is a lost connection.
     pub ping_interval: Duration,
 }
@@ -492,6 +503,8 @@ impl Settings {
             messages_secret,
             messages_max_bytes,
             messages_queue_limit,
+            messages_store_bytes,
+            messages_max_peers,
             messages_ping_interval_ms,
             logs_token,
             logs_retention_days,
@@ -640,6 +653,8 @@ impl Config {
                     .messages_max_bytes
                     .unwrap_or((16 * 1024).min(max_message_bytes)),
                 queue_limit: s.messages_queue_limit.unwrap_or(1000),
+                store_bytes: s.messages_store_bytes.unwrap_or(256 << 20),
+                max_peers: s.messages_max_peers.unwrap_or(100_000),
                 ping_interval: ms(s.messages_ping_interval_ms.unwrap_or(20_000)),
             },
             store: match s.database_url.filter(|u| !u.is_empty()) {
@@ -739,9 +754,15 @@ impl Config {
             url.parse::<tokio_postgres::Config>()
                 .map_err(|e| ConfigError::Invalid(format!("invalid --database-url: {e}")))?;
         }
-        if config.messages.queue_limit == 0 || config.messages.max_bytes == 0 {
+        if config.messages.queue_limit == 0
+            || config.messages.max_bytes == 0
+            || config.messages.store_bytes == 0
+            || config.messages.max_peers == 0
+        {
             return Err(ConfigError::Invalid(
-                "messages-queue-limit and messages-max-bytes must be above 0".into(),
+                "messages-queue-limit, messages-max-bytes, messages-store-bytes and \
+                 messages-max-peers must be above 0"
+                    .into(),
             ));
         }
         if config.messages.max_bytes > config.max_message_bytes {

@@ -585,3 +585,249 @@ async fn a_channel_is_bounded_in_clients_and_bytes_on_one_node_and_in_a_cluster(
         server.shutdown().await;
     }
 }
+
+// ---- Direct messages without a secret (point 8) ----
+
+/// A direct-message connection logged in as `name`; the login is done (or refused) once
+/// this returns: the next answer is to a probe sent after it, or the login's refusal.
+async fn dm_login(addr: std::net::SocketAddr, name: &str) -> (common::Ws, Option<String>) {
+    use futures::SinkExt;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/messages"))
+        .await
+        .unwrap();
+    let login = serde_json::json!({ "login": name }).to_string();
+    ws.send(Message::text(login)).await.unwrap();
+    ws.send(Message::text("probe")).await.unwrap();
+    let e = dm_error(&mut ws).await;
+    if e.starts_with("invalid JSON") {
+        (ws, None)
+    } else {
+        dm_error(&mut ws).await;
+        (ws, Some(e))
+    }
+}
+
+/// The next `error` a direct-message connection gets.
+async fn dm_error(ws: &mut common::Ws) -> String {
+    loop {
+        let m = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("an answer in time")
+            .expect("open")
+            .expect("no error");
+        if let Message::Text(t) = m {
+            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+            return v["error"].as_str().unwrap_or_default().to_string();
+        }
+    }
+}
+
+async fn dm_send(ws: &mut common::Ws, from: &str, to: &str, msg: &str) -> String {
+    use futures::SinkExt;
+    let frame = serde_json::json!({ "from": from, "to": to, "msg": msg }).to_string();
+    ws.send(Message::text(frame.clone())).await.unwrap();
+    frame
+}
+
+#[tokio::test]
+async fn direct_message_names_cannot_pass_for_others() {
+    let server = start_default().await;
+    let addr = server.local_addr;
+    for spoof in [
+        "adm\u{202E}nimda",
+        "Bob\u{200B}",
+        "\u{2066}Bob",
+        "Bob\u{00A0}",
+        " Bob",
+    ] {
+        let (_ws, refused) = dm_login(addr, spoof).await;
+        let refused = refused.unwrap_or_else(|| panic!("{spoof:?} logged in"));
+        assert!(refused.contains("a peer name cannot"), "{refused}");
+    }
+    let (mut bob, refused) = dm_login(addr, "Bob").await;
+    assert_eq!(refused, None);
+    let (mut eve, _) = dm_login(addr, "Eve").await;
+    dm_send(&mut eve, "Eve", "Bob\u{200D}", "hi").await;
+    assert!(dm_error(&mut eve).await.contains("invisible"));
+    let sent = dm_send(&mut eve, "Eve", "Bob", "hello").await;
+    let got = tokio::time::timeout(WAIT, bob.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.to_text().unwrap(), sent);
+}
+
+#[tokio::test]
+async fn throw_away_names_fill_neither_the_known_peers_nor_the_store() {
+    let dir = data_dir();
+    let bound: u64 = 1 << 20;
+    let server = start(Settings {
+        data_dir: Some(dir.clone()),
+        messages_store_bytes: Some(bound),
+        messages_max_peers: Some(45),
+        ..Settings::default()
+    })
+    .await;
+    let addr = server.local_addr;
+    // Alice and Bob are known; Bob is offline with a message waiting.
+    drop(dm_login(addr, "Bob").await);
+    until_metric(&[addr], "supersynk_direct_peers_online", 0.0).await;
+    let (mut alice, _) = dm_login(addr, "Alice").await;
+    let (mut carol, _) = dm_login(addr, "Carol").await;
+    let waiting = dm_send(&mut alice, "Alice", "Bob", "see you at 8").await;
+    assert!(
+        dm_error(&mut alice)
+            .await
+            .starts_with("connection to Bob closed")
+    );
+    // One client makes 60 throw-away names: the peers past the bound are refused.
+    let mut made = Vec::new();
+    let mut refused = 0;
+    for i in 0..60 {
+        let name = format!("junk{i}");
+        match dm_login(addr, &name).await {
+            (_, None) => made.push(name),
+            (_, Some(e)) => {
+                assert!(e.contains("too many known peers (at most 45)"), "{e}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((made.len(), refused), (42, 18));
+    until_metric(&[addr], "supersynk_direct_peers_online", 2.0).await;
+    // Then 16 KB messages to those names, 200 of them (3.2 MB): the store stops at its bound.
+    let (mut spammer, _) = dm_login(addr, "junk0").await;
+    let filler = "x".repeat(16_000);
+    let mut full = 0;
+    for i in 0..200 {
+        dm_send(
+            &mut spammer,
+            "junk0",
+            &made[1 + i % (made.len() - 1)],
+            &filler,
+        )
+        .await;
+        let e = dm_error(&mut spammer).await;
+        if e.starts_with("the message store is full") {
+            full += 1;
+        } else {
+            assert!(e.starts_with("connection to junk"), "{e}");
+        }
+    }
+    assert!(full >= 130, "{full} refused");
+    let file = std::fs::metadata(dir.join("messages.sqlite3"))
+        .unwrap()
+        .len();
+    assert!(file <= bound * 2, "messages.sqlite3 is {file} bytes");
+    // Known users are not affected: Alice reaches Carol, Bob logs in and gets his message.
+    let sent = dm_send(&mut alice, "Alice", "Carol", "still here").await;
+    let got = tokio::time::timeout(WAIT, carol.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.to_text().unwrap(), sent);
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/messages"))
+        .await
+        .unwrap();
+    {
+        use futures::SinkExt;
+        ws.send(Message::text(r#"{"login":"Bob"}"#)).await.unwrap();
+    }
+    let got = tokio::time::timeout(WAIT, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.to_text().unwrap(), waiting);
+}
+
+#[tokio::test]
+async fn the_message_store_bound_holds_in_postgresql_and_in_redis() {
+    let (pg, conn) = tokio_postgres::connect(
+        "host=127.0.0.1 user=postgres dbname=test",
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("PostgreSQL on 127.0.0.1:5432 (scripts/deps.sh starts it)");
+    tokio::spawn(conn);
+    let schema = format!("dm_{}", uuid::Uuid::new_v4().simple());
+    pg.batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .await
+        .unwrap();
+    let prefix = common::cluster::unique_prefix();
+    let postgres = Settings {
+        database_url: Some(format!(
+            "postgres://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
+        )),
+        ..Settings::default()
+    };
+    let redis = Settings {
+        redis_url: Some(common::cluster::redis_url()),
+        redis_prefix: Some(prefix.to_string()),
+        ..Settings::default()
+    };
+    for backend in [postgres, redis] {
+        let server = start(Settings {
+            messages_store_bytes: Some(64 * 1024),
+            ..backend
+        })
+        .await;
+        let addr = server.local_addr;
+        drop(dm_login(addr, "B").await);
+        until_metric(&[addr], "supersynk_direct_peers_online", 0.0).await;
+        let (mut a, _) = dm_login(addr, "A").await;
+        let eight_kb = "y".repeat(8000);
+        let mut queued = 0;
+        let mut first_refusal = None;
+        for _ in 0..12 {
+            dm_send(&mut a, "A", "B", &eight_kb).await;
+            let e = dm_error(&mut a).await;
+            if e.starts_with("connection to B closed") {
+                queued += 1;
+            } else {
+                first_refusal.get_or_insert(e);
+            }
+        }
+        assert_eq!(queued, 8, "{first_refusal:?}");
+        assert!(
+            first_refusal
+                .unwrap()
+                .starts_with("the message store is full (65536 bytes")
+        );
+        // B takes its messages: the room they took is free again once they are removed.
+        let (mut b, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/messages"))
+            .await
+            .unwrap();
+        {
+            use futures::SinkExt;
+            b.send(Message::text(r#"{"login":"B"}"#)).await.unwrap();
+        }
+        for _ in 0..8 {
+            let m = tokio::time::timeout(WAIT, b.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            assert!(m.to_text().unwrap().contains(&eight_kb));
+        }
+        drop(b);
+        until_metric(&[addr], "supersynk_direct_peers_online", 1.0).await;
+        let mut again = false;
+        for _ in 0..100 {
+            dm_send(&mut a, "A", "B", &eight_kb).await;
+            let e = dm_error(&mut a).await;
+            if e.starts_with("connection to B closed") {
+                again = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(again, "the store's bytes were given back");
+        server.shutdown().await;
+    }
+    pg.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}
