@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the benchmark scenarios against a freshly started release server on this machine.
 #   bench/run.sh realistic|wide|saturation|idle|http|cluster|reliable|all [extra supersynk-bench flags]
+# SUPERSYNK_BIN runs another server binary (a build of an earlier commit, to compare).
 # Each scenario starts its own server (so RSS figures start from a fresh process), prints
 # the bench tool's table, and keeps its JSON in bench/out/<scenario>*.json. `cluster` starts
 # two nodes sharing sessions over Redis ($REDIS_URL, default redis://127.0.0.1:6379) under a
@@ -17,7 +18,7 @@ start_node() { # port, flags...: a release server; its pid in node_pid once /hea
   local p=$1; shift
   # Leaders in the saturation runs push up to 500 times a second: above the default
   # per-connection message rate (200/s), which is sized for real clients.
-  ./target/release/supersynk --bind 127.0.0.1 --port "$p" --log warn \
+  "${SUPERSYNK_BIN:-./target/release/supersynk}" --bind 127.0.0.1 --port "$p" --log warn \
     --messages-per-second 100000 --message-burst 100000 "$@" &
   node_pid=$!
   # "ok" only once connected to Redis in cluster mode ("degraded: ..." before).
