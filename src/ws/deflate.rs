@@ -120,8 +120,8 @@ pub struct InflateLayer<S> {
     inner: S,
     /// Whether the extension was negotiated: compressed messages are inflated.
     enabled: bool,
-    /// A server's limits on every frame. With neither these nor the extension, bytes pass
-    /// straight through unscanned.
+    /// A server's limits on every frame: enforced by the scanner with the extension, by
+    /// [`InflateLayer::observe`] without it. With neither, bytes pass straight through.
     limits: Option<FrameLimits>,
     /// Frames of the fragmented message in progress (0: none in progress).
     fragments: usize,
@@ -166,11 +166,6 @@ impl<S> InflateLayer<S> {
     pub fn with_limits(mut self, limits: FrameLimits) -> Self {
         self.limits = Some(limits);
         self
-    }
-
-    /// Whether inbound bytes go through the frame scanner.
-    fn scanning(&self) -> bool {
-        self.enabled || self.limits.is_some()
     }
 
     /// The wrapped stream.
@@ -253,6 +248,45 @@ impl<S> InflateLayer<S> {
             self.scan = Scan::Header;
             if fin {
                 self.finish_message()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Follows the frames of `data` (raw bytes from the peer, passed on unchanged) to charge
+    /// each one to the limits, without copying anything: for connections without the
+    /// extension.
+    fn observe(&mut self, mut data: &[u8]) -> Result<(), InflateError> {
+        while !data.is_empty() {
+            match &mut self.scan {
+                Scan::Header => {
+                    let take = data.len().min(14 - self.header_len);
+                    self.header[self.header_len..self.header_len + take]
+                        .copy_from_slice(&data[..take]);
+                    self.header_len += take;
+                    match parse_header(&self.header[..self.header_len]) {
+                        None => data = &data[take..],
+                        Some(h) => {
+                            let over = self.header_len - h.size;
+                            data = &data[take - over..];
+                            self.header_len = 0;
+                            self.charge(&h)?;
+                            if h.len > 0 {
+                                self.scan = Scan::Pass { remaining: h.len };
+                            }
+                        }
+                    }
+                }
+                Scan::Pass { remaining } => {
+                    let n = (*remaining).min(data.len() as u64);
+                    *remaining -= n;
+                    data = &data[n as usize..];
+                    if *remaining == 0 {
+                        self.scan = Scan::Header;
+                    }
+                }
+                // Only compressed messages are collected, and only with the extension.
+                Scan::Collect { .. } => return Err(InflateError::Protocol("unexpected state")),
             }
         }
         Ok(())
@@ -354,15 +388,21 @@ impl<S> InflateLayer<S> {
 }
 
 /// Runs the inbound frame scanner over `data`, fed in chunks of `chunk` bytes, as a server
-/// with permessage-deflate agreed; returns the bytes tungstenite would see. For the fuzz
-/// targets and their regression tests.
+/// with permessage-deflate agreed and a fragment cap of 8 (a rate that never runs out, so
+/// the outcome does not depend on time); returns the bytes tungstenite would see. For the
+/// fuzz targets and their regression tests.
 #[doc(hidden)]
 pub fn scan_for_fuzzing(
     data: &[u8],
     chunk: usize,
     max_message: usize,
 ) -> Result<Vec<u8>, InflateError> {
-    let mut layer = InflateLayer::new((), Side::Server, true, max_message, Bytes::new());
+    let quota = governor::Quota::per_second(std::num::NonZeroU32::MAX);
+    let mut layer = InflateLayer::new((), Side::Server, true, max_message, Bytes::new())
+        .with_limits(FrameLimits {
+            rate: Arc::new(governor::RateLimiter::direct(quota)),
+            max_fragments: 8,
+        });
     for piece in data.chunks(chunk.max(1)) {
         layer.scan(piece)?;
     }
@@ -554,14 +594,21 @@ impl<S: AsyncRead + Unpin> AsyncRead for InflateLayer<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if !this.scanning() {
+        if !this.enabled {
+            // Nothing to rewrite: bytes go straight into tungstenite's buffer, and with
+            // limits the headers are only looked at there (no copy, no buffer of ours).
+            let before = buf.filled().len();
             if !this.input.is_empty() {
                 let n = this.input.len().min(buf.remaining());
                 buf.put_slice(&this.input[..n]);
                 this.input.advance(n);
-                return Poll::Ready(Ok(()));
+            } else {
+                ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
             }
-            return Pin::new(&mut this.inner).poll_read(cx, buf);
+            if this.limits.is_some() {
+                this.observe(&buf.filled()[before..])?;
+            }
+            return Poll::Ready(Ok(()));
         }
         loop {
             if !this.output.is_empty() {
@@ -734,6 +781,53 @@ mod tests {
         assert_eq!(rest[1], 0x80 | 16);
         assert_eq!(&rest[2..6], &[0, 0, 0, 0]);
         assert_eq!(&rest[6..], b"fragmented hello");
+    }
+
+    fn limited(max_fragments: usize, per_second: u32) -> InflateLayer<()> {
+        let quota = governor::Quota::per_second(std::num::NonZeroU32::new(per_second).unwrap());
+        InflateLayer::new((), Side::Server, false, 1024, Bytes::new()).with_limits(FrameLimits {
+            rate: Arc::new(governor::RateLimiter::direct(quota)),
+            max_fragments,
+        })
+    }
+
+    #[test]
+    fn fragments_are_capped_per_message_without_the_extension() {
+        let message = |n: usize| {
+            let mut wire = masked_frame(0x01, b"a", [1; 4]);
+            for i in 1..n {
+                let fin = if i + 1 == n { 0x80 } else { 0 };
+                wire.extend(masked_frame(fin, b"b", [1; 4]));
+            }
+            wire
+        };
+        let mut layer = limited(3, 1000);
+        // Cut anywhere, as reads come.
+        for piece in [message(3), message(3)].concat().chunks(5) {
+            layer.observe(piece).unwrap();
+        }
+        assert!(layer.output.is_empty(), "nothing copied");
+        assert_eq!(
+            limited(3, 1000).observe(&message(4)),
+            Err(InflateError::TooManyFragments(3))
+        );
+    }
+
+    #[test]
+    fn pings_pongs_and_continuations_are_charged_but_not_closes_or_messages() {
+        // A burst of 5: five pongs pass, the sixth is refused.
+        let mut layer = limited(100, 5);
+        for _ in 0..20 {
+            layer.observe(&masked_frame(0x81, b"m", [0; 4])).unwrap();
+        }
+        for _ in 0..5 {
+            layer.observe(&masked_frame(0x8a, b"", [0; 4])).unwrap();
+        }
+        layer.observe(&masked_frame(0x88, b"", [0; 4])).unwrap();
+        assert_eq!(
+            layer.observe(&masked_frame(0x89, b"", [0; 4])),
+            Err(InflateError::RateLimited)
+        );
     }
 
     #[test]
