@@ -76,7 +76,9 @@ async fn unsolicited_pongs_count_towards_the_rate() {
     let addr = server.local_addr;
     let (mut leader, mut follower) = pair(addr, "pong:Host").await;
     // Without permessage-deflate (the frame layer only looks at the headers then).
-    let mut attacker = HunterClient::connect(addr, "/connect", false).await.unwrap();
+    let mut attacker = HunterClient::connect(addr, "/connect", false)
+        .await
+        .unwrap();
     assert!(!attacker.deflate);
     // 200,000 empty pongs (1.2 MB): the rate (200/s, bursts of 400) ends it long before.
     let sent = flood(&mut attacker, &frame(0x8a, b""), 200_000).await;
