@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the benchmark scenarios against a freshly started release server on this machine.
 #   bench/run.sh realistic|wide|saturation|idle|http|cluster|reliable|all [extra supersynk-bench flags]
+# SUPERSYNK_BIN runs another server binary (a build of an earlier commit, to compare).
 # Each scenario starts its own server (so RSS figures start from a fresh process), prints
 # the bench tool's table, and keeps its JSON in bench/out/<scenario>*.json. `cluster` starts
 # two nodes sharing sessions over Redis ($REDIS_URL, default redis://127.0.0.1:6379) under a
@@ -19,7 +20,8 @@ node_rates=(--messages-per-second 100000 --message-burst 100000)
 
 start_node() { # port, flags...: a release server; its pid in node_pid once /healthz says ok
   local p=$1; shift
-  ./target/release/supersynk --bind 127.0.0.1 --port "$p" --log warn "${node_rates[@]}" "$@" &
+  "${SUPERSYNK_BIN:-./target/release/supersynk}" --bind 127.0.0.1 --port "$p" --log warn \
+    "${node_rates[@]}" "$@" &
   node_pid=$!
   # "ok" only once connected to Redis in cluster mode ("degraded: ..." before).
   for _ in $(seq 100); do [ "$(curl -sf "http://127.0.0.1:$p/healthz")" = ok ] && return; sleep 0.05; done

@@ -11,12 +11,15 @@ wstest=${1:-$(bash ../shared/tools/autobahn-setup.sh)}
 # of them in parallel on this 2-core machine took longer than one).
 cargo build --bin supersynk
 target=${CARGO_TARGET_DIR:-target}
-# The suite sends 1,000 messages back to back per case: lift the per-connection rate limits
-# (sized for real clients) for this run.
+# The suite sends 1,000 messages back to back per case, and 4 MiB messages in 64-byte
+# fragments (9.3.1, 9.4.1: 65,536 frames each and more): lift the per-connection rate and the
+# fragment cap (sized for real clients) for this run. Every other case passes at the default
+# fragment cap (128).
 rm -rf autobahn/reports
 "$target/debug/supersynk" --bind 127.0.0.1 --port 9001 --echo-endpoint true \
   --max-message-bytes 16777216 --outbound-queue-bytes 67108864 --log warn \
-  --messages-per-second 1000000 --message-burst 1000000 --http-requests-per-second 100000 &
+  --messages-per-second 1000000 --message-burst 1000000 --http-requests-per-second 100000 \
+  --max-message-fragments 1048576 ${AUTOBAHN_SERVER_FLAGS:-} &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 for _ in $(seq 50); do curl -sf http://127.0.0.1:9001/healthz >/dev/null && break; sleep 0.1; done

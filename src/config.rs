@@ -55,6 +55,10 @@ pub struct Settings {
     /// Largest WebSocket message accepted, in bytes, after decompression [default: 65536]
     #[arg(long, env = "SUPERSYNK_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
+    /// Frames one fragmented WebSocket message may have at most (close 1009 past it)
+    /// [default: 128]
+    #[arg(long, env = "SUPERSYNK_MAX_MESSAGE_FRAGMENTS")]
+    pub max_message_fragments: Option<usize>,
     /// Outbound queue per connection, in bytes; a receiver past it is a slow consumer
     /// [default: 262144]
     #[arg(long, env = "SUPERSYNK_OUTBOUND_QUEUE_BYTES")]
@@ -91,7 +95,8 @@ pub struct Settings {
     /// idle) per peer address (127.0.0.1, ::1 and trusted proxies exempt) [default: 200]
     #[arg(long, env = "SUPERSYNK_MAX_CONNECTIONS_PER_IP")]
     pub max_connections_per_ip: Option<usize>,
-    /// Messages (and pings) a connection may send per second, sustained [default: 200]
+    /// Messages (and every other frame: pings, pongs, fragments) a connection may send per
+    /// second, sustained [default: 200]
     #[arg(long, env = "SUPERSYNK_MESSAGES_PER_SECOND")]
     pub messages_per_second: Option<u32>,
     /// Messages a connection may send in a burst above the sustained rate [default: 400]
@@ -127,6 +132,11 @@ pub struct Settings {
     /// Secret for HMAC-signed leader tokens (see protocol/hunterpie.md) [default: none]
     #[arg(long, env = "SUPERSYNK_LEADER_TOKEN_SECRET")]
     pub leader_token_secret: Option<String>,
+    /// Let a session's first leader protect it with a secret of its own choosing; off, a
+    /// secret is ignored (a client could pre-claim a session id against the plugin, which
+    /// cannot send one) (see protocol/hunterpie.md) [default: false]
+    #[arg(long, env = "SUPERSYNK_LEADER_SECRETS")]
+    pub leader_secrets: Option<bool>,
     /// Token of the admin API under /admin (Bearer) and of the dashboard's login at /; both
     /// are off without it [default: none]
     #[arg(long, env = "SUPERSYNK_ADMIN_TOKEN")]
@@ -143,6 +153,14 @@ pub struct Settings {
     /// HTTP channel API: largest posted body, in bytes [default: 65536]
     #[arg(long, env = "SUPERSYNK_MAX_CHANNEL_BODY_BYTES")]
     pub max_channel_body_bytes: Option<usize>,
+    /// HTTP channel API: clients one channel holds at most; a new client's post past it gets
+    /// 413 [default: 100]
+    #[arg(long, env = "SUPERSYNK_MAX_CHANNEL_CLIENTS")]
+    pub max_channel_clients: Option<usize>,
+    /// HTTP channel API: bytes of every client's state in one channel together, at least
+    /// max-channel-body-bytes; the post that would pass it gets 413 [default: 131072]
+    #[arg(long, env = "SUPERSYNK_MAX_CHANNEL_BYTES")]
+    pub max_channel_bytes: Option<usize>,
     /// PEM private key for --tls-cert [default: none]
     #[arg(long, env = "SUPERSYNK_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
@@ -222,6 +240,14 @@ pub struct Settings {
     /// Direct messages: messages kept for one offline peer at most [default: 1000]
     #[arg(long, env = "SUPERSYNK_MESSAGES_QUEUE_LIMIT")]
     pub messages_queue_limit: Option<usize>,
+    /// Direct messages: bytes of queued messages kept for every offline peer together
+    /// [default: 268435456]
+    #[arg(long, env = "SUPERSYNK_MESSAGES_STORE_BYTES")]
+    pub messages_store_bytes: Option<u64>,
+    /// Direct messages: names known at most (every name that ever logged in); past it a new
+    /// name cannot log in, known ones still can [default: 100000]
+    #[arg(long, env = "SUPERSYNK_MESSAGES_MAX_PEERS")]
+    pub messages_max_peers: Option<u64>,
     /// Direct messages: ping a quiet connection after this long, and count it gone after
     /// twice this with no answer, in ms [default: 20000]
     #[arg(long, env = "SUPERSYNK_MESSAGES_PING_INTERVAL_MS")]
@@ -236,6 +262,20 @@ pub struct Settings {
     /// Log store: keep at most this many entries (the newest); 0 for no limit [default: 0]
     #[arg(long, env = "SUPERSYNK_LOGS_RETENTION_ROWS")]
     pub logs_retention_rows: Option<u64>,
+    /// Log store: keep it under this many bytes on disk, deleting the oldest entries first;
+    /// 0 for no limit [default: 1073741824]
+    #[arg(long, env = "SUPERSYNK_LOGS_RETENTION_BYTES")]
+    pub logs_retention_bytes: Option<u64>,
+    /// POST /logs/add: entries per second per client address, bursts of ten seconds' worth
+    /// (127.0.0.1, ::1 and trusted proxies
+    /// exempt) [default: 100]
+    #[arg(long, env = "SUPERSYNK_LOGS_ENTRIES_PER_SECOND")]
+    pub logs_entries_per_second: Option<u32>,
+    /// POST /logs/add: body bytes per second per client address, bursts of ten seconds'
+    /// worth (127.0.0.1, ::1 and trusted proxies
+    /// exempt) [default: 131072]
+    #[arg(long, env = "SUPERSYNK_LOGS_BYTES_PER_SECOND")]
+    pub logs_bytes_per_second: Option<u32>,
     /// POST /logs/add requests per second per client address, burst twice that (127.0.0.1,
     /// ::1 and trusted proxies exempt) [default: 20]
     #[arg(long, env = "SUPERSYNK_LOGS_PER_SECOND")]
@@ -299,6 +339,7 @@ pub struct Config {
     pub socket_timeout: Duration,
     pub socket_timeout_check_interval: Duration,
     pub max_message_bytes: usize,
+    pub max_message_fragments: usize,
     pub outbound_queue_bytes: usize,
     pub deflate: bool,
     pub deflate_threshold: usize,
@@ -314,11 +355,16 @@ pub struct Config {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub allowed_origins: Vec<String>,
     pub leader_token_secret: Option<String>,
+    /// Session secrets chosen by leaders protect leadership (off: they are ignored).
+    pub leader_secrets: bool,
     pub admin_token: Option<String>,
     pub tls: Option<(PathBuf, PathBuf)>,
     pub channel_timeout: Duration,
     pub channel_watch_interval: Duration,
     pub max_channel_body_bytes: usize,
+    /// Bounds of one channel: clients, and bytes of their states together.
+    pub max_channel_clients: usize,
+    pub max_channel_bytes: usize,
     pub cluster: Option<ClusterConfig>,
     pub reliable: ReliableConfig,
     /// Where the durable store lives.
@@ -335,6 +381,9 @@ pub struct MessagesConfig {
     pub secret: Option<String>,
     pub max_bytes: usize,
     pub queue_limit: usize,
+    /// Bytes of queued messages in all, and names known, at most.
+    pub store_bytes: u64,
+    pub max_peers: u64,
     /// Server pings on a quiet connection; silence for twice this is a lost connection.
     pub ping_interval: Duration,
 }
@@ -347,7 +396,12 @@ pub struct LogsConfig {
     pub retention_days: Option<u32>,
     /// `None`: no limit.
     pub retention_rows: Option<u64>,
+    /// Bytes of the store on disk; `None`: no limit.
+    pub retention_bytes: Option<u64>,
     pub per_second: u32,
+    /// `/logs/add` entries and body bytes per second per client address.
+    pub entries_per_second: u32,
+    pub bytes_per_second: u32,
     pub listener_buffer_bytes: usize,
     /// A `tracing` level filter (`off`, `error`, ..., `trace`).
     pub server_level: String,
@@ -444,6 +498,7 @@ impl Settings {
             socket_timeout_ms,
             socket_timeout_check_interval_ms,
             max_message_bytes,
+            max_message_fragments,
             outbound_queue_bytes,
             deflate,
             deflate_threshold,
@@ -465,12 +520,15 @@ impl Settings {
             trusted_proxies,
             allowed_origins,
             leader_token_secret,
+            leader_secrets,
             admin_token,
             tls_cert,
             tls_key,
             channel_timeout_ms,
             channel_watch_interval_ms,
             max_channel_body_bytes,
+            max_channel_clients,
+            max_channel_bytes,
             redis_url,
             redis_prefix,
             node_timeout_ms,
@@ -480,10 +538,15 @@ impl Settings {
             messages_secret,
             messages_max_bytes,
             messages_queue_limit,
+            messages_store_bytes,
+            messages_max_peers,
             messages_ping_interval_ms,
             logs_token,
             logs_retention_days,
             logs_retention_rows,
+            logs_retention_bytes,
+            logs_entries_per_second,
+            logs_bytes_per_second,
             logs_per_second,
             logs_listener_buffer_bytes,
             logs_server_level,
@@ -618,6 +681,7 @@ impl Config {
             socket_timeout: ms(s.socket_timeout_ms.unwrap_or(300_000)),
             socket_timeout_check_interval: ms(s.socket_timeout_check_interval_ms.unwrap_or(80_000)),
             max_message_bytes,
+            max_message_fragments: s.max_message_fragments.unwrap_or(128),
             outbound_queue_bytes,
             deflate: s.deflate.unwrap_or(true),
             deflate_threshold: s.deflate_threshold.unwrap_or(50),
@@ -625,6 +689,7 @@ impl Config {
             handshake_timeout: ms(s.handshake_timeout_ms.unwrap_or(10_000)),
             shutdown_grace: ms(s.shutdown_grace_ms.unwrap_or(10_000)),
             echo_endpoint: s.echo_endpoint.unwrap_or(false),
+            leader_secrets: s.leader_secrets.unwrap_or(false),
             log: s.log.unwrap_or_else(|| "info".into()),
             log_format: s.log_format.unwrap_or(LogFormat::Text),
             check_config: s.check_config,
@@ -646,6 +711,8 @@ impl Config {
             channel_timeout: ms(s.channel_timeout_ms.unwrap_or(1000)),
             channel_watch_interval: ms(s.channel_watch_interval_ms.unwrap_or(50)),
             max_channel_body_bytes: s.max_channel_body_bytes.unwrap_or(64 * 1024),
+            max_channel_clients: s.max_channel_clients.unwrap_or(100),
+            max_channel_bytes: s.max_channel_bytes.unwrap_or(128 * 1024),
             cluster: s
                 .redis_url
                 .filter(|u| !u.is_empty())
@@ -678,6 +745,8 @@ impl Config {
                     .messages_max_bytes
                     .unwrap_or((16 * 1024).min(max_message_bytes)),
                 queue_limit: s.messages_queue_limit.unwrap_or(1000),
+                store_bytes: s.messages_store_bytes.unwrap_or(256 << 20),
+                max_peers: s.messages_max_peers.unwrap_or(100_000),
                 ping_interval: ms(s.messages_ping_interval_ms.unwrap_or(20_000)),
             },
             store: match s.database_url.filter(|u| !u.is_empty()) {
@@ -688,6 +757,9 @@ impl Config {
                 token: secret("logs-token", s.logs_token)?,
                 retention_days: Some(s.logs_retention_days.unwrap_or(30)).filter(|d| *d > 0),
                 retention_rows: s.logs_retention_rows.filter(|n| *n > 0),
+                retention_bytes: Some(s.logs_retention_bytes.unwrap_or(1 << 30)).filter(|n| *n > 0),
+                entries_per_second: s.logs_entries_per_second.unwrap_or(100),
+                bytes_per_second: s.logs_bytes_per_second.unwrap_or(128 * 1024),
                 per_second: s.logs_per_second.unwrap_or(20),
                 listener_buffer_bytes: s.logs_listener_buffer_bytes.unwrap_or(1 << 20),
                 server_level: s.logs_server_level.unwrap_or_else(|| "info".into()),
@@ -737,6 +809,18 @@ impl Config {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log) {
             return Err(invalid("--log", &format!("is not a valid filter: {e}")));
         }
+        if config.max_channel_clients == 0 {
+            return Err(invalid("--max-channel-clients", "must be above 0"));
+        }
+        if config.max_channel_bytes < config.max_channel_body_bytes {
+            return Err(invalid(
+                "--max-channel-bytes",
+                "must be at least --max-channel-body-bytes",
+            ));
+        }
+        if config.max_message_fragments == 0 {
+            return Err(invalid("--max-message-fragments", "must be above 0"));
+        }
         if let Some(c) = &config.cluster {
             if let Err(e) = redis::Client::open(c.redis_url.as_str()) {
                 return Err(invalid(
@@ -785,6 +869,12 @@ impl Config {
         if config.messages.max_bytes == 0 {
             return Err(invalid("--messages-max-bytes", "must be above 0"));
         }
+        if config.messages.store_bytes == 0 {
+            return Err(invalid("--messages-store-bytes", "must be above 0"));
+        }
+        if config.messages.max_peers == 0 {
+            return Err(invalid("--messages-max-peers", "must be above 0"));
+        }
         if config.messages.max_bytes > config.max_message_bytes {
             return Err(invalid(
                 "--messages-max-bytes",
@@ -803,6 +893,11 @@ impl Config {
         }
         for (flag, zero) in [
             ("--logs-per-second", config.logs.per_second == 0),
+            (
+                "--logs-entries-per-second",
+                config.logs.entries_per_second == 0,
+            ),
+            ("--logs-bytes-per-second", config.logs.bytes_per_second == 0),
             ("--logs-store-queue", config.logs.store_queue_entries == 0),
             (
                 "--logs-store-queue-bytes",
@@ -875,6 +970,13 @@ mod tests {
             ("--reliable-max-rooms-per-client", "0"),
             ("--http-body-timeout-ms", "0"),
             ("--admin-token", " "),
+            ("--max-channel-clients", "0"),
+            ("--max-channel-bytes", "1"),
+            ("--max-message-fragments", "0"),
+            ("--messages-store-bytes", "0"),
+            ("--messages-max-peers", "0"),
+            ("--logs-entries-per-second", "0"),
+            ("--logs-bytes-per-second", "0"),
             ("--database-url", "postgres://a:b@c:notaport/d"),
             ("--messages-queue-limit", "0"),
             ("--messages-max-bytes", "0"),

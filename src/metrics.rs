@@ -135,6 +135,11 @@ pub struct Metrics {
     /// The kinds counted in `errors` so far, for the admin dashboard (a family cannot list
     /// its series). A `std` mutex taken only the first time a kind is counted.
     error_kinds: std::sync::Mutex<std::collections::BTreeSet<&'static str>>,
+    /// Log front-end: entries and bytes of `/logs/add` bodies refused by the per-address
+    /// ingest limits; the store's size as last measured.
+    pub logs_refused_entries: Counter,
+    pub logs_refused_bytes: Counter,
+    pub logs_store_bytes: Gauge,
     registry: Registry,
 }
 
@@ -184,6 +189,10 @@ impl Metrics {
             logs_store_queue_bytes: Gauge::default(),
             logs_listeners: Gauge::default(),
             logs_listener_missed: Counter::default(),
+            logs_refused_entries: Counter::default(),
+            logs_refused_bytes: Counter::default(),
+            logs_store_bytes: Gauge::default(),
+
             relay_latency: Histogram::new(LATENCY_BOUNDS_NS, 1e-9),
             outbound_queue: Histogram::new(QUEUE_BOUNDS, 1.0),
             error_kinds: Default::default(),
@@ -420,6 +429,21 @@ impl Metrics {
             "logs_listener_missed",
             "Log entries not sent to listeners that could not keep up (they are told)",
             m.logs_listener_missed.clone(),
+        );
+        r.register(
+            "logs_refused_entries",
+            "Log entries refused by /logs/add's per-address limits on entries and bytes",
+            m.logs_refused_entries.clone(),
+        );
+        r.register(
+            "logs_refused_bytes",
+            "Body bytes of /logs/add requests refused by the per-address limits on entries and bytes",
+            m.logs_refused_bytes.clone(),
+        );
+        r.register(
+            "logs_store_bytes",
+            "Size of the log store as last measured (SQLite: pages in use; PostgreSQL: estimated row bytes)",
+            m.logs_store_bytes.clone(),
         );
         m
     }

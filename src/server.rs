@@ -81,6 +81,7 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let ws = Arc::new(WsSettings {
             max_message_bytes: config.max_message_bytes,
+            max_message_fragments: config.max_message_fragments,
             outbound_queue_bytes: config.outbound_queue_bytes,
             deflate_threshold: config.deflate_threshold,
             deflate_level: config.deflate_level,

@@ -278,7 +278,11 @@ async fn origin_allowlist() {
 
 #[tokio::test]
 async fn a_session_secret_protects_leadership() {
-    let server = start_default().await;
+    let server = start(Settings {
+        leader_secrets: Some(true),
+        ..Default::default()
+    })
+    .await;
     let addr = server.local_addr;
     let mut owner = plugin(addr).await;
     owner

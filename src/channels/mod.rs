@@ -27,7 +27,7 @@ use crate::ws::connection::codes;
 use crate::ws::extension::Deflate;
 use crate::ws::{Connection, Event};
 use shared::{Ordering, Shared, Timed};
-use store::{Order, Store};
+use store::{Bound, Bounds, Order, Store};
 
 /// Where the channels live: in this process, or in Redis for every node (cluster mode).
 #[derive(Debug)]
@@ -41,12 +41,16 @@ type Answer<T> = redis::RedisResult<Timed<T>>;
 impl Channels {
     /// In Redis when the configuration has a cluster (the URL was checked), else local.
     pub fn new(config: &crate::config::Config) -> Channels {
+        let bounds = Bounds {
+            max_clients: config.max_channel_clients,
+            max_bytes: config.max_channel_bytes,
+        };
         let local = || Channels::Local {
-            store: Store::new(config.channel_timeout),
+            store: Store::new(config.channel_timeout, bounds),
             started: Instant::now(),
         };
         match &config.cluster {
-            Some(c) => match Shared::new(c, config.channel_timeout) {
+            Some(c) => match Shared::new(c, config.channel_timeout, bounds) {
                 Ok(shared) => Channels::Shared(Box::new(shared)),
                 Err(e) => {
                     // Config::resolve checked the URL, so this does not happen.
@@ -67,14 +71,15 @@ impl Channels {
         order.is_none_or(|(client, time)| store.check_order(client, time) == Order::InOrder)
     }
 
-    /// Posts; `None` for a late request (answered 204, nothing changed).
+    /// Posts; `None` for a late request (answered 204), an error for one past the
+    /// channel's bounds (413); neither changes anything.
     async fn post(
         &self,
         key: &str,
         client: &str,
         body: Bytes,
         order: Ordering<'_>,
-    ) -> Answer<Option<Bytes>> {
+    ) -> Answer<Option<Result<Bytes, Bound>>> {
         match self {
             Channels::Local { store, started } => Ok((
                 Self::now(started),
@@ -261,7 +266,23 @@ async fn post_channel(State(app): State<App>, Path(key): Path<String>, req: Requ
         Err(text) => return error(StatusCode::BAD_REQUEST, text, &app, "channel_bad_body"),
     };
     let order = order.as_ref().map(|(c, t)| (c.as_str(), *t));
-    answer(&app, app.channels.post(&key, &id, body, order).await)
+    match app.channels.post(&key, &id, body, order).await {
+        Ok((_, Some(Err(bound)))) => {
+            let kind = match bound {
+                Bound::Clients(_) => "channel_full",
+                Bound::Bytes(_) => "channel_state_too_large",
+            };
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &bound.to_string(),
+                &app,
+                kind,
+            )
+        }
+        Ok((t, Some(Ok(others)))) => answer(&app, Ok((t, Some(others)))),
+        Ok((t, None)) => answer(&app, Ok((t, None))),
+        Err(e) => unavailable(&app, e),
+    }
 }
 
 async fn watch(State(app): State<App>, Path(key): Path<String>, mut req: Request) -> Response {

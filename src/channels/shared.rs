@@ -1,8 +1,8 @@
 //! The channel API's state in Redis (cluster mode): HTTP requests are not sticky, so behind
 //! nginx any node may get any request, and every node must see the same channels.
 //!
-//! Owns the Redis layout of channels and the scripts that keep it; the same rules as the
-//! in-process [`super::store::Store`]. Each operation is one Lua script, so it is atomic
+//! Owns the Redis layout of channels and the scripts that keep it; the same rules and
+//! bounds as the in-process [`super::store::Store`]. Each operation is one Lua script, so it is atomic
 //! whichever nodes run it, and all times come from Redis's clock:
 //! - `ch:b:{key}` (hash) client id -> latest body; `ch:t:{key}` (sorted set) client id ->
 //!   time of its last post; `ch:f:{key}` (sorted set) client id -> time of its first post,
@@ -22,6 +22,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisResult, Script};
 use tokio::sync::OnceCell;
 
+use super::store::{Bound, Bounds};
 use crate::config::ClusterConfig;
 
 /// Every script starts with this: the clock and the epoch (KEYS[4]), the request-order
@@ -63,9 +64,18 @@ local function bodies(except)
 end
 ";
 
-/// KEYS: bodies, times, first, epoch, channels, -. ARGV: -, -, -, client id, body, channel.
+/// KEYS: bodies, times, first, epoch, channels, -. ARGV: -, -, -, client id, body, channel,
+/// max clients, max bytes. A post past a bound answers `{ms, 'c'}` (clients) or `{ms, 'b'}`
+/// (bytes) and changes nothing.
 const POST: &str = r"
 sweep()
+local mine = redis.call('HEXISTS', KEYS[1], ARGV[4]) == 1
+if not mine and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[7]) then return {since_epoch, 'c'} end
+local total = string.len(ARGV[5])
+for _, c in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if c ~= ARGV[4] then total = total + redis.call('HSTRLEN', KEYS[1], c) end
+end
+if total > tonumber(ARGV[8]) then return {since_epoch, 'b'} end
 redis.call('HSET', KEYS[1], ARGV[4], ARGV[5])
 redis.call('ZADD', KEYS[2], now, ARGV[4])
 redis.call('ZADD', KEYS[3], 'NX', now, ARGV[4])
@@ -94,12 +104,22 @@ pub type Timed<T> = (f64, T);
 /// A request's `Client-Id` and `Client-Time`, checked against the last one of that id.
 pub type Ordering<'a> = Option<(&'a str, f64)>;
 
+/// What a script answered after the clock.
+enum Reply {
+    /// Older than its client's last request: nothing changed.
+    Late,
+    /// A post past a bound: nothing changed.
+    Refused(Bound),
+    Values(Vec<Vec<u8>>),
+}
+
 /// Channel state shared by every node through Redis.
 pub struct Shared {
     client: redis::Client,
     conn: OnceCell<ConnectionManager>,
     prefix: String,
     timeout: Duration,
+    bounds: Bounds,
     post: Script,
     get: Script,
     list: Script,
@@ -115,13 +135,14 @@ impl std::fmt::Debug for Shared {
 
 impl Shared {
     /// The URL was checked when the configuration was read.
-    pub fn new(cluster: &ClusterConfig, timeout: Duration) -> RedisResult<Shared> {
+    pub fn new(cluster: &ClusterConfig, timeout: Duration, bounds: Bounds) -> RedisResult<Shared> {
         let script = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
         Ok(Shared {
             client: redis::Client::open(cluster.redis_url.as_str())?,
             conn: OnceCell::new(),
             prefix: cluster.prefix.clone(),
             timeout,
+            bounds,
             post: script(POST),
             get: script(GET),
             list: script(LIST),
@@ -153,14 +174,14 @@ impl Shared {
         ]
     }
 
-    /// Runs `script`; `None` when the request is late (older than its client's last).
+    /// Runs `script`.
     async fn run(
         &self,
         script: &Script,
         key: &str,
         order: Ordering<'_>,
         args: &[&[u8]],
-    ) -> RedisResult<Timed<Option<Vec<Vec<u8>>>>> {
+    ) -> RedisResult<Timed<Reply>> {
         let mut inv = script.key(&self.keys(key, order)[..]);
         inv.arg(self.timeout.as_millis() as u64);
         match order {
@@ -182,43 +203,74 @@ impl Shared {
         let since_epoch: u64 = redis::from_redis_value(since_epoch)?;
         let in_order: String = redis::from_redis_value(in_order)?;
         let t = since_epoch as f64 / 1000.0;
-        if in_order != "1" {
-            return Ok((t, None));
-        }
-        let rest: Vec<Vec<u8>> = redis::from_redis_value(redis::Value::Array(answer.collect()))?;
-        Ok((t, Some(rest)))
+        let reply = match in_order.as_str() {
+            "1" => Reply::Values(redis::from_redis_value(redis::Value::Array(
+                answer.collect(),
+            ))?),
+            "c" => Reply::Refused(Bound::Clients(self.bounds.max_clients)),
+            "b" => Reply::Refused(Bound::Bytes(self.bounds.max_bytes)),
+            _ => Reply::Late,
+        };
+        Ok((t, reply))
     }
 
     /// Stores `body` as `client`'s state in `key`; returns the other clients' bodies (None
-    /// for a late request, which changes nothing).
+    /// for a late request, an error for one past a bound; neither changes anything).
     pub async fn post(
         &self,
         key: &str,
         client: &str,
         body: &[u8],
         order: Ordering<'_>,
-    ) -> RedisResult<Timed<Option<Bytes>>> {
-        let args: [&[u8]; 3] = [client.as_bytes(), body, key.as_bytes()];
-        let (t, bodies) = self.run(&self.post, key, order, &args).await?;
-        Ok((t, bodies.map(join)))
+    ) -> RedisResult<Timed<Option<Result<Bytes, Bound>>>> {
+        let (max_clients, max_bytes) = (
+            self.bounds.max_clients.to_string(),
+            self.bounds.max_bytes.to_string(),
+        );
+        let args: [&[u8]; 5] = [
+            client.as_bytes(),
+            body,
+            key.as_bytes(),
+            max_clients.as_bytes(),
+            max_bytes.as_bytes(),
+        ];
+        let (t, reply) = self.run(&self.post, key, order, &args).await?;
+        Ok((
+            t,
+            match reply {
+                Reply::Late => None,
+                Reply::Refused(bound) => Some(Err(bound)),
+                Reply::Values(bodies) => Some(Ok(join(bodies))),
+            },
+        ))
     }
 
     /// Every client's body in `key` (`[]` for an unknown channel; None for a late request).
     pub async fn get(&self, key: &str, order: Ordering<'_>) -> RedisResult<Timed<Option<Bytes>>> {
-        let (t, bodies) = self.run(&self.get, key, order, &[]).await?;
-        Ok((t, bodies.map(join)))
+        let (t, reply) = self.run(&self.get, key, order, &[]).await?;
+        Ok((t, reply.values().map(join)))
     }
 
     /// The ids of the channels that have clients, sorted.
     pub async fn channel_ids(&self) -> RedisResult<Timed<Vec<String>>> {
-        let (t, ids) = self.run(&self.list, "", None, &[]).await?;
-        let mut ids: Vec<String> = ids
+        let (t, reply) = self.run(&self.list, "", None, &[]).await?;
+        let mut ids: Vec<String> = reply
+            .values()
             .unwrap_or_default()
             .into_iter()
             .map(|id| String::from_utf8_lossy(&id).into_owned())
             .collect();
         ids.sort();
         Ok((t, ids))
+    }
+}
+
+impl Reply {
+    fn values(self) -> Option<Vec<Vec<u8>>> {
+        match self {
+            Reply::Values(v) => Some(v),
+            Reply::Late | Reply::Refused(_) => None,
+        }
     }
 }
 

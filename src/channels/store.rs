@@ -1,7 +1,8 @@
 //! The state of the HTTP channel API: every channel's clients and their latest bodies.
 //!
-//! Owns channel membership, the silence timeout, the per-client request order
-//! (`Client-Time`) and change notification for watchers. Knows nothing of HTTP.
+//! Owns channel membership and its bounds (clients, bytes), the silence timeout, the
+//! per-client request order (`Client-Time`) and change notification for watchers. Knows
+//! nothing of HTTP.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -38,6 +39,45 @@ struct State {
 pub struct Store {
     state: Mutex<State>,
     timeout: Duration,
+    bounds: Bounds,
+}
+
+/// How much one channel holds at most, so that no answer and no watch message grows
+/// without bound (`--max-channel-clients`, `--max-channel-bytes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    pub max_clients: usize,
+    /// Bytes of every client's body together.
+    pub max_bytes: usize,
+}
+
+/// A post that would take its channel past a bound (answered 413; nothing changes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Bound {
+    #[error("channel full: at most {0} clients")]
+    Clients(usize),
+    #[error("channel state too large: at most {0} bytes of client states in all")]
+    Bytes(usize),
+}
+
+impl Bounds {
+    /// Whether a channel of `clients` clients whose bodies but the poster's take
+    /// `others_bytes` may take a body of `len` bytes (`new`: from a client not in it yet).
+    pub fn check(
+        &self,
+        clients: usize,
+        new: bool,
+        others_bytes: usize,
+        len: usize,
+    ) -> Result<(), Bound> {
+        if new && clients >= self.max_clients {
+            return Err(Bound::Clients(self.max_clients));
+        }
+        if others_bytes.saturating_add(len) > self.max_bytes {
+            return Err(Bound::Bytes(self.max_bytes));
+        }
+        Ok(())
+    }
 }
 
 /// The outcome of an ordering check.
@@ -63,10 +103,11 @@ pub(crate) fn join(bodies: impl Iterator<Item = Bytes>) -> Bytes {
 }
 
 impl Store {
-    pub fn new(timeout: Duration) -> Store {
+    pub fn new(timeout: Duration, bounds: Bounds) -> Store {
         Store {
             state: Mutex::new(State::default()),
             timeout,
+            bounds,
         }
     }
 
@@ -93,9 +134,20 @@ impl Store {
     }
 
     /// Stores `body` as `client_id`'s state in `key`; returns the other clients' bodies as a
-    /// JSON array.
-    pub fn post(&self, key: &str, client_id: &str, body: Bytes) -> Bytes {
+    /// JSON array. A post that would take the channel past its bounds changes nothing.
+    pub fn post(&self, key: &str, client_id: &str, body: Bytes) -> Result<Bytes, Bound> {
         let mut state = self.state();
+        if let Some(channel) = state.channels.get(key) {
+            let mine = channel.clients.iter().position(|(id, _)| id == client_id);
+            let others: usize = channel
+                .clients
+                .iter()
+                .filter(|(id, _)| id != client_id)
+                .map(|(_, e)| e.body.len())
+                .sum();
+            self.bounds
+                .check(channel.clients.len(), mine.is_none(), others, body.len())?;
+        }
         let channel = state.channels.entry(key.to_string()).or_default();
         let now = Instant::now();
         match channel.clients.iter_mut().find(|(id, _)| id == client_id) {
@@ -121,7 +173,7 @@ impl Store {
                 .map(|(_, e)| e.body.clone()),
         );
         notify(&mut state, key);
-        others
+        Ok(others)
     }
 
     /// Every client's body in `key` as a JSON array (`[]` for an unknown channel).
@@ -193,22 +245,28 @@ fn notify(state: &mut State, key: &str) {
 mod tests {
     use super::*;
 
+    const ROOMY: Bounds = Bounds {
+        max_clients: 100,
+        max_bytes: 1 << 20,
+    };
+
     #[test]
     fn post_answers_the_others_and_replaces_own_state() {
-        let s = Store::new(Duration::from_secs(1));
+        let s = Store::new(Duration::from_secs(1), ROOMY);
         assert_eq!(
             s.post("t", "ada", Bytes::from_static(br#"{"client_id":"ada"}"#)),
-            "[]"
+            Ok(Bytes::from_static(b"[]"))
         );
         assert_eq!(
             s.post("t", "joe", Bytes::from_static(br#"{"client_id":"joe"}"#)),
-            r#"[{"client_id":"ada"}]"#
+            Ok(Bytes::from_static(br#"[{"client_id":"ada"}]"#))
         );
         s.post(
             "t",
             "ada",
             Bytes::from_static(br#"{"client_id":"ada","x":1}"#),
-        );
+        )
+        .unwrap();
         assert_eq!(
             s.get("t"),
             r#"[{"client_id":"ada","x":1},{"client_id":"joe"}]"#
@@ -218,8 +276,27 @@ mod tests {
     }
 
     #[test]
+    fn bounds_refuse_the_post_that_would_pass_them() {
+        let s = Store::new(
+            Duration::from_secs(1),
+            Bounds {
+                max_clients: 2,
+                max_bytes: 10,
+            },
+        );
+        let body = |n: usize| Bytes::from(vec![b'x'; n]);
+        s.post("t", "a", body(4)).unwrap();
+        s.post("t", "b", body(6)).unwrap();
+        assert_eq!(s.post("t", "c", body(1)), Err(Bound::Clients(2)));
+        assert_eq!(s.post("t", "a", body(5)), Err(Bound::Bytes(10)));
+        // Replacing one's own state counts only the others'; a refusal changed nothing.
+        s.post("t", "a", body(4)).unwrap();
+        assert_eq!(s.get("t"), "[xxxx,xxxxxx]");
+    }
+
+    #[test]
     fn order() {
-        let s = Store::new(Duration::from_secs(1));
+        let s = Store::new(Duration::from_secs(1), ROOMY);
         assert_eq!(s.check_order("a", 2.0), Order::InOrder);
         assert_eq!(s.check_order("a", 1.5), Order::Late);
         assert_eq!(s.check_order("a", 2.0), Order::InOrder);
@@ -228,9 +305,9 @@ mod tests {
 
     #[test]
     fn sweep_removes_silent_clients_and_empty_channels() {
-        let s = Store::new(Duration::from_millis(0));
+        let s = Store::new(Duration::from_millis(0), ROOMY);
         let mut rx = s.watch("t");
-        s.post("t", "ada", Bytes::from_static(b"{}"));
+        s.post("t", "ada", Bytes::from_static(b"{}")).unwrap();
         assert!(rx.has_changed().unwrap());
         rx.mark_unchanged();
         std::thread::sleep(Duration::from_millis(5));

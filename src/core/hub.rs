@@ -71,6 +71,8 @@ pub struct Joined {
     /// The role granted: a leader without the session's leader key joins as a follower.
     pub role: Role,
     pub leadership_refused: bool,
+    /// Whether the session has a leader key (after this join).
+    pub protected: bool,
 }
 
 /// One member as operators see it.
@@ -126,8 +128,12 @@ pub struct Session {
 #[derive(Debug, Default)]
 struct SessionState {
     members: Vec<Member>,
-    /// Set by the first leader that presents one; from then on only it makes a leader.
+    /// Set by the session's first leader if it presents one; from then on only it makes a
+    /// leader. Never set once the session has had a leader without one, so a key cannot be
+    /// used to take over a session that a leader without credentials (the plugin) leads.
     leader_key: Option<Box<str>>,
+    /// A leader has joined this session on this node (with or without a key).
+    led: bool,
     /// Members on other nodes, by node (cluster mode). A node that left keeps an entry with
     /// no members, so that a late report of it cannot bring it back.
     remote: HashMap<NodeId, Remote>,
@@ -353,8 +359,10 @@ impl Hub {
 
     /// Adds `member` to session `id` (creating it), or updates its role if it is already a
     /// member, then announces the new presence to every member. A leader must present the
-    /// session's leader key once one is set (`key`); the first leader presenting a key sets
-    /// it. A leader without the right key joins as a follower.
+    /// session's leader key once one is set (`key`). The key is set by the session's first
+    /// leader, if it presents one and no leader is known on any node; a key presented later
+    /// is ignored (the session stays unprotected). A leader without the right key joins as
+    /// a follower.
     pub fn join(
         &self,
         id: &str,
@@ -399,10 +407,16 @@ impl Hub {
                     member.role = Role::Follower;
                     leadership_refused = true;
                 }
-                (None, Some(given)) => state.leader_key = Some(given.into()),
-                (None, None) => {}
+                (None, Some(given)) if !state.led && state.presence().leaders == 0 => {
+                    state.leader_key = Some(given.into());
+                }
+                (None, _) => {}
+            }
+            if member.role == Role::Leader {
+                state.led = true;
             }
         }
+        let protected = state.leader_key.is_some();
         let role = member.role;
         match existing {
             Some(i) => {
@@ -418,6 +432,7 @@ impl Hub {
             session,
             role,
             leadership_refused,
+            protected,
         })
     }
 
@@ -689,6 +704,27 @@ mod tests {
         );
         let unprotected = hub.join("q", member(Role::Leader), None, announce).unwrap();
         assert!(!unprotected.session.info().protected);
+        // A key presented once the session had a leader without one protects nothing.
+        let late = hub
+            .join("q", member(Role::Leader), Some("k3"), announce)
+            .unwrap();
+        assert_eq!((late.role, late.protected), (Role::Leader, false));
+        let plain = hub.join("q", member(Role::Leader), None, announce).unwrap();
+        assert_eq!(
+            (plain.role, plain.leadership_refused),
+            (Role::Leader, false)
+        );
+        // Nor does one presented after a keyless leader has left.
+        let r = hub
+            .join("r", member(Role::Follower), None, announce)
+            .unwrap();
+        let keyless = member(Role::Leader);
+        hub.join("r", keyless.clone(), None, announce).unwrap();
+        hub.leave(&r.session, keyless.conn);
+        let after = hub
+            .join("r", member(Role::Leader), Some("k4"), announce)
+            .unwrap();
+        assert!(!after.protected);
     }
 
     #[tokio::test]

@@ -21,6 +21,14 @@ use crate::ws::extension::Deflate;
 use crate::ws::{Connection, Event};
 use message::{Command, Level, server_msg, session_state};
 
+/// To a leader whose `secret` is ignored because the operator has not turned session
+/// secrets on (protocol/hunterpie.md).
+pub const SECRETS_OFF: &str = "Session secrets are off on this server: the secret was ignored and the session is not protected.";
+
+/// To a leader whose credential came after the session had a leader without one.
+pub const NOT_PROTECTED: &str =
+    "This session already had a leader without a secret: it stays unprotected.";
+
 /// Sent to every client before the server closes for shutdown.
 pub const SHUTDOWN_TEXT: &str = "Server is shutting down for maintenance; reconnect in a moment.";
 
@@ -131,7 +139,9 @@ fn on_text(conn: &Connection, client: &mut Client, text: bytes::Bytes, app: &App
             if switching {
                 leave(app, conn, client);
             }
-            let (key, bad_token) = leader_key(app, &session_id, secret, token);
+            let secret_ignored =
+                leader && secret.is_some() && token.is_none() && !app.config.leader_secrets;
+            let (key, bad_token) = leader_key(app, &session_id, secret.as_deref(), token);
             let role = if leader && !bad_token {
                 Role::Leader
             } else {
@@ -157,6 +167,10 @@ fn on_text(conn: &Connection, client: &mut Client, text: bytes::Bytes, app: &App
                             Level::Error,
                             "This session is protected: only a leader with its secret can lead. Joined as a follower.",
                         ));
+                    } else if secret_ignored {
+                        conn.send(server_msg(Level::Warn, SECRETS_OFF));
+                    } else if leader && key.is_some() && !joined.protected {
+                        conn.send(server_msg(Level::Warn, NOT_PROTECTED));
                     }
                     client.session = Some((joined.session, joined.role));
                 }
@@ -202,12 +216,14 @@ fn on_text(conn: &Connection, client: &mut Client, text: bytes::Bytes, app: &App
 }
 
 /// The leader key a SetSession presents, and whether it presented a token that is not valid.
-/// A session secret is taken as it is; an HMAC token must be the hex HMAC-SHA256 of the
-/// session id under the operator's secret (protocol/hunterpie.md).
+/// An HMAC token must be the hex HMAC-SHA256 of the session id under the operator's secret;
+/// a session secret counts only when the operator turned them on (`--leader-secrets`), since
+/// one chosen by any client could otherwise be held against a leader that cannot present
+/// one (protocol/hunterpie.md).
 fn leader_key(
     app: &App,
     session_id: &str,
-    secret: Option<String>,
+    secret: Option<&str>,
     token: Option<String>,
 ) -> (Option<String>, bool) {
     match (token, secret) {
@@ -217,8 +233,10 @@ fn leader_key(
             }
             _ => (None, true),
         },
-        (None, Some(secret)) => (Some(format!("secret:{secret}")), false),
-        (None, None) => (None, false),
+        (None, Some(secret)) if app.config.leader_secrets => {
+            (Some(format!("secret:{secret}")), false)
+        }
+        (None, _) => (None, false),
     }
 }
 

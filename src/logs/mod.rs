@@ -15,6 +15,7 @@
 //! differ, and `/logs/query` there sees every node's entries in the order they were stored.
 pub mod entry;
 pub mod forward;
+pub mod ingest;
 pub mod queue;
 pub mod relay;
 pub mod store;
@@ -89,6 +90,8 @@ pub struct LogsInner {
     relay_rx: Mutex<Option<(relay::Relay, mpsc::Receiver<Arc<Entry>>)>>,
     /// `/logs/add` requests per second per client address.
     add_rate: DefaultKeyedRateLimiter<IpAddr>,
+    /// `/logs/add` entries and bytes per second per client address.
+    ingest: ingest::Ingest,
     /// Entries dropped for the store since the last warning, and when that was (unix ms):
     /// at most one warning per 10 s.
     dropped_unwarned: AtomicU64,
@@ -150,6 +153,7 @@ impl Logs {
             relay_tx,
             relay_rx: Mutex::new(relay_rx),
             add_rate: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
+            ingest: ingest::Ingest::new(l.entries_per_second, l.bytes_per_second),
             dropped_unwarned: AtomicU64::new(0),
             last_drop_warning: AtomicI64::new(0),
             metrics,
@@ -189,6 +193,7 @@ impl Logs {
                             .retention_days
                             .map(|d| Duration::from_secs(u64::from(d) * 86_400)),
                         max_rows: l.retention_rows,
+                        max_bytes: l.retention_bytes,
                     };
                     self.store_tasks.spawn(writer::run_writer(
                         store.clone(),
@@ -238,6 +243,7 @@ impl Logs {
                         ticks += 1;
                         if ticks.is_multiple_of(600) {
                             logs.add_rate.retain_recent();
+                            logs.ingest.forget_idle();
                         }
                     }
                 }
@@ -473,6 +479,11 @@ async fn add(State(app): State<App>, req: Request) -> Response {
     };
     match entry::parse_body(&body) {
         Ok(posted) => {
+            if !app.guard.is_exempt(ip)
+                && let Err(refusal) = app.logs.ingest.charge(ip, posted.len(), body.len())
+            {
+                return ingest_refused(&app, refusal, posted.len(), body.len());
+            }
             app.logs.publish(posted);
             StatusCode::OK.into_response()
         }
@@ -485,6 +496,40 @@ async fn add(State(app): State<App>, req: Request) -> Response {
                 "logs_bad_body",
             )
         }
+    }
+}
+
+/// The answer to a body refused by the per-address ingest limits (429 with `Retry-After`,
+/// or 413 for more than an address may ever post at once); its entries are counted.
+fn ingest_refused(
+    app: &App,
+    refusal: ingest::IngestRefusal,
+    entries: usize,
+    bytes: usize,
+) -> Response {
+    app.metrics.logs_refused_entries.inc_by(entries as u64);
+    app.metrics.logs_refused_bytes.inc_by(bytes as u64);
+    let text = refusal.to_string();
+    match refusal {
+        ingest::IngestRefusal::Rate { retry_after, .. } => {
+            let mut res = json_error(
+                app,
+                StatusCode::TOO_MANY_REQUESTS,
+                &text,
+                "logs_ingest_rate",
+            );
+            let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                res.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            res
+        }
+        ingest::IngestRefusal::TooLarge { .. } => json_error(
+            app,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &text,
+            "logs_ingest_too_large",
+        ),
     }
 }
 

@@ -44,11 +44,54 @@ enum Backend {
     Postgres(deadpool_postgres::Pool),
 }
 
-/// How long entries are kept: by age and/or by count (`None`: no limit).
+/// How long entries are kept: by age, by count and/or by the store's size (`None`: no
+/// limit). Past any bound the oldest entries go first.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Retention {
     pub max_age: Option<Duration>,
     pub max_rows: Option<u64>,
+    /// Bytes of the store, as [`LogStore::size`] measures them.
+    pub max_bytes: Option<u64>,
+}
+
+/// What a size bound deletes down to when passed: 90% of it, so that the next check does
+/// not find it passed again at once.
+fn size_target(max_bytes: u64) -> u64 {
+    max_bytes / 10 * 9
+}
+
+/// SQLite: bytes of the database's pages in use (free pages are reused before the file
+/// grows, so the file stays within what was once in use; the WAL aside).
+fn sqlite_used_bytes(c: &rusqlite::Connection) -> rusqlite::Result<u64> {
+    let pragma = |name: &str| c.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0));
+    let (pages, free, size) = (
+        pragma("page_count")?,
+        pragma("freelist_count")?,
+        pragma("page_size")?,
+    );
+    Ok((pages - free).max(0) as u64 * size.max(0) as u64)
+}
+
+/// PostgreSQL: (estimated bytes of `log_entries`' rows, the newest id, rows per byte). The
+/// rows between the oldest and the newest id times the average size of the newest thousand
+/// (`pg_column_size`): cheap, and blind to dead rows, which vacuum makes room of.
+async fn postgres_size(client: &deadpool_postgres::Client) -> Result<(u64, i64, f64), StoreError> {
+    let row = client
+        .query_one(
+            "SELECT COALESCE(MAX(id) - MIN(id) + 1, 0), COALESCE(MAX(id), 0) FROM log_entries",
+            &[],
+        )
+        .await?;
+    let (span, newest): (i64, i64) = (row.get(0), row.get(1));
+    let avg: f64 = client
+        .query_one(
+            "SELECT COALESCE(AVG(pg_column_size(t.*)), 0)::float8 FROM \
+             (SELECT * FROM log_entries ORDER BY id DESC LIMIT 1000) t",
+            &[],
+        )
+        .await?
+        .get(0);
+    Ok(((span.max(0) as f64 * avg) as u64, newest, avg))
 }
 
 /// A search of `/logs/query`.
@@ -689,12 +732,23 @@ impl LogStore {
         })
     }
 
+    /// The store's size in bytes: SQLite, the database's pages in use; PostgreSQL, an
+    /// estimate of the rows' bytes.
+    pub async fn size(&self) -> Result<u64, StoreError> {
+        self.init().await?;
+        match &self.backend {
+            Backend::Sqlite { write, .. } => write.call(|c| sqlite_used_bytes(c)).await,
+            Backend::Postgres(pool) => Ok(postgres_size(&pool.get().await?).await?.0),
+        }
+    }
+
     /// Deletes what retention says to; returns how many rows went.
     pub async fn retain(&self, r: Retention) -> Result<u64, StoreError> {
         let cutoff = r
             .max_age
             .map(|age| now_ms().saturating_sub(age.as_millis() as i64));
         let keep = r.max_rows.map(|n| n as i64);
+        let max_bytes = r.max_bytes;
         self.init().await?;
         match &self.backend {
             Backend::Sqlite { write: db, .. } => {
@@ -713,6 +767,34 @@ impl LogStore {
                             deleted += n as u64;
                             if n == 0 {
                                 break;
+                            }
+                        }
+                    }
+                    if let Some(max) = max_bytes {
+                        // Rows go in proportion to the excess, oldest first; measured again
+                        // after each step (index pages do not shrink exactly with the rows).
+                        for _ in 0..4 {
+                            let used = sqlite_used_bytes(c)?;
+                            if used <= max {
+                                break;
+                            }
+                            let rows: i64 =
+                                c.query_row("SELECT COUNT(*) FROM log_entries", [], |r| r.get(0))?;
+                            if rows == 0 {
+                                break;
+                            }
+                            let excess = (used - size_target(max)) as f64 / used as f64;
+                            let mut todo = ((rows as f64 * excess).ceil() as i64).clamp(1, rows);
+                            while todo > 0 {
+                                let n = c.execute(
+                                    "DELETE FROM log_entries WHERE seq_number IN (SELECT seq_number FROM log_entries ORDER BY seq_number LIMIT ?1)",
+                                    [todo.min(5000)],
+                                )?;
+                                deleted += n as u64;
+                                todo -= n as i64;
+                                if n == 0 {
+                                    break;
+                                }
                             }
                         }
                     }
@@ -758,6 +840,19 @@ impl LogStore {
                             &[&keep],
                         )
                         .await?;
+                }
+                if let Some(max) = max_bytes {
+                    let (size, newest, avg) = postgres_size(&client).await?;
+                    if size > max && avg > 0.0 {
+                        // The newest rows that fit in the target stay.
+                        let keep = (size_target(max) as f64 / avg) as i64;
+                        deleted += client
+                            .execute(
+                                "DELETE FROM log_entries WHERE id <= $1",
+                                &[&(newest - keep)],
+                            )
+                            .await?;
+                    }
                 }
                 Ok(deleted)
             }
@@ -855,12 +950,14 @@ mod tests {
         let retention = Retention {
             max_rows: Some(3),
             max_age: None,
+            max_bytes: None,
         };
         assert_eq!(store.retain(retention).await.unwrap(), 7);
         assert_eq!(seqs(&store.query(all(100)).await.unwrap()), [10, 9, 8]);
         let retention = Retention {
             max_rows: None,
             max_age: Some(Duration::from_secs(1)),
+            max_bytes: None,
         };
         let deleted = store.retain(retention).await.unwrap();
         assert_eq!(deleted, 3, "server times of 1970 are older than a second");
@@ -882,6 +979,7 @@ mod tests {
             .retain(Retention {
                 max_rows: None,
                 max_age: Some(Duration::from_secs(1)),
+                max_bytes: None,
             })
             .await
             .unwrap();

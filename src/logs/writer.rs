@@ -61,6 +61,8 @@ pub async fn run_writer(
     retention_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut backfill = Backfill::Pending;
+    // Entry bytes written since retention last ran.
+    let mut written_since_retention = 0u64;
     loop {
         if close.is_cancelled() {
             if rx.is_empty() || rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
@@ -86,16 +88,8 @@ pub async fn run_writer(
                     if backfill == Backfill::Failed {
                         backfill = Backfill::Pending;
                     }
-                    if retention != Retention::default() {
-                        match store.retain(retention).await {
-                            Ok(0) => {}
-                            Ok(n) => info!(deleted = n, "log store retention"),
-                            Err(e) => {
-                                metrics.logs_store_failures.inc();
-                                warn!(error = %e, "log store retention failed");
-                            }
-                        }
-                    }
+                    retain(&store, retention, &metrics).await;
+                    written_since_retention = 0;
                     continue;
                 }
             }
@@ -104,6 +98,35 @@ pub async fn run_writer(
         let taken = entries.clone();
         write_batch(&store, entries, &metrics, &shutdown).await;
         rx.release(&taken);
+        // A flood can write far more than the size bound within a retention interval: the
+        // bound is checked again after every tenth of it written.
+        written_since_retention += taken.iter().map(|e| e.size() as u64).sum::<u64>();
+        if let Some(max) = retention.max_bytes
+            && written_since_retention >= max / 10
+        {
+            retain(&store, retention, &metrics).await;
+            written_since_retention = 0;
+        }
+    }
+}
+
+/// Runs retention and measures the store (`logs_store_bytes`).
+async fn retain(store: &LogStore, retention: Retention, metrics: &Metrics) {
+    if retention != Retention::default() {
+        match store.retain(retention).await {
+            Ok(0) => {}
+            Ok(n) => info!(deleted = n, "log store retention"),
+            Err(e) => {
+                metrics.logs_store_failures.inc();
+                warn!(error = %e, "log store retention failed");
+            }
+        }
+    }
+    match store.size().await {
+        Ok(bytes) => {
+            metrics.logs_store_bytes.set(bytes as i64);
+        }
+        Err(e) => warn!(error = %e, "log store: cannot measure its size"),
     }
 }
 

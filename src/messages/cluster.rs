@@ -88,6 +88,7 @@ fn decode(payload: &str) -> Option<Frame<'_>> {
                 "d" => Delivery::Delivered,
                 "n" => Delivery::NotHere,
                 "f" => Delivery::Full,
+                "b" => Delivery::StoreFull,
                 "s" => Delivery::StoreDown,
                 _ => return None,
             };
@@ -307,6 +308,7 @@ impl Relay {
             Delivery::Delivered => "d",
             Delivery::NotHere => "n",
             Delivery::Full => "f",
+            Delivery::StoreFull => "b",
             Delivery::StoreDown => "s",
         };
         let sent: redis::RedisResult<i64> = async {

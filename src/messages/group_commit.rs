@@ -9,7 +9,7 @@
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
-use super::queue::now_ms;
+use super::queue::{ADDED, RECIPIENT_FULL, STORE_FULL, now_ms};
 use crate::store::{Sqlite, StoreError};
 
 /// Messages committed in one transaction at most.
@@ -25,7 +25,8 @@ struct Enqueue {
     sender: String,
     body: String,
     limit: i64,
-    done: oneshot::Sender<Result<bool, String>>,
+    store_bytes: i64,
+    done: oneshot::Sender<Result<i64, String>>,
 }
 
 /// The handle senders use; the thread ends when every handle is dropped.
@@ -52,21 +53,24 @@ impl GroupCommit {
         Ok(GroupCommit { tx })
     }
 
-    /// Commits `body` for `recipient` unless it has `limit` messages waiting already:
-    /// true once it is on the disk, false if the queue is full.
+    /// Commits `body` for `recipient` unless it has `limit` messages waiting already or the
+    /// queue holds `store_bytes` bytes in all: [`ADDED`] once it is on the disk, else
+    /// [`RECIPIENT_FULL`] or [`STORE_FULL`].
     pub async fn enqueue(
         &self,
         recipient: &str,
         sender: &str,
         body: &str,
-        limit: usize,
-    ) -> Result<bool, StoreError> {
+        limit: i64,
+        store_bytes: i64,
+    ) -> Result<i64, StoreError> {
         let (done, answer) = oneshot::channel();
         let job = Enqueue {
             recipient: recipient.to_owned(),
             sender: sender.to_owned(),
             body: body.to_owned(),
-            limit: limit as i64,
+            limit,
+            store_bytes,
             done,
         };
         self.tx.send(job).await.map_err(|_| StoreError::Worker)?;
@@ -92,21 +96,34 @@ fn run(db: Sqlite, mut rx: mpsc::Receiver<Enqueue>) {
             let tx = c.transaction()?;
             let mut added = Vec::with_capacity(group.len());
             {
-                // One statement each: the count sees the rows this group added before it.
+                // One statement each: the count and the bytes (kept by a trigger) see the rows
+                // this group added before it.
                 let mut insert = tx.prepare_cached(
                     "INSERT INTO queue (recipient, sender, body, queued_ms) \
                      SELECT ?1, ?2, ?3, ?4 \
-                     WHERE (SELECT COUNT(*) FROM queue WHERE recipient = ?1) < ?5",
+                     WHERE (SELECT COUNT(*) FROM queue WHERE recipient = ?1) < ?5 \
+                     AND (SELECT value FROM dm_meta WHERE key = 'queued_bytes') \
+                         + length(CAST(?3 AS BLOB)) <= ?6",
                 )?;
+                let mut waiting =
+                    tx.prepare_cached("SELECT COUNT(*) FROM queue WHERE recipient = ?1")?;
                 for j in &group {
                     let n = insert.execute(rusqlite::params![
                         j.recipient,
                         j.sender,
                         j.body,
                         now_ms(),
-                        j.limit
+                        j.limit,
+                        j.store_bytes
                     ])?;
-                    added.push(n > 0);
+                    added.push(if n > 0 {
+                        ADDED
+                    } else if waiting.query_row([&j.recipient], |r| r.get::<_, i64>(0))? >= j.limit
+                    {
+                        RECIPIENT_FULL
+                    } else {
+                        STORE_FULL
+                    });
                 }
             }
             tx.commit()?;

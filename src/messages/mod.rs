@@ -37,7 +37,7 @@ use crate::ws::connection::codes;
 use crate::ws::extension::Deflate;
 use crate::ws::{Connection, Event};
 use peers::{Online, Peers, SlotGuard};
-use queue::{Queue, QueueError};
+use queue::{Queue, QueueBounds, QueueError};
 use wire::Request as Frame;
 
 /// The close sent to a connection whose name logged in again elsewhere.
@@ -94,6 +94,8 @@ pub enum Delivery {
     NotHere,
     /// The recipient's queue is full: the message was not kept.
     Full,
+    /// The store holds as many bytes of queued messages as it may: the message was not kept.
+    StoreFull,
     /// The store failed: the message was not kept.
     StoreDown,
 }
@@ -270,9 +272,21 @@ impl Messages {
                 return self.refuse(out, "message store unavailable: not logged in, try again");
             }
         };
-        if let Err(e) = queue.register(&name).await {
-            warn!(error = %e, "direct messages: cannot register a peer");
-            return self.refuse(out, "message store unavailable: not logged in, try again");
+        match queue.register(&name, self.config.max_peers).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return self.refuse(
+                    out,
+                    format!(
+                        "too many known peers (at most {}): a new name cannot log in",
+                        self.config.max_peers
+                    ),
+                );
+            }
+            Err(e) => {
+                warn!(error = %e, "direct messages: cannot register a peer");
+                return self.refuse(out, "message store unavailable: not logged in, try again");
+            }
         }
         let name: Arc<str> = name.into();
         let wake = Arc::new(Notify::new());
@@ -387,6 +401,7 @@ impl Messages {
         let answer = match delivery {
             Delivery::Delivered => return None,
             Delivery::Full => self.full(to),
+            Delivery::StoreFull => self.store_full(),
             Delivery::StoreDown => STORE_DOWN.into(),
             Delivery::NotHere => return Some(self.queue_offline(to, from, &body).await),
         };
@@ -425,7 +440,7 @@ impl Messages {
                 return Delivery::StoreDown;
             }
         };
-        match queue.enqueue(to, from, body, self.config.queue_limit).await {
+        match queue.enqueue(to, from, body, self.bounds()).await {
             Ok(()) => {
                 self.metrics.direct("spilled");
                 online.wake.notify_one();
@@ -433,6 +448,7 @@ impl Messages {
                 Delivery::Delivered
             }
             Err(QueueError::Full(_)) => Delivery::Full,
+            Err(QueueError::StoreFull) => Delivery::StoreFull,
             Err(QueueError::Store(e)) => {
                 warn!(error = %e, "direct messages: cannot queue a message");
                 Delivery::StoreDown
@@ -445,6 +461,20 @@ impl Messages {
             "the queue of {to} is full ({} messages): message not stored",
             self.config.queue_limit
         )
+    }
+
+    fn store_full(&self) -> String {
+        format!(
+            "the message store is full ({} bytes queued for offline peers): message not stored",
+            self.config.store_bytes
+        )
+    }
+
+    fn bounds(&self) -> QueueBounds {
+        QueueBounds {
+            per_recipient: self.config.queue_limit,
+            store_bytes: self.config.store_bytes,
+        }
     }
 
     /// `to` is logged in nowhere: queues the message if `to` is a known peer. The answer
@@ -473,7 +503,7 @@ impl Messages {
                 return refused(STORE_DOWN.into());
             }
         }
-        match queue.enqueue(to, from, body, self.config.queue_limit).await {
+        match queue.enqueue(to, from, body, self.bounds()).await {
             Ok(()) => {
                 self.metrics.direct("queued");
                 // The store was written without the peer's lock: if it logged in meanwhile,
@@ -486,6 +516,7 @@ impl Messages {
                 wire::offline_peer(to)
             }
             Err(QueueError::Full(_)) => refused(self.full(to)),
+            Err(QueueError::StoreFull) => refused(self.store_full()),
             Err(QueueError::Store(e)) => {
                 warn!(error = %e, "direct messages: cannot queue a message");
                 refused(STORE_DOWN.into())

@@ -110,7 +110,32 @@ fn check_name(name: &str) -> Result<(), String> {
     if name.chars().any(char::is_control) {
         return Err("a peer name cannot contain control characters".into());
     }
+    if let Some(c) = name.chars().find(|c| is_invisible(*c)) {
+        return Err(format!(
+            "a peer name cannot contain invisible or direction-changing characters (U+{:04X})",
+            u32::from(c)
+        ));
+    }
+    if name.starts_with(' ') || name.ends_with(' ') {
+        return Err("a peer name cannot start or end with a space".into());
+    }
     Ok(())
+}
+
+/// Characters that would let a name pass for another on screen: formatting characters
+/// (bidi overrides and isolates such as U+202E, zero-width spaces and joiners, the BOM, soft
+/// hyphen), line and paragraph separators, private-use characters, blank letters (Hangul
+/// fillers) and every space but U+0020.
+fn is_invisible(c: char) -> bool {
+    use unicode_properties::{GeneralCategory as G, UnicodeGeneralCategory};
+    matches!(
+        c.general_category(),
+        G::Format | G::LineSeparator | G::ParagraphSeparator | G::PrivateUse | G::Surrogate
+    ) || (c.general_category() == G::SpaceSeparator && c != ' ')
+        || matches!(
+            c,
+            '\u{115F}' | '\u{1160}' | '\u{3164}' | '\u{FFA0}' | '\u{2800}'
+        )
 }
 
 /// `{"error": text}`.
@@ -134,6 +159,7 @@ pub fn offline_peer(name: &str) -> Arc<Payload> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn login_and_send() {
@@ -185,6 +211,36 @@ mod tests {
             "unknown field \"cc\""
         );
         assert!(err(&format!(r#"{{"login":"{}"}}"#, "x".repeat(65))).contains("at most 64"));
+    }
+
+    #[test]
+    fn names_that_would_pass_for_others_are_refused() {
+        let login = |name: &str| parse(&json!({ "login": name }).to_string());
+        for bad in [
+            "adm\u{202E}nimda",    // right-to-left override
+            "Bob\u{200B}",         // zero-width space
+            "A\u{200D}B",          // zero-width joiner
+            "\u{2066}Eve\u{2069}", // isolates
+            "\u{FEFF}Ann",         // byte order mark
+            "Al\u{00AD}ice",       // soft hyphen
+            "A\u{2028}B",          // line separator
+            "\u{3164}",            // Hangul filler
+            "Bob\u{00A0}",         // no-break space
+            "\u{E000}",            // private use
+        ] {
+            let e = login(bad).unwrap_err();
+            assert!(
+                e.contains("invisible or direction-changing"),
+                "{bad:?}: {e}"
+            );
+        }
+        assert!(login("A\u{0007}").unwrap_err().contains("control"));
+        assert!(login(" Bob").unwrap_err().contains("space"));
+        for good in ["Bob", "Alice Smith", "Zoë", "Хантер", "ハンター", "😀"] {
+            assert!(login(good).is_ok(), "{good}");
+        }
+        let to = parse(r#"{"from":"A","to":"B\u202e","msg":"x"}"#).unwrap_err();
+        assert!(to.starts_with("\"to\": a peer name cannot"), "{to}");
     }
 
     #[test]

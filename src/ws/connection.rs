@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
-use super::deflate::{InflateError, InflateLayer, Side};
+use super::deflate::{FrameLimits, InflateError, InflateLayer, Side};
 use super::extension::Deflate;
 use crate::core::hub::ConnId;
 use crate::core::outbound::{Close, Outbound, Payload, SLOW_CONSUMER};
@@ -65,6 +65,11 @@ pub mod codes {
         code: 1008,
         reason: "rate limit: too many messages per second",
     };
+    /// A fragmented message with more fragments than `--max-message-fragments`.
+    pub const TOO_MANY_FRAGMENTS: Close = Close {
+        code: 1009,
+        reason: "message too big: too many fragments",
+    };
     /// Closed by an operator through the admin API.
     pub const KICKED: Close = Close {
         code: 4003,
@@ -87,6 +92,8 @@ pub mod codes {
 #[derive(Debug, Clone)]
 pub struct WsSettings {
     pub max_message_bytes: usize,
+    /// Frames one fragmented message may have.
+    pub max_message_fragments: usize,
     pub outbound_queue_bytes: usize,
     pub deflate_threshold: usize,
     pub deflate_level: u32,
@@ -125,8 +132,10 @@ pub struct Connection {
     pub id: ConnId,
     /// The client's address and its place under the connection limits.
     pub peer: crate::server::Peer,
-    /// Messages per second this connection may send.
-    rate: governor::DefaultDirectRateLimiter,
+    /// Messages per second this connection may send. Shared with the frame layer under
+    /// tungstenite, which charges pings, pongs and continuation frames to it; this side
+    /// charges whole messages.
+    rate: Arc<governor::DefaultDirectRateLimiter>,
     /// The queue every message to this peer goes through.
     pub outbound: Outbound,
     stream: SplitStream<Ws>,
@@ -158,13 +167,18 @@ impl Connection {
         peer: crate::server::Peer,
     ) -> Connection {
         let s = &ctx.settings;
+        let rate = Arc::new(ctx.guard.message_limiter());
         let io = InflateLayer::new(
             TokioIo::new(upgraded),
             Side::Server,
             deflate.is_some(),
             s.max_message_bytes,
             Default::default(),
-        );
+        )
+        .with_limits(FrameLimits {
+            rate: rate.clone(),
+            max_fragments: s.max_message_fragments,
+        });
         let config = WebSocketConfig::default()
             // Small buffers keep idle connections cheap; they grow for large frames.
             .read_buffer_size(2048)
@@ -188,7 +202,7 @@ impl Connection {
         Connection {
             id: ConnId::next(),
             peer,
-            rate: ctx.guard.message_limiter(),
+            rate,
             outbound,
             stream,
             writer,
@@ -266,16 +280,16 @@ impl Connection {
                 }
                 msg = self.stream.next() => {
                     self.last_activity = Instant::now();
-                    if matches!(msg, Some(Ok(Message::Text(_) | Message::Binary(_) | Message::Ping(_)))) && self.rate.check().is_err() {
+                    // Other frames were charged by the frame layer (`FrameLimits`).
+                    if matches!(msg, Some(Ok(Message::Text(_) | Message::Binary(_)))) && self.rate.check().is_err() {
                         debug!(conn = self.id.0, addr = %self.peer.addr, "message rate limit");
                         self.ctx.metrics.error("limit_message_rate");
-                        match (&self.over_rate, &msg) {
-                            (Some(answer), Some(Ok(Message::Text(_) | Message::Binary(_)))) => {
+                        match &self.over_rate {
+                            Some(answer) => {
                                 // Refused only when closing, which `next` reports.
                                 let _ = self.outbound.send(answer.clone());
                             }
-                            (Some(_), _) => {}
-                            (None, _) => self.outbound.close(codes::RATE_LIMITED),
+                            None => self.outbound.close(codes::RATE_LIMITED),
                         }
                         continue;
                     }
@@ -403,6 +417,10 @@ fn classify(e: &WsError) -> (&'static str, Close) {
             Some(InflateError::TooBig(_)) => ("too_big", codes::TOO_BIG),
             Some(InflateError::BadData) => ("bad_deflate", codes::BAD_DATA),
             Some(InflateError::Protocol(_)) => ("protocol", codes::PROTOCOL),
+            Some(InflateError::RateLimited) => ("limit_message_rate", codes::RATE_LIMITED),
+            Some(InflateError::TooManyFragments(_)) => {
+                ("too_many_fragments", codes::TOO_MANY_FRAGMENTS)
+            }
             None => ("io", codes::GONE),
         },
         WsError::ConnectionClosed | WsError::AlreadyClosed => ("closed", codes::GONE),

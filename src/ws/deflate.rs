@@ -8,6 +8,12 @@
 //! checks. Outbound, [`deflate_message`] produces the payload of an RSV1 frame, which the
 //! writer sends as a raw `Message::Frame`.
 //!
+//! The same header parser enforces a server's [`FrameLimits`] on every inbound frame,
+//! compressed or not: tungstenite answers pings and gathers fragments without returning to
+//! its caller, so pings, pongs and continuation frames are charged to the connection's
+//! message rate here (whole messages are charged by the connection when they arrive), and
+//! a message may have at most so many fragments.
+//!
 //! Both directions use no context takeover: every message is a fresh deflate stream. That is
 //! what the deployed HunterPie client needs (it inflates each message with a fresh inflater)
 //! and it lets one compressed message be shared by every follower. The inflater accepts
@@ -17,6 +23,7 @@ use std::cell::RefCell;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -26,8 +33,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// The four bytes a sync flush ends with; RFC 7692 strips them from the wire.
 const SYNC_TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 
-/// Why an inbound compressed message was refused. Carried inside the `io::Error` that the
-/// layer returns, so the connection can pick the close code.
+/// Why the layer refused the inbound stream: a compressed message, or a frame over the
+/// [`FrameLimits`]. Carried inside the `io::Error` that the layer returns, so the connection
+/// can pick the close code.
 #[derive(Debug, thiserror::Error, Clone, Copy, PartialEq, Eq)]
 pub enum InflateError {
     /// The compressed or the inflated message is over the configured limit (close 1009).
@@ -40,6 +48,23 @@ pub enum InflateError {
     /// compressed fragmented message (close 1002).
     #[error("protocol error: {0}")]
     Protocol(&'static str),
+    /// A ping, pong or continuation frame over the connection's message rate (close 1008).
+    #[error("rate limit: too many frames per second")]
+    RateLimited,
+    /// A fragmented message with more fragments than allowed (close 1009).
+    #[error("message too big: more than {0} fragments")]
+    TooManyFragments(usize),
+}
+
+/// What a server enforces on every inbound frame.
+#[derive(Debug, Clone)]
+pub struct FrameLimits {
+    /// The connection's message rate, shared with the connection: it charges each whole
+    /// text or binary message; the layer charges every other frame but a close (pings,
+    /// pongs and continuations), so no kind of frame escapes the rate.
+    pub rate: Arc<governor::DefaultDirectRateLimiter>,
+    /// Frames one fragmented message may have, its first included.
+    pub max_fragments: usize,
 }
 
 impl InflateError {
@@ -93,8 +118,13 @@ struct Pending {
 #[derive(Debug)]
 pub struct InflateLayer<S> {
     inner: S,
-    /// Off until the extension is negotiated; then every byte is scanned.
+    /// Whether the extension was negotiated: compressed messages are inflated.
     enabled: bool,
+    /// A server's limits on every frame: enforced by the scanner with the extension, by
+    /// [`InflateLayer::observe`] without it. With neither, bytes pass straight through.
+    limits: Option<FrameLimits>,
+    /// Frames of the fragmented message in progress (0: none in progress).
+    fragments: usize,
     side: Side,
     /// Limit for a compressed message and for its inflated size.
     max_message: usize,
@@ -118,6 +148,8 @@ impl<S> InflateLayer<S> {
         InflateLayer {
             inner,
             enabled,
+            limits: None,
+            fragments: 0,
             side,
             max_message,
             input: BytesMut::from(&initial[..]),
@@ -128,6 +160,12 @@ impl<S> InflateLayer<S> {
             pending: None,
             inflated: 0,
         }
+    }
+
+    /// Enforces `limits` on every inbound frame from now on.
+    pub fn with_limits(mut self, limits: FrameLimits) -> Self {
+        self.limits = Some(limits);
+        self
     }
 
     /// The wrapped stream.
@@ -215,10 +253,80 @@ impl<S> InflateLayer<S> {
         Ok(())
     }
 
+    /// Follows the frames of `data` (raw bytes from the peer, passed on unchanged) to charge
+    /// each one to the limits, without copying anything: for connections without the
+    /// extension.
+    fn observe(&mut self, mut data: &[u8]) -> Result<(), InflateError> {
+        while !data.is_empty() {
+            match &mut self.scan {
+                Scan::Header => {
+                    let take = data.len().min(14 - self.header_len);
+                    self.header[self.header_len..self.header_len + take]
+                        .copy_from_slice(&data[..take]);
+                    self.header_len += take;
+                    match parse_header(&self.header[..self.header_len]) {
+                        None => data = &data[take..],
+                        Some(h) => {
+                            let over = self.header_len - h.size;
+                            data = &data[take - over..];
+                            self.header_len = 0;
+                            self.charge(&h)?;
+                            if h.len > 0 {
+                                self.scan = Scan::Pass { remaining: h.len };
+                            }
+                        }
+                    }
+                }
+                Scan::Pass { remaining } => {
+                    let n = (*remaining).min(data.len() as u64);
+                    *remaining -= n;
+                    data = &data[n as usize..];
+                    if *remaining == 0 {
+                        self.scan = Scan::Header;
+                    }
+                }
+                // Only compressed messages are collected, and only with the extension.
+                Scan::Collect { .. } => return Err(InflateError::Protocol("unexpected state")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Charges a frame to the limits: continuations count towards their message's
+    /// fragments, and every frame but a data frame that starts a message (the connection
+    /// charges the message) and a close costs one unit of the rate.
+    fn charge(&mut self, h: &Header) -> Result<(), InflateError> {
+        let Some(limits) = &self.limits else {
+            return Ok(());
+        };
+        match h.opcode {
+            // A new message; a fragmented one counts its first frame.
+            0x1 | 0x2 => {
+                self.fragments = usize::from(!h.fin);
+                return Ok(());
+            }
+            0x0 => {
+                self.fragments = self.fragments.saturating_add(1);
+                if self.fragments > limits.max_fragments {
+                    return Err(InflateError::TooManyFragments(limits.max_fragments));
+                }
+                if h.fin {
+                    self.fragments = 0;
+                }
+            }
+            0x8 => return Ok(()),
+            _ => {}
+        }
+        limits.rate.check().map_err(|_| InflateError::RateLimited)
+    }
+
     /// Decides what to do with a frame whose header was just parsed.
     fn start_frame(&mut self, h: Header) -> Result<(), InflateError> {
+        self.charge(&h)?;
         let is_control = h.opcode & 0x08 != 0;
-        let collect = if self.pending.is_some() {
+        let collect = if !self.enabled {
+            false
+        } else if self.pending.is_some() {
             // Inside a compressed fragmented message: continuations belong to it.
             match h.opcode {
                 0x0 if h.rsv1 => return Err(InflateError::Protocol("RSV1 set on a continuation")),
@@ -280,15 +388,21 @@ impl<S> InflateLayer<S> {
 }
 
 /// Runs the inbound frame scanner over `data`, fed in chunks of `chunk` bytes, as a server
-/// with permessage-deflate agreed; returns the bytes tungstenite would see. For the fuzz
-/// targets and their regression tests.
+/// with permessage-deflate agreed and a fragment cap of 8 (a rate that never runs out, so
+/// the outcome does not depend on time); returns the bytes tungstenite would see. For the
+/// fuzz targets and their regression tests.
 #[doc(hidden)]
 pub fn scan_for_fuzzing(
     data: &[u8],
     chunk: usize,
     max_message: usize,
 ) -> Result<Vec<u8>, InflateError> {
-    let mut layer = InflateLayer::new((), Side::Server, true, max_message, Bytes::new());
+    let quota = governor::Quota::per_second(std::num::NonZeroU32::MAX);
+    let mut layer = InflateLayer::new((), Side::Server, true, max_message, Bytes::new())
+        .with_limits(FrameLimits {
+            rate: Arc::new(governor::RateLimiter::direct(quota)),
+            max_fragments: 8,
+        });
     for piece in data.chunks(chunk.max(1)) {
         layer.scan(piece)?;
     }
@@ -481,13 +595,20 @@ impl<S: AsyncRead + Unpin> AsyncRead for InflateLayer<S> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if !this.enabled {
+            // Nothing to rewrite: bytes go straight into tungstenite's buffer, and with
+            // limits the headers are only looked at there (no copy, no buffer of ours).
+            let before = buf.filled().len();
             if !this.input.is_empty() {
                 let n = this.input.len().min(buf.remaining());
                 buf.put_slice(&this.input[..n]);
                 this.input.advance(n);
-                return Poll::Ready(Ok(()));
+            } else {
+                ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
             }
-            return Pin::new(&mut this.inner).poll_read(cx, buf);
+            if this.limits.is_some() {
+                this.observe(&buf.filled()[before..])?;
+            }
+            return Poll::Ready(Ok(()));
         }
         loop {
             if !this.output.is_empty() {
@@ -660,6 +781,53 @@ mod tests {
         assert_eq!(rest[1], 0x80 | 16);
         assert_eq!(&rest[2..6], &[0, 0, 0, 0]);
         assert_eq!(&rest[6..], b"fragmented hello");
+    }
+
+    fn limited(max_fragments: usize, per_second: u32) -> InflateLayer<()> {
+        let quota = governor::Quota::per_second(std::num::NonZeroU32::new(per_second).unwrap());
+        InflateLayer::new((), Side::Server, false, 1024, Bytes::new()).with_limits(FrameLimits {
+            rate: Arc::new(governor::RateLimiter::direct(quota)),
+            max_fragments,
+        })
+    }
+
+    #[test]
+    fn fragments_are_capped_per_message_without_the_extension() {
+        let message = |n: usize| {
+            let mut wire = masked_frame(0x01, b"a", [1; 4]);
+            for i in 1..n {
+                let fin = if i + 1 == n { 0x80 } else { 0 };
+                wire.extend(masked_frame(fin, b"b", [1; 4]));
+            }
+            wire
+        };
+        let mut layer = limited(3, 1000);
+        // Cut anywhere, as reads come.
+        for piece in [message(3), message(3)].concat().chunks(5) {
+            layer.observe(piece).unwrap();
+        }
+        assert!(layer.output.is_empty(), "nothing copied");
+        assert_eq!(
+            limited(3, 1000).observe(&message(4)),
+            Err(InflateError::TooManyFragments(3))
+        );
+    }
+
+    #[test]
+    fn pings_pongs_and_continuations_are_charged_but_not_closes_or_messages() {
+        // A burst of 5: five pongs pass, the sixth is refused.
+        let mut layer = limited(100, 5);
+        for _ in 0..20 {
+            layer.observe(&masked_frame(0x81, b"m", [0; 4])).unwrap();
+        }
+        for _ in 0..5 {
+            layer.observe(&masked_frame(0x8a, b"", [0; 4])).unwrap();
+        }
+        layer.observe(&masked_frame(0x88, b"", [0; 4])).unwrap();
+        assert_eq!(
+            layer.observe(&masked_frame(0x89, b"", [0; 4])),
+            Err(InflateError::RateLimited)
+        );
     }
 
     #[test]
