@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use serde_json::{Value, json};
 use supersynk::config::Settings;
@@ -154,16 +152,14 @@ async fn silent_clients_and_empty_channels_are_removed() {
     post(addr, "quiet", r#"{"client_id":"ada"}"#, &[]).await;
     post(addr, "busy", r#"{"client_id":"joe"}"#, &[]).await;
     // joe keeps posting; ada falls silent.
-    let mut gone = false;
-    for _ in 0..40 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        post(addr, "busy", r#"{"client_id":"joe"}"#, &[]).await;
-        if get_json(addr, "/api/channels").await == json!(["busy"]) {
-            gone = true;
-            break;
-        }
-    }
-    assert!(gone, "the silent client and its empty channel were removed");
+    eventually(
+        "the silent client and its empty channel are removed",
+        async || {
+            post(addr, "busy", r#"{"client_id":"joe"}"#, &[]).await;
+            (get_json(addr, "/api/channels").await == json!(["busy"])).then_some(())
+        },
+    )
+    .await;
     assert_eq!(get_json(addr, "/api/channels/quiet").await, json!([]));
     assert_eq!(
         get_json(addr, "/api/channels/busy").await,

@@ -103,14 +103,10 @@ async fn healthchecks_gate_startup_and_the_node_check_follows_readyz() {
     assert_eq!(test, &services["supersynk-2"]["healthcheck"]["test"]);
     let (_ready_proc, ready) = common::spawn(&["--port", "0"], &[]);
     let port = |a: std::net::SocketAddr| vec![("SUPERSYNK_PORT", a.port().to_string())];
-    let deadline = std::time::Instant::now() + common::WAIT;
-    while !run_healthcheck(test, &port(ready)) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "a ready node fails its healthcheck"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    common::eventually("a ready node passes its healthcheck", async || {
+        run_healthcheck(test, &port(ready)).then_some(())
+    })
+    .await;
     let (_broken_proc, broken) = common::spawn(&["--port", "0", "--data-dir", "/proc/nope"], &[]);
     assert_eq!(common::http(broken, "GET", "/readyz", "").await.0, 503);
     assert!(!run_healthcheck(test, &port(broken)));

@@ -6,7 +6,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use common::cluster::{Redis, free_port, unique_prefix};
 use common::*;
@@ -15,18 +14,22 @@ use tokio::io::AsyncWriteExt;
 
 /// Polls /readyz until its status is `status`; returns the body.
 async fn until_ready(addr: SocketAddr, status: u16) -> String {
-    let deadline = tokio::time::Instant::now() + WAIT * 2;
-    loop {
+    let mut last = (0, String::new());
+    let body = eventually_within(WAIT * 2, async || {
         let (got, _, body) = http(addr, "GET", "/readyz", "").await;
         if got == status {
-            return body;
+            return Some(body);
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "/readyz never answered {status}; last {got}: {body:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        last = (got, body);
+        None
+    })
+    .await;
+    body.unwrap_or_else(|| {
+        panic!(
+            "/readyz never answered {status}; last {}: {:?}",
+            last.0, last.1
+        )
+    })
 }
 
 #[tokio::test]

@@ -7,12 +7,12 @@ mod common;
 
 use std::time::Duration;
 
+use common::messages::Peer;
 use common::*;
 use futures::StreamExt;
 use supersynk::client::HunterClient;
 use supersynk::config::Settings;
 use tokio::io::AsyncWriteExt;
-use tokio_tungstenite::tungstenite::Message;
 
 // ---- Frames that escape the rate (point 3) ----
 
@@ -46,17 +46,7 @@ async fn flood(c: &mut HunterClient, frame: &[u8], count: usize) -> usize {
 /// How the server ended `c`: the close code it sent, or `None` if the socket broke first
 /// (a server that closes with unread bytes from a flooder may reset the connection).
 async fn ended(c: &mut HunterClient) -> Option<u16> {
-    tokio::time::timeout(WAIT * 2, async {
-        loop {
-            match c.ws.next().await {
-                Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
-                Some(Ok(_)) => continue,
-                Some(Err(_)) | None => return None,
-            }
-        }
-    })
-    .await
-    .expect("the server ended the flooding connection")
+    close_code_of(&mut c.ws, WAIT * 2).await
 }
 
 /// A leader's pushes during an attack: every one reaches its follower, in order.
@@ -334,17 +324,14 @@ fn log_entry(user: &str, n: usize, pad: usize) -> String {
 
 /// Waits until every entry received was either stored or counted as not stored.
 async fn store_settled(addr: std::net::SocketAddr) {
-    let deadline = tokio::time::Instant::now() + WAIT * 4;
-    loop {
+    let settled = eventually_within(WAIT * 4, async || {
         let received = metric(addr, "supersynk_logs_received_total").await;
         let done = metric(addr, "supersynk_logs_stored_total").await
             + metric(addr, "supersynk_logs_store_dropped_total").await;
-        if done >= received {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "store not settled");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        (done >= received).then_some(())
+    })
+    .await;
+    assert!(settled.is_some(), "store not settled");
 }
 
 /// How many stored entries `user` has (at most 1000 looked at).
@@ -413,6 +400,7 @@ async fn a_log_flood_from_one_address_loses_only_its_own_entries() {
         )
         .await;
         assert_eq!(status, 200, "{text}");
+        // The scenario, not a wait: a plugin's pace, so its batches span the flood.
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let statuses = flooder.await.unwrap();
@@ -592,47 +580,6 @@ async fn a_channel_is_bounded_in_clients_and_bytes_on_one_node_and_in_a_cluster(
 
 // ---- Direct messages without a secret (point 8) ----
 
-/// A direct-message connection logged in as `name`; the login is done (or refused) once
-/// this returns: the next answer is to a probe sent after it, or the login's refusal.
-async fn dm_login(addr: std::net::SocketAddr, name: &str) -> (common::Ws, Option<String>) {
-    use futures::SinkExt;
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/messages"))
-        .await
-        .unwrap();
-    let login = serde_json::json!({ "login": name }).to_string();
-    ws.send(Message::text(login)).await.unwrap();
-    ws.send(Message::text("probe")).await.unwrap();
-    let e = dm_error(&mut ws).await;
-    if e.starts_with("invalid JSON") {
-        (ws, None)
-    } else {
-        dm_error(&mut ws).await;
-        (ws, Some(e))
-    }
-}
-
-/// The next `error` a direct-message connection gets.
-async fn dm_error(ws: &mut common::Ws) -> String {
-    loop {
-        let m = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("an answer in time")
-            .expect("open")
-            .expect("no error");
-        if let Message::Text(t) = m {
-            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-            return v["error"].as_str().unwrap_or_default().to_string();
-        }
-    }
-}
-
-async fn dm_send(ws: &mut common::Ws, from: &str, to: &str, msg: &str) -> String {
-    use futures::SinkExt;
-    let frame = serde_json::json!({ "from": from, "to": to, "msg": msg }).to_string();
-    ws.send(Message::text(frame.clone())).await.unwrap();
-    frame
-}
-
 #[tokio::test]
 async fn direct_message_names_cannot_pass_for_others() {
     let server = start_default().await;
@@ -644,22 +591,17 @@ async fn direct_message_names_cannot_pass_for_others() {
         "Bob\u{00A0}",
         " Bob",
     ] {
-        let (_ws, refused) = dm_login(addr, spoof).await;
+        let (_ws, refused) = Peer::login_checked(addr, spoof).await;
         let refused = refused.unwrap_or_else(|| panic!("{spoof:?} logged in"));
         assert!(refused.contains("a peer name cannot"), "{refused}");
     }
-    let (mut bob, refused) = dm_login(addr, "Bob").await;
+    let (mut bob, refused) = Peer::login_checked(addr, "Bob").await;
     assert_eq!(refused, None);
-    let (mut eve, _) = dm_login(addr, "Eve").await;
-    dm_send(&mut eve, "Eve", "Bob\u{200D}", "hi").await;
-    assert!(dm_error(&mut eve).await.contains("invisible"));
-    let sent = dm_send(&mut eve, "Eve", "Bob", "hello").await;
-    let got = tokio::time::timeout(WAIT, bob.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(got.to_text().unwrap(), sent);
+    let (mut eve, _) = Peer::login_checked(addr, "Eve").await;
+    eve.msg("Eve", "Bob\u{200D}", "hi").await;
+    assert!(eve.error().await.contains("invisible"));
+    let sent = eve.msg("Eve", "Bob", "hello").await;
+    assert_eq!(bob.next().await, sent);
 }
 
 #[tokio::test]
@@ -675,22 +617,18 @@ async fn throw_away_names_fill_neither_the_known_peers_nor_the_store() {
     .await;
     let addr = server.local_addr;
     // Alice and Bob are known; Bob is offline with a message waiting.
-    drop(dm_login(addr, "Bob").await);
+    drop(Peer::login_checked(addr, "Bob").await);
     until_metric(&[addr], "supersynk_direct_peers_online", 0.0).await;
-    let (mut alice, _) = dm_login(addr, "Alice").await;
-    let (mut carol, _) = dm_login(addr, "Carol").await;
-    let waiting = dm_send(&mut alice, "Alice", "Bob", "see you at 8").await;
-    assert!(
-        dm_error(&mut alice)
-            .await
-            .starts_with("connection to Bob closed")
-    );
+    let (mut alice, _) = Peer::login_checked(addr, "Alice").await;
+    let (mut carol, _) = Peer::login_checked(addr, "Carol").await;
+    let waiting = alice.msg("Alice", "Bob", "see you at 8").await;
+    assert!(alice.error().await.starts_with("connection to Bob closed"));
     // One client makes 60 throw-away names: the peers past the bound are refused.
     let mut made = Vec::new();
     let mut refused = 0;
     for i in 0..60 {
         let name = format!("junk{i}");
-        match dm_login(addr, &name).await {
+        match Peer::login_checked(addr, &name).await {
             (_, None) => made.push(name),
             (_, Some(e)) => {
                 assert!(e.contains("too many known peers (at most 45)"), "{e}");
@@ -701,18 +639,14 @@ async fn throw_away_names_fill_neither_the_known_peers_nor_the_store() {
     assert_eq!((made.len(), refused), (42, 18));
     until_metric(&[addr], "supersynk_direct_peers_online", 2.0).await;
     // Then 16 KB messages to those names, 200 of them (3.2 MB): the store stops at its bound.
-    let (mut spammer, _) = dm_login(addr, "junk0").await;
+    let (mut spammer, _) = Peer::login_checked(addr, "junk0").await;
     let filler = "x".repeat(16_000);
     let mut full = 0;
     for i in 0..200 {
-        dm_send(
-            &mut spammer,
-            "junk0",
-            &made[1 + i % (made.len() - 1)],
-            &filler,
-        )
-        .await;
-        let e = dm_error(&mut spammer).await;
+        spammer
+            .msg("junk0", &made[1 + i % (made.len() - 1)], &filler)
+            .await;
+        let e = spammer.error().await;
         if e.starts_with("the message store is full") {
             full += 1;
         } else {
@@ -725,46 +659,18 @@ async fn throw_away_names_fill_neither_the_known_peers_nor_the_store() {
         .len();
     assert!(file <= bound * 2, "messages.sqlite3 is {file} bytes");
     // Known users are not affected: Alice reaches Carol, Bob logs in and gets his message.
-    let sent = dm_send(&mut alice, "Alice", "Carol", "still here").await;
-    let got = tokio::time::timeout(WAIT, carol.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(got.to_text().unwrap(), sent);
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/messages"))
-        .await
-        .unwrap();
-    {
-        use futures::SinkExt;
-        ws.send(Message::text(r#"{"login":"Bob"}"#)).await.unwrap();
-    }
-    let got = tokio::time::timeout(WAIT, ws.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(got.to_text().unwrap(), waiting);
+    let sent = alice.msg("Alice", "Carol", "still here").await;
+    assert_eq!(carol.next().await, sent);
+    let mut bob = Peer::login(addr, "Bob").await;
+    assert_eq!(bob.next().await, waiting);
 }
 
 #[tokio::test]
 async fn the_message_store_bound_holds_in_postgresql_and_in_redis() {
-    let (pg, conn) = tokio_postgres::connect(
-        "host=127.0.0.1 user=postgres dbname=test",
-        tokio_postgres::NoTls,
-    )
-    .await
-    .expect("PostgreSQL on 127.0.0.1:5432 (scripts/deps.sh starts it)");
-    tokio::spawn(conn);
-    let schema = format!("dm_{}", uuid::Uuid::new_v4().simple());
-    pg.batch_execute(&format!("CREATE SCHEMA {schema}"))
-        .await
-        .unwrap();
+    let schema = common::postgres::Schema::create("dm").await;
     let prefix = common::cluster::unique_prefix();
     let postgres = Settings {
-        database_url: Some(format!(
-            "postgres://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
-        )),
+        database_url: Some(schema.url()),
         ..Settings::default()
     };
     let redis = Settings {
@@ -779,15 +685,15 @@ async fn the_message_store_bound_holds_in_postgresql_and_in_redis() {
         })
         .await;
         let addr = server.local_addr;
-        drop(dm_login(addr, "B").await);
+        drop(Peer::login_checked(addr, "B").await);
         until_metric(&[addr], "supersynk_direct_peers_online", 0.0).await;
-        let (mut a, _) = dm_login(addr, "A").await;
+        let (mut a, _) = Peer::login_checked(addr, "A").await;
         let eight_kb = "y".repeat(8000);
         let mut queued = 0;
         let mut first_refusal = None;
         for _ in 0..12 {
-            dm_send(&mut a, "A", "B", &eight_kb).await;
-            let e = dm_error(&mut a).await;
+            a.msg("A", "B", &eight_kb).await;
+            let e = a.error().await;
             if e.starts_with("connection to B closed") {
                 queued += 1;
             } else {
@@ -801,37 +707,19 @@ async fn the_message_store_bound_holds_in_postgresql_and_in_redis() {
                 .starts_with("the message store is full (65536 bytes")
         );
         // B takes its messages: the room they took is free again once they are removed.
-        let (mut b, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/messages"))
-            .await
-            .unwrap();
-        {
-            use futures::SinkExt;
-            b.send(Message::text(r#"{"login":"B"}"#)).await.unwrap();
-        }
+        let mut b = Peer::login(addr, "B").await;
         for _ in 0..8 {
-            let m = tokio::time::timeout(WAIT, b.next())
-                .await
-                .unwrap()
-                .unwrap()
-                .unwrap();
-            assert!(m.to_text().unwrap().contains(&eight_kb));
+            assert!(b.next().await.contains(&eight_kb));
         }
         drop(b);
         until_metric(&[addr], "supersynk_direct_peers_online", 1.0).await;
-        let mut again = false;
-        for _ in 0..100 {
-            dm_send(&mut a, "A", "B", &eight_kb).await;
-            let e = dm_error(&mut a).await;
-            if e.starts_with("connection to B closed") {
-                again = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(again, "the store's bytes were given back");
+        eventually("the store's bytes given back", async || {
+            a.msg("A", "B", &eight_kb).await;
+            let e = a.error().await;
+            e.starts_with("connection to B closed").then_some(())
+        })
+        .await;
         server.shutdown().await;
     }
-    pg.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-        .await
-        .unwrap();
+    schema.drop_schema().await;
 }

@@ -401,6 +401,7 @@ async fn idle_sockets_are_closed_and_their_session_told() {
                 .send(Message::Ping(vec![0; 8].into()))
                 .await
                 .unwrap();
+            // The scenario, not a wait: a ping every 100 ms, well within the idle timeout.
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
         chatty

@@ -47,15 +47,10 @@ async fn connections_per_address_at_and_past_the_limit() {
     from(addr, "203.0.113.6").await.unwrap();
     // A closed connection gives its place back.
     drop(a);
-    let mut again = None;
-    for _ in 0..50 {
-        if let Ok(c) = from(addr, "203.0.113.5").await {
-            again = Some(c);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(again.is_some(), "place released after close");
+    let _again = eventually("the place released after close", async || {
+        from(addr, "203.0.113.5").await.ok()
+    })
+    .await;
     assert!(
         metric(
             addr,
@@ -73,10 +68,36 @@ async fn loopback_is_exempt_from_per_address_limits() {
         ..Default::default()
     })
     .await;
+    let addr = server.local_addr;
+    // Six from 127.0.0.1, three times the per-address limit: every one is admitted and works.
     let mut all = Vec::new();
-    for _ in 0..6 {
-        all.push(plugin(server.local_addr).await);
+    for i in 0..6 {
+        let mut c = plugin(addr).await;
+        join(&mut c, &format!("P{i}"), "loopback", i == 0).await;
+        assert_eq!(state(&mut c).await, (i + 1, true), "client {i}");
+        all.push(c);
     }
+    // A push of the leader reaches the five others.
+    all[0].send_text(&push("loopback", 1)).await.unwrap();
+    for c in &mut all[1..] {
+        loop {
+            let v = recv(c).await;
+            if v["type"] == "sessionstate" {
+                continue;
+            }
+            assert_eq!(v["data"][0][0], "em_001", "{v}");
+            break;
+        }
+    }
+    assert_eq!(metric(addr, "supersynk_connections_open").await, 6.0);
+    assert_eq!(
+        metric(
+            addr,
+            "supersynk_errors_total{kind=\"limit_connections_per_ip\"}"
+        )
+        .await,
+        0.0
+    );
 }
 
 #[tokio::test]

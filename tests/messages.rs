@@ -3,119 +3,18 @@
 
 mod common;
 
-use std::net::SocketAddr;
-
-use common::{WAIT, Ws, metric};
-use futures::{SinkExt, StreamExt};
-use serde_json::{Value, json};
+use common::messages::{OFFLINE, Peer, TwoNodes, known_offline, logged_in, online};
+use common::{WAIT, metric};
+use futures::SinkExt;
+use serde_json::json;
 use supersynk::config::Settings;
 use tokio_tungstenite::tungstenite::Message;
-
-const OFFLINE: &str = "messages will be sent as B comes back online";
-
-/// A peer of the direct-message protocol.
-struct Peer(Ws);
-
-impl Peer {
-    async fn connect(addr: SocketAddr) -> Peer {
-        Peer::connect_url(&format!("ws://{addr}/messages")).await
-    }
-
-    async fn connect_url(url: &str) -> Peer {
-        let (ws, _) = tokio_tungstenite::connect_async(url)
-            .await
-            .expect("connects");
-        Peer(ws)
-    }
-
-    async fn login(addr: SocketAddr, name: &str) -> Peer {
-        let mut p = Peer::connect(addr).await;
-        p.send(json!({ "login": name })).await;
-        p
-    }
-
-    async fn send(&mut self, v: Value) {
-        self.text(&v.to_string()).await;
-    }
-
-    async fn text(&mut self, t: &str) {
-        self.0.send(Message::text(t)).await.expect("sent");
-    }
-
-    async fn msg(&mut self, from: &str, to: &str, msg: &str) -> String {
-        let frame = json!({ "from": from, "to": to, "msg": msg }).to_string();
-        self.text(&frame).await;
-        frame
-    }
-
-    /// The next text message, within [`WAIT`].
-    async fn next(&mut self) -> String {
-        loop {
-            let m = tokio::time::timeout(WAIT, self.0.next())
-                .await
-                .expect("a message in time")
-                .expect("socket open")
-                .expect("no socket error");
-            match m {
-                Message::Text(t) => return t.to_string(),
-                Message::Close(c) => panic!("closed: {c:?}"),
-                _ => continue,
-            }
-        }
-    }
-
-    /// The next message's `error` text.
-    async fn error(&mut self) -> String {
-        let v: Value = serde_json::from_str(&self.next().await).expect("JSON");
-        v["error"].as_str().expect("an error").to_string()
-    }
-
-    /// Proves nothing arrived before now: a bad frame's answer is the next message.
-    async fn nothing_pending(&mut self) {
-        self.text("not json").await;
-        let e = self.error().await;
-        assert!(
-            e.starts_with("invalid JSON"),
-            "unexpected message first: {e}"
-        );
-    }
-
-    /// The close code, once the server closes.
-    async fn closed(&mut self) -> Option<u16> {
-        loop {
-            match tokio::time::timeout(WAIT, self.0.next())
-                .await
-                .expect("closes in time")
-            {
-                Some(Ok(Message::Close(c))) => return c.map(|c| c.code.into()),
-                Some(Ok(_)) => continue,
-                _ => return None,
-            }
-        }
-    }
-}
-
-/// Waits until the server has seen `n` peers online.
-async fn online(addr: SocketAddr, n: f64) {
-    common::until_metric(&[addr], "supersynk_direct_peers_online", n).await;
-}
-
-/// Logs `name` in once and out again, so it is a known peer that is offline.
-async fn known_offline(addr: SocketAddr, name: &str) {
-    let mut p = Peer::login(addr, name).await;
-    p.nothing_pending().await;
-    let before = metric(addr, "supersynk_direct_peers_online").await;
-    drop(p);
-    online(addr, before - 1.0).await;
-}
 
 #[tokio::test]
 async fn a_message_reaches_an_online_peer_unchanged_and_the_sender_hears_nothing() {
     let server = common::start_default().await;
     let addr = server.local_addr;
-    let mut a = Peer::login(addr, "A").await;
-    let mut b = Peer::login(addr, "B").await;
-    online(addr, 2.0).await;
+    let [mut a, mut b] = logged_in(addr, ["A", "B"]).await;
     let frame = r#"{"from": "A", "to":"B",  "msg":"hello \u00e9 B"}"#;
     a.text(frame).await;
     assert_eq!(b.next().await, frame);
@@ -180,9 +79,7 @@ async fn queued_messages_from_several_senders_arrive_in_order_once() {
 async fn a_closed_socket_is_offline_at_once() {
     let server = common::start_default().await;
     let addr = server.local_addr;
-    let mut a = Peer::login(addr, "A").await;
-    let b = Peer::login(addr, "B").await;
-    online(addr, 2.0).await;
+    let [mut a, b] = logged_in(addr, ["A", "B"]).await;
     // Gone without a close frame: the TCP connection just ends.
     drop(b);
     online(addr, 1.0).await;
@@ -392,29 +289,11 @@ async fn the_queue_survives_sigkill() {
     survives("-KILL").await;
 }
 
-/// A fresh schema in the test database; the URL puts it first on the search path.
-async fn postgres_schema() -> (String, tokio_postgres::Client, String) {
-    let (client, conn) = tokio_postgres::connect(
-        "host=127.0.0.1 user=postgres dbname=test",
-        tokio_postgres::NoTls,
-    )
-    .await
-    .expect("PostgreSQL on 127.0.0.1:5432 (scripts/deps.sh starts it)");
-    tokio::spawn(conn);
-    let schema = format!("dm_{}", uuid::Uuid::new_v4().simple());
-    client
-        .batch_execute(&format!("CREATE SCHEMA {schema}"))
-        .await
-        .unwrap();
-    let url = format!("postgres://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}");
-    (url, client, schema)
-}
-
 #[tokio::test]
 async fn the_queue_in_postgresql_outlives_the_server() {
-    let (url, pg, schema) = postgres_schema().await;
+    let schema = common::postgres::Schema::create("dm").await;
     let settings = || Settings {
-        database_url: Some(url.clone()),
+        database_url: Some(schema.url()),
         ..Settings::default()
     };
     let server = common::start(settings()).await;
@@ -431,50 +310,16 @@ async fn the_queue_in_postgresql_outlives_the_server() {
     let mut b = Peer::login(server.local_addr, "B").await;
     assert_eq!(b.next().await, sent);
     b.nothing_pending().await;
-    pg.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-        .await
-        .unwrap();
-}
-
-/// Waits until `n` nodes listen for direct messages under `prefix` on the Redis at `url`.
-async fn nodes_listening(url: &str, prefix: &str, n: usize) {
-    let client = redis::Client::open(url).unwrap();
-    let mut con = client.get_multiplexed_async_connection().await.unwrap();
-    let until = tokio::time::Instant::now() + WAIT;
-    loop {
-        let channels: Vec<String> = redis::cmd("PUBSUB")
-            .arg("CHANNELS")
-            .arg(format!("{prefix}dm:node:*"))
-            .query_async(&mut con)
-            .await
-            .unwrap();
-        if channels.len() == n {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < until, "nodes never listened");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    schema.drop_schema().await;
 }
 
 #[tokio::test]
 async fn in_a_cluster_peers_on_different_nodes_reach_each_other_and_share_the_queue() {
     let prefix = common::cluster::unique_prefix();
-    let (url, pg, schema) = postgres_schema().await;
-    let settings = || Settings {
-        redis_url: Some(common::cluster::redis_url()),
-        redis_prefix: Some(prefix.to_string()),
-        database_url: Some(url.clone()),
-        ..Settings::default()
-    };
-    let one = common::start(settings()).await;
-    let two = common::start(settings()).await;
-    nodes_listening(&common::cluster::redis_url(), &prefix, 2).await;
-    let (n1, n2) = (one.local_addr, two.local_addr);
-
-    let mut a = Peer::login(n1, "A").await;
-    let mut b = Peer::login(n2, "B").await;
-    online(n1, 1.0).await;
-    online(n2, 1.0).await;
+    let redis_url = common::cluster::redis_url();
+    let nodes = TwoNodes::start(&redis_url, &prefix, true, Settings::default()).await;
+    let (n1, n2) = nodes.addrs();
+    let (mut a, mut b) = nodes.a_and_b().await;
     let m = a.msg("A", "B", "across nodes").await;
     assert_eq!(b.next().await, m);
     a.nothing_pending().await;
@@ -498,9 +343,7 @@ async fn in_a_cluster_peers_on_different_nodes_reach_each_other_and_share_the_qu
     online(n1, 1.0).await;
     let m = a.msg("A", "B", "to the newest B").await;
     assert_eq!(b2.next().await, m);
-    pg.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-        .await
-        .unwrap();
+    nodes.drop_schema().await;
 }
 
 #[tokio::test]
@@ -510,61 +353,36 @@ async fn the_try_it_page_works_in_chromium() {
 
 #[tokio::test]
 async fn after_redis_restarts_empty_the_nodes_write_their_peers_back() {
-    use common::cluster::{Redis, free_port};
-    let port = free_port();
-    let redis = Redis::start(port);
-    let (url, pg, schema) = postgres_schema().await;
-    let settings = || Settings {
-        redis_url: Some(redis.url()),
-        database_url: Some(url.clone()),
-        ..Settings::default()
-    };
-    let one = common::start(settings()).await;
-    let two = common::start(settings()).await;
-    let redis_url = redis.url();
-    nodes_listening(&redis_url, "supersynk:", 2).await;
-    let mut a = Peer::login(one.local_addr, "A").await;
-    let mut b = Peer::login(two.local_addr, "B").await;
-    online(one.local_addr, 1.0).await;
-    online(two.local_addr, 1.0).await;
+    use common::cluster::Redis;
+    let (redis, nodes, mut a, mut b) = TwoNodes::on_own_redis().await;
+    let (redis_url, port) = (redis.url(), redis.port);
 
     // Redis restarts with nothing: where B is was lost with it.
     drop(redis);
     let _redis = Redis::start(port);
-    nodes_listening(&redis_url, "supersynk:", 2).await;
+    common::messages::nodes_listening(&redis_url, "supersynk:", 2).await;
     let client = redis::Client::open(redis_url.as_str()).unwrap();
     let mut con = client.get_multiplexed_async_connection().await.unwrap();
-    let until = tokio::time::Instant::now() + WAIT;
-    while !redis::cmd("EXISTS")
-        .arg("supersynk:dm:peer:B")
-        .query_async::<bool>(&mut con)
-        .await
-        .unwrap()
-    {
-        assert!(tokio::time::Instant::now() < until, "B never written back");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    common::eventually("B written back", async || {
+        redis::cmd("EXISTS")
+            .arg("supersynk:dm:peer:B")
+            .query_async::<bool>(&mut con)
+            .await
+            .unwrap()
+            .then_some(())
+    })
+    .await;
     let m = a.msg("A", "B", "after the restart").await;
     assert_eq!(b.next().await, m);
     a.nothing_pending().await;
-    pg.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-        .await
-        .unwrap();
+    nodes.drop_schema().await;
 }
 
-impl Peer {
-    /// Logs in on a socket with a tiny receive buffer, which reads nothing until the test
-    /// calls [`Peer::next`]: a recipient that falls behind, or one that is stuck.
-    async fn login_slow_reader(addr: SocketAddr, name: &str) -> Peer {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        let stream = tokio_tungstenite::MaybeTlsStream::Plain(socket.connect(addr).await.unwrap());
-        let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/messages"), stream)
-            .await
-            .expect("connects");
-        let mut p = Peer(ws);
-        p.send(json!({ "login": name })).await;
-        p
+/// Settings for tests that send hundreds of messages at once: no rate limit, a long queue.
+fn unthrottled() -> Settings {
+    Settings {
+        messages_queue_limit: Some(10_000),
+        ..common::unthrottled()
     }
 }
 
@@ -580,10 +398,7 @@ fn big_frames(n: usize) -> Vec<String> {
 async fn a_recipient_that_falls_behind_loses_nothing_and_holds_up_nobody() {
     let server = common::start(Settings {
         outbound_queue_bytes: Some(64 * 1024),
-        messages_queue_limit: Some(10_000),
-        messages_per_second: Some(100_000),
-        message_burst: Some(100_000),
-        ..Settings::default()
+        ..unthrottled()
     })
     .await;
     let addr = server.local_addr;
@@ -641,7 +456,10 @@ async fn a_listening_peer_is_kept_alive_by_pings_and_a_dead_one_is_noticed() {
     online(addr, 2.0).await;
     // D goes offline within twice the ping interval; B stays, past the idle timeout too.
     online(addr, 1.0).await;
+    // The scenario, not a wait: B outlives more than twice the idle timeout, and only D
+    // was closed as idle.
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(metric(addr, "supersynk_idle_timeouts_total").await, 1.0);
     let mut a = Peer::login(addr, "A").await;
     let m = a.msg("A", "B", "still there?").await;
     assert_eq!(got_rx.recv().await.as_deref(), Some(m.as_str()));
@@ -660,9 +478,7 @@ async fn a_message_over_the_rate_limit_is_answered_and_the_connection_stays() {
     })
     .await;
     let addr = server.local_addr;
-    let mut a = Peer::login(addr, "A").await;
-    let mut c = Peer::login(addr, "C").await;
-    online(addr, 2.0).await;
+    let [mut a, mut c] = logged_in(addr, ["A", "C"]).await;
     let frames: Vec<String> = (0..20)
         .map(|i| json!({ "from": "A", "to": "C", "msg": i.to_string() }).to_string())
         .collect();
@@ -685,35 +501,40 @@ async fn a_message_over_the_rate_limit_is_answered_and_the_connection_stays() {
     // Delivered ones in the order sent.
     let mut expected = frames.iter().filter(|f| delivered.contains(f));
     assert!(delivered.iter().all(|d| Some(d) == expected.next()));
-    // Once the rate allows again, the connection works as before.
-    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
-    let m = a.msg("A", "C", "later").await;
-    assert_eq!(c.next().await, m);
+    // Once the rate allows again, the connection works as before: each try is either
+    // answered as over the rate or delivered.
+    common::eventually("a message delivered once the rate allows", async || {
+        let m = a.msg("A", "C", "later").await;
+        tokio::select! {
+            e = a.error() => {
+                assert!(e.starts_with("rate limit: at most 5 messages per second"), "{e}");
+                None
+            }
+            got = c.next() => {
+                assert_eq!(got, m);
+                Some(())
+            }
+        }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn in_a_cluster_a_stale_location_gets_the_message_queued_not_lost() {
     let prefix = common::cluster::unique_prefix();
-    let (url, pg, schema) = postgres_schema().await;
-    let settings = || Settings {
-        redis_url: Some(common::cluster::redis_url()),
-        redis_prefix: Some(prefix.to_string()),
-        database_url: Some(url.clone()),
+    let settings = Settings {
         messages_queue_limit: Some(3),
         ..Settings::default()
     };
-    let one = common::start(settings()).await;
-    let two = common::start(settings()).await;
-    nodes_listening(&common::cluster::redis_url(), &prefix, 2).await;
-    let (n1, n2) = (one.local_addr, two.local_addr);
+    let nodes = TwoNodes::start(&common::cluster::redis_url(), &prefix, true, settings).await;
+    let (n1, n2) = nodes.addrs();
 
     // B was on node two; its entry in Redis outlives it (as after an outage there).
     let redis = redis::Client::open(common::cluster::redis_url()).unwrap();
     let mut con = redis.get_multiplexed_async_connection().await.unwrap();
     let key = format!("{}dm:peer:B", &*prefix);
     known_offline(n2, "B").await;
-    let mut b = Peer::login(n2, "B").await;
-    online(n2, 1.0).await;
+    let [mut b] = logged_in(n2, ["B"]).await;
     let node_two: String = redis::cmd("GET")
         .arg(&key)
         .query_async(&mut con)
@@ -745,23 +566,15 @@ async fn in_a_cluster_a_stale_location_gets_the_message_queued_not_lost() {
         assert_eq!(&b.next().await, q);
     }
     b.nothing_pending().await;
-    pg.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-        .await
-        .unwrap();
+    nodes.drop_schema().await;
 }
 
 #[tokio::test]
 async fn in_a_cluster_without_postgresql_the_queue_is_shared_through_redis() {
     let prefix = common::cluster::unique_prefix();
-    let settings = || Settings {
-        redis_url: Some(common::cluster::redis_url()),
-        redis_prefix: Some(prefix.to_string()),
-        ..Settings::default()
-    };
-    let one = common::start(settings()).await;
-    let two = common::start(settings()).await;
-    nodes_listening(&common::cluster::redis_url(), &prefix, 2).await;
-    let (n1, n2) = (one.local_addr, two.local_addr);
+    let redis_url = common::cluster::redis_url();
+    let nodes = TwoNodes::start(&redis_url, &prefix, false, Settings::default()).await;
+    let (n1, n2) = nodes.addrs();
 
     // B is known to every node once it logged in on one.
     known_offline(n2, "B").await;
@@ -772,7 +585,7 @@ async fn in_a_cluster_without_postgresql_the_queue_is_shared_through_redis() {
     online(n1, 0.0).await;
 
     // Node one goes away; its queue was not its own.
-    drop(one);
+    drop(nodes.one);
     let mut b = Peer::login(n2, "B").await;
     assert_eq!(b.next().await, first);
     b.nothing_pending().await;
@@ -780,13 +593,7 @@ async fn in_a_cluster_without_postgresql_the_queue_is_shared_through_redis() {
 
 #[tokio::test]
 async fn a_takeover_while_the_queue_is_delivered_repeats_nothing() {
-    let server = common::start(Settings {
-        messages_queue_limit: Some(10_000),
-        messages_per_second: Some(100_000),
-        message_burst: Some(100_000),
-        ..Settings::default()
-    })
-    .await;
+    let server = common::start(unthrottled()).await;
     let addr = server.local_addr;
     known_offline(addr, "B").await;
     let mut a = Peer::login(addr, "A").await;
@@ -828,31 +635,9 @@ async fn a_takeover_while_the_queue_is_delivered_repeats_nothing() {
     assert_eq!(all.last(), Some(&499), "the queue was delivered to its end");
 }
 
-impl Peer {
-    /// The next text message if one comes within `ms`.
-    async fn next_within(&mut self, ms: u64) -> Option<String> {
-        let wait = std::time::Duration::from_millis(ms);
-        loop {
-            match tokio::time::timeout(wait, self.0.next()).await {
-                Ok(Some(Ok(Message::Text(t)))) => return Some(t.to_string()),
-                Ok(Some(Ok(Message::Close(c)))) => panic!("closed: {c:?}"),
-                Ok(Some(Ok(_))) => continue,
-                Ok(other) => panic!("socket ended: {other:?}"),
-                Err(_) => return None,
-            }
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_taken_over_connection_that_does_not_read_does_not_hold_up_the_new_one() {
-    let server = common::start(Settings {
-        messages_queue_limit: Some(10_000),
-        messages_per_second: Some(100_000),
-        message_burst: Some(100_000),
-        ..Settings::default()
-    })
-    .await;
+    let server = common::start(unthrottled()).await;
     let addr = server.local_addr;
     known_offline(addr, "B").await;
     let mut a = Peer::login(addr, "A").await;
@@ -867,6 +652,8 @@ async fn a_taken_over_connection_that_does_not_read_does_not_hold_up_the_new_one
     let deadline = tokio::time::Instant::now() + WAIT;
     let mut last = -1.0;
     loop {
+        // The observation window, not a wait for an event: "stuck" is a count that has not
+        // moved for 300 ms, which nothing announces.
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         let now = metric(addr, drained).await;
         if now > 0.0 && now == last {
@@ -897,28 +684,19 @@ async fn a_taken_over_connection_that_does_not_read_does_not_hold_up_the_new_one
 
 #[tokio::test]
 async fn in_a_cluster_a_redis_outage_does_not_reorder_a_sender_s_messages() {
-    use common::cluster::{Redis, free_port};
-    let port = free_port();
-    let redis = Redis::start(port);
-    let (url, pg, schema) = postgres_schema().await;
-    let settings = || Settings {
-        redis_url: Some(redis.url()),
-        database_url: Some(url.clone()),
-        ..Settings::default()
-    };
-    let one = common::start(settings()).await;
-    let two = common::start(settings()).await;
-    let redis_url = redis.url();
-    nodes_listening(&redis_url, "supersynk:", 2).await;
-    let mut a = Peer::login(one.local_addr, "A").await;
-    let mut b = Peer::login(two.local_addr, "B").await;
-    online(one.local_addr, 1.0).await;
-    online(two.local_addr, 1.0).await;
+    use common::cluster::Redis;
+    let (redis, nodes, mut a, mut b) = TwoNodes::on_own_redis().await;
+    let port = redis.port;
 
     // Redis goes for long enough that the nodes come back at different times; A sends
     // at once, one message at a time: some are queued (node two not listening yet), the
     // rest delivered.
     drop(redis);
+    // Both nodes see the outage...
+    let (n1, n2) = nodes.addrs();
+    common::until_metric(&[n1, n2], "supersynk_redis_up", 0.0).await;
+    // ...and it lasts: the scenario, not a wait. Three seconds take the nodes' reconnect
+    // back-offs (up to 2 s and 5 s) apart, so they come back at different times.
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     let _redis = Redis::start(port);
     let mut sent = Vec::new();
@@ -937,7 +715,5 @@ async fn in_a_cluster_a_redis_outage_does_not_reorder_a_sender_s_messages() {
         }
     }
     assert_eq!(got, sent);
-    pg.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-        .await
-        .unwrap();
+    nodes.drop_schema().await;
 }

@@ -11,7 +11,6 @@ mod common;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use common::cluster::*;
 use common::*;
@@ -120,11 +119,7 @@ fn start_nginx(nodes: &[SocketAddr]) -> Nginx {
         .spawn()
         .unwrap();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let deadline = std::time::Instant::now() + WAIT;
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(std::time::Instant::now() < deadline, "nginx starts");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually_blocking("nginx listens", || std::net::TcpStream::connect(addr).ok());
     Nginx { child, dir, addr }
 }
 

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -50,14 +50,38 @@ async fn shutdown_waits_no_longer_than_the_grace_period() {
     )
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The 101, read to its end: from here on the server holds an upgraded socket.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8];
+        tokio::time::timeout(WAIT, raw.read_exact(&mut byte))
+            .await
+            .expect("the 101 in time")
+            .expect("the 101");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
     let started = std::time::Instant::now();
     sigterm(&child);
     assert!(exits_cleanly(child).await);
+    // The server waited for the socket that never answers its close, but no longer than the
+    // grace period (a server that held no socket would exit at once).
+    let took = started.elapsed();
     assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "exited within the grace period"
+        took >= Duration::from_millis(500) && took < Duration::from_secs(5),
+        "exited after {took:?}, not after the 500 ms grace period"
     );
+    // What the server wrote meanwhile ends with its close: 1001.
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, raw.read_to_end(&mut rest))
+        .await
+        .expect("the socket ends with the process")
+        .ok();
+    let close = rest
+        .windows(4)
+        .rposition(|w| w[0] == 0x88 && w[2..] == [0x03, 0xE9]);
+    assert!(close.is_some(), "no close 1001 in {rest:?}");
 }
 
 #[tokio::test]
@@ -214,6 +238,7 @@ async fn floods_do_not_starve_a_well_behaved_session() {
             recv(&mut follower).await["data"][0][0],
             format!("em_{n:03}")
         );
+        // The scenario, not a wait: the calm session's pace, so its pushes span the attack.
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let (held, refused) = many.await.unwrap();
@@ -410,19 +435,13 @@ async fn a_clean_stop_warns_of_nothing_and_a_log_file_has_no_colour_codes() {
         .spawn()
         .unwrap();
     let child = Proc(child);
-    let deadline = std::time::Instant::now() + WAIT;
-    let addr: std::net::SocketAddr = loop {
+    let addr: std::net::SocketAddr = eventually("a listening line in the log file", async || {
         let text = std::fs::read_to_string(&log_path).unwrap();
-        if let Some(line) = text.lines().find(|l| l.contains("listening")) {
-            let at = line.split("local_addr=").nth(1).unwrap();
-            break at.split(' ').next().unwrap().parse().unwrap();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no listening line: {text}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        let line = text.lines().find(|l| l.contains("listening"))?;
+        let at = line.split("local_addr=").nth(1).unwrap();
+        Some(at.split(' ').next().unwrap().parse().unwrap())
+    })
+    .await;
     let mut a = plugin(addr).await;
     join(&mut a, "A", "clean", true).await;
     state(&mut a).await;

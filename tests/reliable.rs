@@ -7,122 +7,12 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{WAIT, Ws, metric};
+use common::reliable::{Client, expect, join, pair, short};
+use common::{WAIT, metric};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use supersynk::config::Settings;
 use tokio_tungstenite::tungstenite::Message;
-
-/// A raw protocol client: sends frames, reads frames as JSON.
-struct Client {
-    ws: Ws,
-}
-
-impl Client {
-    async fn connect(addr: SocketAddr) -> Client {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/reliable"))
-            .await
-            .expect("upgrade");
-        Client { ws }
-    }
-
-    async fn send(&mut self, frame: &str) {
-        self.ws
-            .send(Message::text(frame.to_owned()))
-            .await
-            .expect("send");
-    }
-
-    async fn send_json(&mut self, v: Value) {
-        self.send(&v.to_string()).await;
-    }
-
-    /// The next frame, within [`WAIT`].
-    async fn recv(&mut self) -> Value {
-        loop {
-            let msg = tokio::time::timeout(WAIT, self.ws.next())
-                .await
-                .expect("a frame in time")
-                .expect("socket open")
-                .expect("no socket error");
-            match msg {
-                Message::Text(t) => return serde_json::from_str(&t).expect("JSON frame"),
-                Message::Close(f) => panic!("closed: {f:?}"),
-                _ => continue,
-            }
-        }
-    }
-
-    /// The next frame that is not a heartbeat.
-    async fn recv_data(&mut self) -> Value {
-        loop {
-            let v = self.recv().await;
-            if v["t"] != "hb" {
-                return v;
-            }
-        }
-    }
-
-    /// Reads until the server closes; returns the close code.
-    async fn close_code(&mut self) -> Option<u16> {
-        tokio::time::timeout(WAIT, async {
-            loop {
-                match self.ws.next().await {
-                    Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
-                    Some(Ok(_)) => continue,
-                    Some(Err(_)) | None => return None,
-                }
-            }
-        })
-        .await
-        .expect("closed in time")
-    }
-
-    /// Says hello; returns (clientId, token) of the welcome.
-    async fn hello(&mut self) -> (String, String) {
-        self.send(r#"{"t":"hello"}"#).await;
-        let w = self.recv().await;
-        assert_eq!(w["t"], "welcome", "{w}");
-        assert_eq!(w["resumed"], false);
-        assert_eq!(w["seq"], 0);
-        (
-            w["clientId"].as_str().unwrap().to_owned(),
-            w["token"].as_str().unwrap().to_owned(),
-        )
-    }
-}
-
-/// Expects a frame with these fields (others ignored, in nested objects too).
-fn expect(v: &Value, fields: Value) {
-    fn subset(want: &Value, got: &Value) -> bool {
-        match (want, got) {
-            (Value::Object(w), Value::Object(g)) => w
-                .iter()
-                .all(|(k, wv)| g.get(k).is_some_and(|gv| subset(wv, gv))),
-            _ => want == got,
-        }
-    }
-    assert!(subset(&fields, v), "expected {fields}\n     got {v}");
-}
-
-async fn join(c: &mut Client, seq: u64, room: &str, id: &str) {
-    c.send_json(json!({"t":"msg","seq":seq,"op":"join","room":room}))
-        .await;
-    expect(
-        &c.recv_data().await,
-        json!({"t":"msg","op":"join","room":room,"from":id}),
-    );
-    expect(&c.recv_data().await, json!({"t":"ack","seq":seq}));
-}
-
-fn short(heartbeat_ms: u64, resend_ms: u64, window_ms: u64) -> Settings {
-    Settings {
-        reliable_heartbeat_ms: Some(heartbeat_ms),
-        reliable_resend_ms: Some(resend_ms),
-        reliable_resume_window_ms: Some(window_ms),
-        ..Settings::default()
-    }
-}
 
 // ---- the doc's transcripts ----
 
@@ -225,12 +115,8 @@ async fn doc_transcripts_replay_against_the_server() {
 async fn resume_after_a_cut_delivers_what_was_missed_in_order() {
     let server = common::start_default().await;
     let addr = server.local_addr;
-    let mut a = Client::connect(addr).await;
-    let (a_id, _) = a.hello().await;
-    join(&mut a, 1, "r", &a_id).await;
-    let mut b = Client::connect(addr).await;
-    let (b_id, b_token) = b.hello().await;
-    join(&mut b, 1, "r", &b_id).await;
+    let (mut a, a_id, _) = Client::joined(addr, "r").await;
+    let (mut b, b_id, b_token) = Client::joined(addr, "r").await;
     b.send(r#"{"t":"ack","seq":1}"#).await;
     // B sends two messages; the second one's ack is lost with the cut.
     b.send(r#"{"t":"msg","seq":2,"op":"publish","room":"r","data":"b1"}"#)
@@ -244,11 +130,9 @@ async fn resume_after_a_cut_delivers_what_was_missed_in_order() {
             .await;
         expect(&a.recv().await, json!({"t":"ack","seq":2 + i}));
     }
-    let mut b = Client::connect(addr).await;
-    b.send_json(json!({"t":"hello","clientId":b_id,"lastSeq":1,"token":b_token}))
-        .await;
+    let (mut b, welcome) = Client::resume(addr, &b_id, 1, &b_token).await;
     expect(
-        &b.recv().await,
+        &welcome,
         json!({"t":"welcome","clientId":b_id,"resumed":true,"seq":2,"token":b_token}),
     );
     for (seq, text) in [(2, "m1"), (3, "m2"), (4, "m3")] {
@@ -270,13 +154,7 @@ async fn resume_after_a_cut_delivers_what_was_missed_in_order() {
 async fn resume_after_the_window_gets_a_new_id_and_the_room_hears_the_leave() {
     let server = common::start(short(15_000, 2000, 200)).await;
     let addr = server.local_addr;
-    let mut a = Client::connect(addr).await;
-    let (a_id, _) = a.hello().await;
-    join(&mut a, 1, "r", &a_id).await;
-    let mut b = Client::connect(addr).await;
-    let (b_id, b_token) = b.hello().await;
-    join(&mut b, 1, "r", &b_id).await;
-    expect(&a.recv().await, json!({"op":"join","from":b_id}));
+    let ((mut a, _, _), (b, b_id, b_token)) = pair(addr, "r").await;
     drop(b);
     // The window ends: the room is told B left.
     expect(
@@ -296,8 +174,7 @@ async fn resume_after_the_window_gets_a_new_id_and_the_room_hears_the_leave() {
 async fn resume_refuses_a_wrong_token_and_an_unprovable_last_seq() {
     let server = common::start_default().await;
     let addr = server.local_addr;
-    let mut b = Client::connect(addr).await;
-    let (b_id, b_token) = b.hello().await;
+    let (b, b_id, b_token) = Client::welcomed(addr).await;
     drop(b);
     for hello in [
         json!({"t":"hello","clientId":b_id,"lastSeq":0,"token":"guess"}),
@@ -311,24 +188,18 @@ async fn resume_refuses_a_wrong_token_and_an_unprovable_last_seq() {
         expect(&w, json!({"t":"welcome","resumed":false}));
         assert_ne!(w["clientId"], json!(b_id));
     }
-    let mut c = Client::connect(addr).await;
-    c.send_json(json!({"t":"hello","clientId":b_id,"lastSeq":0,"token":b_token}))
-        .await;
-    expect(&c.recv().await, json!({"resumed":true,"clientId":b_id}));
+    let (_c, welcome) = Client::resume(addr, &b_id, 0, &b_token).await;
+    expect(&welcome, json!({"resumed":true,"clientId":b_id}));
 }
 
 #[tokio::test]
 async fn a_takeover_with_the_id_alone_gets_a_fresh_session_and_no_secret() {
     let server = common::start_default().await;
     let addr = server.local_addr;
-    let mut victim = Client::connect(addr).await;
-    let (victim_id, victim_token) = victim.hello().await;
-    join(&mut victim, 1, "r", &victim_id).await;
+    let (mut victim, victim_id, victim_token) = Client::joined(addr, "r").await;
     victim.send(r#"{"t":"ack","seq":1}"#).await;
     // The attacker is in the room: it learns the victim's id from the announcements.
-    let mut attacker = Client::connect(addr).await;
-    let (attacker_id, _) = attacker.hello().await;
-    join(&mut attacker, 1, "r", &attacker_id).await;
+    let (mut attacker, attacker_id, _) = Client::joined(addr, "r").await;
     attacker
         .send(r#"{"t":"msg","seq":2,"op":"request","id":1,"to":"server","data":{"presence":"r"}}"#)
         .await;
@@ -387,24 +258,16 @@ async fn a_takeover_with_the_id_alone_gets_a_fresh_session_and_no_secret() {
     );
     // The owner, with its token, resumes.
     drop(victim);
-    let mut back = Client::connect(addr).await;
-    back.send_json(json!({"t":"hello","clientId":victim_id,"lastSeq":1,"token":victim_token}))
-        .await;
-    expect(
-        &back.recv().await,
-        json!({"resumed":true,"clientId":victim_id}),
-    );
+    let (_back, welcome) = Client::resume(addr, &victim_id, 1, &victim_token).await;
+    expect(&welcome, json!({"resumed":true,"clientId":victim_id}));
 }
 
 #[tokio::test]
 async fn a_resume_elsewhere_replaces_the_old_connection() {
     let server = common::start_default().await;
-    let mut a = Client::connect(server.local_addr).await;
-    let (id, token) = a.hello().await;
-    let mut a2 = Client::connect(server.local_addr).await;
-    a2.send_json(json!({"t":"hello","clientId":id,"lastSeq":0,"token":token}))
-        .await;
-    expect(&a2.recv().await, json!({"resumed":true}));
+    let (mut a, id, token) = Client::welcomed(server.local_addr).await;
+    let (_a2, welcome) = Client::resume(server.local_addr, &id, 0, &token).await;
+    expect(&welcome, json!({"resumed":true}));
     expect(&a.recv().await, json!({"t":"error","code":"replaced"}));
     assert_eq!(a.close_code().await, Some(4001));
 }
@@ -413,13 +276,7 @@ async fn a_resume_elsewhere_replaces_the_old_connection() {
 async fn duplicates_and_stale_resends_are_delivered_once() {
     let server = common::start_default().await;
     let addr = server.local_addr;
-    let mut a = Client::connect(addr).await;
-    let (a_id, _) = a.hello().await;
-    join(&mut a, 1, "r", &a_id).await;
-    let mut b = Client::connect(addr).await;
-    let (b_id, _) = b.hello().await;
-    join(&mut b, 1, "r", &b_id).await;
-    expect(&a.recv().await, json!({"op":"join","from":b_id}));
+    let ((mut a, a_id, _), (mut b, b_id, _)) = pair(addr, "r").await;
     let p = |seq: u64, data: &str| {
         json!({"t":"msg","seq":seq,"op":"publish","room":"r","data":data}).to_string()
     };
@@ -460,8 +317,7 @@ async fn duplicates_and_stale_resends_are_delivered_once() {
 async fn unacknowledged_messages_are_resent_after_the_timeout_until_acked() {
     let server = common::start(short(15_000, 100, 120_000)).await;
     let addr = server.local_addr;
-    let mut a = Client::connect(addr).await;
-    let (a_id, _) = a.hello().await;
+    let (mut a, a_id, _) = Client::welcomed(addr).await;
     a.send(r#"{"t":"msg","seq":1,"op":"join","room":"r"}"#)
         .await;
     let first = a.recv().await;
@@ -473,7 +329,8 @@ async fn unacknowledged_messages_are_resent_after_the_timeout_until_acked() {
     assert!(sent.elapsed() >= Duration::from_millis(60));
     assert_eq!(a.recv().await, first);
     a.send(r#"{"t":"ack","seq":1}"#).await;
-    // Acknowledged: after a few resend periods, the next frame is the presence answer.
+    // Acknowledged: after a few resend periods, the next frame is the presence answer. The
+    // scenario, not a wait: three resend periods in which nothing may be resent.
     tokio::time::sleep(Duration::from_millis(350)).await;
     a.send(r#"{"t":"msg","seq":2,"op":"request","id":1,"to":"server","data":{"presence":"r"}}"#)
         .await;
@@ -510,13 +367,9 @@ async fn heartbeats_carry_the_last_seq_and_a_silent_peer_is_dropped_but_resumabl
     // Silent from now on (we only read): closed within about 2 x 100 ms, code 4000.
     assert_eq!(a.close_code().await, Some(4000));
     assert!(started.elapsed() < Duration::from_secs(2));
-    let mut a = Client::connect(addr).await;
-    a.send_json(json!({"t":"hello","clientId":id,"lastSeq":1,"token":token}))
-        .await;
-    expect(
-        &a.recv().await,
-        json!({"t":"welcome","resumed":true,"seq":1}),
-    );
+    let (_a, welcome) =
+        Client::resume(addr, id.as_str().unwrap(), 1, token.as_str().unwrap()).await;
+    expect(&welcome, json!({"t":"welcome","resumed":true,"seq":1}));
     // A client that never says hello is dropped the same way.
     let mut mute = Client::connect(addr).await;
     assert_eq!(mute.close_code().await, Some(4000));
@@ -592,10 +445,8 @@ async fn requests_reach_a_client_away_on_its_resume_and_time_out_otherwise() {
     })
     .await;
     let addr = server.local_addr;
-    let mut a = Client::connect(addr).await;
-    let (a_id, _) = a.hello().await;
-    let mut b = Client::connect(addr).await;
-    let (b_id, b_token) = b.hello().await;
+    let (mut a, a_id, _) = Client::welcomed(addr).await;
+    let (b, b_id, b_token) = Client::welcomed(addr).await;
     drop(b);
     // A request to B while B is away: buffered for B.
     a.send_json(
@@ -603,10 +454,8 @@ async fn requests_reach_a_client_away_on_its_resume_and_time_out_otherwise() {
     )
     .await;
     expect(&a.recv().await, json!({"t":"ack","seq":1}));
-    let mut b = Client::connect(addr).await;
-    b.send_json(json!({"t":"hello","clientId":b_id,"lastSeq":0,"token":b_token}))
-        .await;
-    expect(&b.recv().await, json!({"resumed":true}));
+    let (mut b, welcome) = Client::resume(addr, &b_id, 0, &b_token).await;
+    expect(&welcome, json!({"resumed":true}));
     expect(
         &b.recv().await,
         json!({"seq":1,"op":"request","id":1,"from":a_id,"data":"ping"}),
@@ -647,9 +496,7 @@ async fn requests_reach_a_client_away_on_its_resume_and_time_out_otherwise() {
 async fn malformed_frames_get_documented_errors_and_nothing_else_breaks() {
     let server = common::start_default().await;
     let addr = server.local_addr;
-    let mut bystander = Client::connect(addr).await;
-    let (by_id, _) = bystander.hello().await;
-    join(&mut bystander, 1, "r", &by_id).await;
+    let (mut bystander, by_id, _) = Client::joined(addr, "r").await;
 
     let mut c = Client::connect(addr).await;
     c.send(r#"{"t":"msg","seq":1,"op":"join","room":"r"}"#)
@@ -750,13 +597,9 @@ async fn a_receiver_that_stops_acking_is_dropped_when_its_buffer_is_full() {
     })
     .await;
     let addr = server.local_addr;
-    let mut a = Client::connect(addr).await;
-    let (a_id, _) = a.hello().await;
-    join(&mut a, 1, "r", &a_id).await;
+    let (mut a, _, _) = Client::joined(addr, "r").await;
     a.send(r#"{"t":"ack","seq":1}"#).await;
-    let mut b = Client::connect(addr).await;
-    let (b_id, b_token) = b.hello().await;
-    join(&mut b, 1, "r", &b_id).await;
+    let (mut b, b_id, b_token) = Client::joined(addr, "r").await;
     expect(&a.recv().await, json!({"op":"join","from":b_id}));
     a.send(r#"{"t":"ack","seq":2}"#).await;
     // B holds its join (seq 1) unacked; three more fill its buffer, the fourth overflows:
@@ -780,31 +623,12 @@ async fn a_receiver_that_stops_acking_is_dropped_when_its_buffer_is_full() {
     }
     assert_eq!(seen, vec![2, 3, 4]);
     assert_eq!(b.close_code().await, Some(4008));
-    let mut b = Client::connect(addr).await;
-    b.send_json(json!({"t":"hello","clientId":b_id,"lastSeq":4,"token":b_token}))
-        .await;
-    expect(&b.recv().await, json!({"resumed":false}));
+    let (_b, welcome) = Client::resume(addr, &b_id, 4, &b_token).await;
+    expect(&welcome, json!({"resumed":false}));
     assert_eq!(
         metric(addr, "supersynk_reliable_overflows_total").await,
         1.0
     );
-}
-
-/// Polls /metrics until `name` reads `value` (for what the server does on its own, like
-/// noticing a socket is gone).
-async fn until_metric(addr: SocketAddr, name: &str, value: f64) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let v = metric(addr, name).await;
-        if v == value {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{name} is {v}, not {value}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// The next `msg` frame, skipping heartbeats and (resent) messages up to `last`.
@@ -840,15 +664,9 @@ async fn a_resume_with_a_full_buffer_gets_all_of_it() {
     // Default settings: the 256 KiB outbound queue is smaller than what B has missed.
     let server = common::start_default().await;
     let addr = server.local_addr;
-    let mut a = Client::connect(addr).await;
-    let (a_id, _) = a.hello().await;
-    join(&mut a, 1, "r", &a_id).await;
-    let mut b = Client::connect(addr).await;
-    let (b_id, b_token) = b.hello().await;
-    join(&mut b, 1, "r", &b_id).await;
+    let ((mut a, a_id, _), (mut b, b_id, b_token)) = pair(addr, "r").await;
     b.send(r#"{"t":"ack","seq":1}"#).await;
     drop(b);
-    expect(&a.recv().await, json!({"op":"join","from":b_id}));
     // 200 messages of 4 KB: about 820 KB, within B's 1 MiB and 1000-message buffer.
     let text = "x".repeat(4000);
     for i in 0..200u64 {
@@ -858,11 +676,9 @@ async fn a_resume_with_a_full_buffer_gets_all_of_it() {
         .await;
         expect(&a.recv().await, json!({"t":"ack","seq":2 + i}));
     }
-    let mut b = Client::connect(addr).await;
-    b.send_json(json!({"t":"hello","clientId":b_id,"lastSeq":1,"token":b_token}))
-        .await;
+    let (mut b, welcome) = Client::resume(addr, &b_id, 1, &b_token).await;
     expect(
-        &b.recv().await,
+        &welcome,
         json!({"t":"welcome","clientId":b_id,"resumed":true}),
     );
     for i in 0..200u64 {
@@ -889,14 +705,8 @@ async fn resending_a_large_unacknowledged_buffer_keeps_the_connection() {
     })
     .await;
     let addr = server.local_addr;
-    let mut a = Client::connect(addr).await;
-    let (a_id, _) = a.hello().await;
-    join(&mut a, 1, "r", &a_id).await;
-    let mut b = Client::connect(addr).await;
-    let (b_id, _) = b.hello().await;
-    join(&mut b, 1, "r", &b_id).await;
+    let ((mut a, a_id, _), (mut b, b_id, _)) = pair(addr, "r").await;
     b.send(r#"{"t":"ack","seq":1}"#).await;
-    expect(&a.recv().await, json!({"op":"join","from":b_id}));
     a.send(r#"{"t":"ack","seq":2}"#).await;
     let text = "x".repeat(4000);
     for i in 0..200u64 {
@@ -934,22 +744,14 @@ async fn a_burst_to_a_receiver_that_acks_loses_nothing() {
     // The rate limit is raised so that the publisher outruns the receiver's acks, and the
     // receiver's buffer holds the whole burst: nothing waits, nothing is lost.
     let server = common::start(Settings {
-        messages_per_second: Some(1_000_000),
-        message_burst: Some(1_000_000),
         reliable_buffer_messages: Some(10_000),
-        ..Settings::default()
+        ..common::unthrottled()
     })
     .await;
     let addr = server.local_addr;
     const N: u64 = 5000;
-    let mut a = Client::connect(addr).await;
-    let (a_id, _) = a.hello().await;
-    join(&mut a, 1, "burst", &a_id).await;
-    let mut b = Client::connect(addr).await;
-    let (b_id, _) = b.hello().await;
-    join(&mut b, 1, "burst", &b_id).await;
+    let ((mut a, _, _), (mut b, _, _)) = pair(addr, "burst").await;
     b.send(r#"{"t":"ack","seq":1}"#).await;
-    expect(&a.recv().await, json!({"op":"join","from":b_id}));
     a.send(r#"{"t":"ack","seq":2}"#).await;
     // B acknowledges every 64 messages, as the TypeScript client does.
     let receiver = tokio::spawn(async move {
@@ -1005,16 +807,10 @@ async fn a_receiver_away_does_not_hold_senders_up() {
     })
     .await;
     let addr = server.local_addr;
-    let mut a = Client::connect(addr).await;
-    let (a_id, _) = a.hello().await;
-    join(&mut a, 1, "r", &a_id).await;
-    let mut b = Client::connect(addr).await;
-    let (b_id, b_token) = b.hello().await;
-    join(&mut b, 1, "r", &b_id).await;
+    let ((mut a, _, _), (mut b, b_id, b_token)) = pair(addr, "r").await;
     b.send(r#"{"t":"ack","seq":1}"#).await;
     drop(b);
-    expect(&a.recv().await, json!({"op":"join","from":b_id}));
-    until_metric(addr, "supersynk_reliable_detached", 1.0).await;
+    common::until_metric(&[addr], "supersynk_reliable_detached", 1.0).await;
     // B's buffer fills while B is away: A never waits (a wait would outlast the 5 s each
     // of these acks may take).
     for seq in 2..=15u64 {
@@ -1022,10 +818,8 @@ async fn a_receiver_away_does_not_hold_senders_up() {
             .await;
         expect(&a.recv().await, json!({"t":"ack","seq":seq}));
     }
-    let mut b = Client::connect(addr).await;
-    b.send_json(json!({"t":"hello","clientId":b_id,"lastSeq":1,"token":b_token}))
-        .await;
-    expect(&b.recv().await, json!({"resumed":true}));
+    let (mut b, welcome) = Client::resume(addr, &b_id, 1, &b_token).await;
+    expect(&welcome, json!({"resumed":true}));
     for seq in 2..=15u64 {
         expect(&b.recv_data().await, json!({"seq":seq,"data":seq}));
     }
@@ -1058,8 +852,7 @@ async fn a_request_ends_at_once_when_its_target_expires() {
     let addr = server.local_addr;
     let mut a = Client::connect(addr).await;
     a.hello().await;
-    let mut b = Client::connect(addr).await;
-    let (b_id, _) = b.hello().await;
+    let (b, b_id, _) = Client::welcomed(addr).await;
     drop(b);
     let started = tokio::time::Instant::now();
     a.send_json(
@@ -1080,20 +873,6 @@ async fn a_request_ends_at_once_when_its_target_expires() {
         &a.recv_data().await,
         json!({"op":"response","id":2,"from":"server","error":{"code":"unknown_client"}}),
     );
-}
-
-/// A connection that says its client is at `ip` (through a trusted proxy).
-async fn connect_from(addr: SocketAddr, ip: &str) -> Client {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let mut req = format!("ws://{addr}/v1/reliable")
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("x-forwarded-for", ip.parse().unwrap());
-    let (ws, _) = tokio_tungstenite::connect_async(req)
-        .await
-        .expect("upgrade");
-    Client { ws }
 }
 
 async fn refused(c: &mut Client) {
@@ -1118,33 +897,31 @@ async fn client_states_are_capped_in_all_and_per_address_while_away() {
     // Two states from 203.0.113.5 lose their connection: the address has its two.
     let mut away = Vec::new();
     for _ in 0..2 {
-        let mut c = connect_from(addr, "203.0.113.5").await;
+        let mut c = Client::connect_from(addr, "203.0.113.5").await;
         away.push(c.hello().await);
     }
-    until_metric(addr, "supersynk_reliable_detached", 2.0).await;
-    refused(&mut connect_from(addr, "203.0.113.5").await).await;
+    common::until_metric(&[addr], "supersynk_reliable_detached", 2.0).await;
+    refused(&mut Client::connect_from(addr, "203.0.113.5").await).await;
     // Other addresses are not affected.
-    let mut other = connect_from(addr, "203.0.113.6").await;
+    let mut other = Client::connect_from(addr, "203.0.113.6").await;
     other.hello().await;
     // A resume is not a new state; it frees its place under the address.
     let (id, token) = &away[0];
-    let mut back = connect_from(addr, "203.0.113.5").await;
+    let mut back = Client::connect_from(addr, "203.0.113.5").await;
     back.send_json(json!({"t":"hello","clientId":id,"lastSeq":0,"token":token}))
         .await;
     expect(&back.recv().await, json!({"resumed":true,"clientId":id}));
-    let mut fresh = connect_from(addr, "203.0.113.5").await;
+    let mut fresh = Client::connect_from(addr, "203.0.113.5").await;
     fresh.hello().await;
     // Four states are held now (two from .5 connected, one away, one from .6): the cap.
-    refused(&mut connect_from(addr, "198.51.100.1").await).await;
+    refused(&mut Client::connect_from(addr, "198.51.100.1").await).await;
     refused(&mut Client::connect(addr).await).await;
     assert_eq!(metric(addr, "supersynk_reliable_refused_total").await, 3.0);
     assert_eq!(metric(addr, "supersynk_reliable_clients").await, 4.0);
     // A resume still works at the cap.
     let (id, token) = &away[1];
-    let mut back = Client::connect(addr).await;
-    back.send_json(json!({"t":"hello","clientId":id,"lastSeq":0,"token":token}))
-        .await;
-    expect(&back.recv().await, json!({"resumed":true,"clientId":id}));
+    let (_back, welcome) = Client::resume(addr, id, 0, token).await;
+    expect(&welcome, json!({"resumed":true,"clientId":id}));
 }
 
 /// A well-behaved peer at full speed, that has received up to `last`: publishes `n` messages
@@ -1223,21 +1000,13 @@ async fn two_senders_flooding_each_other_both_get_everything() {
     // As in the burst test, the rate limit is raised so that senders outrun acks, and the
     // buffers hold what each may fall behind.
     let server = common::start(Settings {
-        messages_per_second: Some(1_000_000),
-        message_burst: Some(1_000_000),
         reliable_buffer_messages: Some(4000),
-        ..Settings::default()
+        ..common::unthrottled()
     })
     .await;
     let addr = server.local_addr;
     const N: u64 = 3000;
-    let mut a = Client::connect(addr).await;
-    let (a_id, _) = a.hello().await;
-    join(&mut a, 1, "duel", &a_id).await;
-    let mut b = Client::connect(addr).await;
-    let (b_id, _) = b.hello().await;
-    join(&mut b, 1, "duel", &b_id).await;
-    expect(&a.recv().await, json!({"op":"join","from":b_id}));
+    let ((a, _, _), (b, _, _)) = pair(addr, "duel").await;
     let (at_a, at_b) = tokio::join!(
         flood(a, 2, "duel", N, 200, N as usize),
         flood(b, 1, "duel", N, 200, N as usize)
@@ -1263,13 +1032,7 @@ fn big_publish(seq: u64, room: &str, i: u64) -> Value {
 async fn a_member_that_reads_but_never_acks_slows_nobody_and_overflows_alone() {
     let server = common::start_default().await;
     let addr = server.local_addr;
-    let mut a = Client::connect(addr).await;
-    let (a_id, _) = a.hello().await;
-    join(&mut a, 1, "r", &a_id).await;
-    let mut b = Client::connect(addr).await;
-    let (b_id, _) = b.hello().await;
-    join(&mut b, 1, "r", &b_id).await;
-    expect(&a.recv().await, json!({"op":"join","from":b_id}));
+    let ((mut a, a_id, _), (mut b, _, _)) = pair(addr, "r").await;
     // One publish of 60 KB from A to B, B acknowledging: how long until B has it.
     let mut a_seq = 1;
     let mut b_seq = 1;
@@ -1301,9 +1064,7 @@ async fn a_member_that_reads_but_never_acks_slows_nobody_and_overflows_alone() {
         before = before.max(round(&mut a, &mut b, i).await);
     }
     // C joins, reads everything, and never acknowledges.
-    let mut c = Client::connect(addr).await;
-    let (c_id, c_token) = c.hello().await;
-    join(&mut c, 1, "r", &c_id).await;
+    let (mut c, c_id, c_token) = Client::joined(addr, "r").await;
     expect(&a.recv().await, json!({"op":"join","from":c_id}));
     expect(&b.recv().await, json!({"op":"join","from":c_id}));
     let reader = tokio::spawn(async move {
@@ -1343,10 +1104,8 @@ async fn a_member_that_reads_but_never_acks_slows_nobody_and_overflows_alone() {
         &next_msg(&mut a, 3).await,
         json!({"op":"leave","from":c_id}),
     );
-    let mut c = Client::connect(addr).await;
-    c.send_json(json!({"t":"hello","clientId":c_id,"lastSeq":c_last,"token":c_token}))
-        .await;
-    expect(&c.recv().await, json!({"t":"welcome","resumed":false}));
+    let (_c, welcome) = Client::resume(addr, &c_id, c_last, &c_token).await;
+    expect(&welcome, json!({"t":"welcome","resumed":false}));
     assert_eq!(
         metric(addr, "supersynk_reliable_overflows_total").await,
         1.0
@@ -1378,10 +1137,8 @@ async fn waiting_states_share_one_copy_of_each_message() {
         }
         // Gone without a word: the state waits for a resume.
     }
-    until_metric(addr, "supersynk_reliable_detached", STATES as f64).await;
-    let mut p = Client::connect(addr).await;
-    let (p_id, _) = p.hello().await;
-    join(&mut p, 1, "mem", &p_id).await;
+    common::until_metric(&[addr], "supersynk_reliable_detached", STATES as f64).await;
+    let (mut p, _, _) = Client::joined(addr, "mem").await;
     let before = rss_kib(proc.0.id());
     for i in 0..16u64 {
         p.send_json(big_publish(2 + i, "mem", i)).await;
@@ -1416,10 +1173,8 @@ async fn the_total_buffer_bound_drops_waiting_states_first_then_refuses() {
         join(&mut w, 1, "r", &id).await;
         waiting.push((id, token));
     }
-    until_metric(addr, "supersynk_reliable_detached", 5.0).await;
-    let mut p = Client::connect(addr).await;
-    let (p_id, _) = p.hello().await;
-    join(&mut p, 1, "r", &p_id).await;
+    common::until_metric(&[addr], "supersynk_reliable_detached", 5.0).await;
+    let (mut p, _, _) = Client::joined(addr, "r").await;
     // Eight messages of 60 KB fit; the ninth makes room by dropping the waiting states
     // (each holds the same messages: all of them must go), then is delivered.
     for seq in 2..=10u64 {
@@ -1440,9 +1195,7 @@ async fn the_total_buffer_bound_drops_waiting_states_first_then_refuses() {
     }
     // A connected member that does not acknowledge holds the rest: the next message past
     // the bound is refused to its sender, and nobody receives it.
-    let mut n = Client::connect(addr).await;
-    let (n_id, _) = n.hello().await;
-    join(&mut n, 1, "r", &n_id).await;
+    let (mut n, n_id, _) = Client::joined(addr, "r").await;
     expect(&p.recv().await, json!({"op":"join","from":n_id}));
     for seq in 11..=18u64 {
         p.send_json(big_publish(seq, "r", seq)).await;
@@ -1462,14 +1215,10 @@ async fn the_total_buffer_bound_drops_waiting_states_first_then_refuses() {
     }
     // Acknowledged: room again (what is left is announcements).
     n.send_json(json!({"t":"ack","seq":9})).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while metric(addr, "supersynk_reliable_buffered_bytes").await > 10_000.0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "N's ack freed nothing"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    common::eventually("N's ack frees its buffer", async || {
+        (metric(addr, "supersynk_reliable_buffered_bytes").await <= 10_000.0).then_some(())
+    })
+    .await;
     p.send_json(big_publish(20, "r", 20)).await;
     expect(&p.recv_data().await, json!({"t":"ack","seq":20}));
     expect(
@@ -1481,8 +1230,7 @@ async fn the_total_buffer_bound_drops_waiting_states_first_then_refuses() {
 #[tokio::test]
 async fn rooms_per_client_are_capped_and_room_names_have_no_control_characters() {
     let server = common::start_default().await;
-    let mut c = Client::connect(server.local_addr).await;
-    let (id, _) = c.hello().await;
+    let (mut c, id, _) = Client::welcomed(server.local_addr).await;
     for i in 1..=64u64 {
         join(&mut c, i, &format!("room-{i}"), &id).await;
     }
@@ -1541,8 +1289,7 @@ async fn lossy_peer(
     ready: std::sync::Arc<tokio::sync::Barrier>,
 ) -> Vec<u64> {
     use std::collections::BTreeMap;
-    let mut c = Client::connect(addr).await;
-    let (id, _) = c.hello().await;
+    let (mut c, id, _) = Client::welcomed(addr).await;
     join(&mut c, 1, room, &id).await;
     let mut in_seq = 1;
     ready.wait().await;
@@ -1659,12 +1406,7 @@ async fn lossy_peer(
 async fn losses_are_recovered_at_once_exactly_once_and_in_order() {
     // Default timers (the server resends after 2 s); only the rate is raised, as this client
     // does not pace itself.
-    let server = common::start(Settings {
-        messages_per_second: Some(100_000),
-        message_burst: Some(100_000),
-        ..Settings::default()
-    })
-    .await;
+    let server = common::start(common::unthrottled()).await;
     let addr = server.local_addr;
     const N: u64 = 600;
     let ready = std::sync::Arc::new(tokio::sync::Barrier::new(2));

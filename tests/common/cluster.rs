@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use supersynk::client::HunterClient;
 
@@ -69,18 +68,17 @@ pub async fn node(redis: &str, prefix: &str, args: &[&str]) -> (Proc, SocketAddr
 
 /// Waits until /healthz starts with `want`.
 pub async fn wait_for_health(addr: SocketAddr, want: &str) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    let mut last = String::new();
+    let said = super::eventually_within(WAIT, async || {
         let (_, _, body) = http(addr, "GET", "/healthz", "").await;
-        if body.starts_with(want) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "healthz never said {want:?}; last: {body:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        last = body;
+        last.starts_with(want).then_some(())
+    })
+    .await;
+    assert!(
+        said.is_some(),
+        "healthz never said {want:?}; last: {last:?}"
+    );
 }
 
 pub async fn recv_text(c: &mut HunterClient) -> String {
@@ -134,11 +132,9 @@ impl Redis {
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server is installed");
-        let deadline = std::time::Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "redis-server starts");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        super::eventually_blocking("redis-server listens", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
         Redis { child, port }
     }
 

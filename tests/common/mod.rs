@@ -3,6 +3,10 @@
 
 pub mod browser;
 pub mod cluster;
+pub mod logs;
+pub mod messages;
+pub mod postgres;
+pub mod reliable;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -15,6 +19,7 @@ use supersynk::client::HunterClient;
 use supersynk::config::{Config, Settings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
 
 /// How long a test waits for something that should happen at once.
 pub const WAIT: Duration = Duration::from_secs(5);
@@ -39,6 +44,16 @@ pub fn data_dir() -> std::path::PathBuf {
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .expect("temporary directory")
         .keep()
+}
+
+/// Settings without the per-connection message rate, for tests that send thousands of
+/// messages as fast as they can.
+pub fn unthrottled() -> Settings {
+    Settings {
+        messages_per_second: Some(1_000_000),
+        message_burst: Some(1_000_000),
+        ..Settings::default()
+    }
 }
 
 /// Starts a server with default settings.
@@ -164,11 +179,19 @@ pub fn push(session: &str, n: usize) -> String {
 
 /// Reads until the peer closes; returns the close code.
 pub async fn close_code(c: &mut HunterClient) -> Option<u16> {
+    close_code_of(&mut c.ws, WAIT).await
+}
+
+/// Reads `ws` until the peer closes, within `within`: the close code it sent, or `None`
+/// when the socket broke (or closed) without one.
+pub async fn close_code_of<S>(ws: &mut S, within: Duration) -> Option<u16>
+where
+    S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
     use futures::StreamExt;
-    use tokio_tungstenite::tungstenite::Message;
-    tokio::time::timeout(WAIT, async {
+    tokio::time::timeout(within, async {
         loop {
-            match c.ws.next().await {
+            match ws.next().await {
                 Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
                 Some(Ok(_)) => continue,
                 Some(Err(_)) | None => return None,
@@ -321,20 +344,61 @@ pub fn fenced_blocks(markdown: &str) -> Vec<(String, String)> {
 
 /// Waits until `name` on `addrs`, summed, equals `want` (within [`WAIT`]).
 pub async fn until_metric(addrs: &[SocketAddr], name: &str, want: f64) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let mut sum = 0.0;
+    let mut last = 0.0;
+    let seen = eventually_within(WAIT, async || {
+        last = 0.0;
         for a in addrs {
-            sum += metric(*a, name).await;
+            last += metric(*a, name).await;
         }
-        if sum == want {
-            return;
+        (last == want).then_some(())
+    })
+    .await;
+    assert!(seen.is_some(), "{name} is {last}, not {want}");
+}
+
+/// How often [`eventually`] looks again.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Polls `probe` until it answers `Some`, within [`WAIT`]; panics naming `what` otherwise.
+/// For what the server does on its own and tells nobody (a metric, a stored row, a socket
+/// given back): the only place the tests sleep to wait for something.
+pub async fn eventually<T>(what: &str, probe: impl AsyncFnMut() -> Option<T>) -> T {
+    match eventually_within(WAIT, probe).await {
+        Some(v) => v,
+        None => panic!("not within {WAIT:?}: {what}"),
+    }
+}
+
+/// [`eventually`] with another deadline, returning `None` when it passes.
+pub async fn eventually_within<T>(
+    limit: Duration,
+    mut probe: impl AsyncFnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = probe().await {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// [`eventually`] for a blocking `probe` on a thread of its own (a process starting to
+/// listen, before any runtime is involved).
+pub fn eventually_blocking<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = probe() {
+            return v;
         }
         assert!(
-            tokio::time::Instant::now() < deadline,
-            "{name} is {sum}, not {want}"
+            std::time::Instant::now() < deadline,
+            "not within {WAIT:?}: {what}"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        std::thread::sleep(POLL);
     }
 }
 
