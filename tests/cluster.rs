@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::cluster::*;
 use common::*;
-use supersynk::client::HunterClient;
+use supersynk_client::HunterClient;
 
 /// A leader that creates `session` on the node at `addr`.
 async fn first_leader(addr: SocketAddr, session: &str) -> HunterClient {

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use common::*;
 use futures::StreamExt;
-use supersynk::client::HunterClient;
 use supersynk::config::Settings;
+use supersynk_client::HunterClient;
 use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use common::cluster::*;
 use common::*;
-use supersynk::client::HunterClient;
+use supersynk_client::HunterClient;
 
 struct Nginx {
     child: Child,

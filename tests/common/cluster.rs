@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use supersynk::client::HunterClient;
+use supersynk_client::HunterClient;
 
 use super::*;
 

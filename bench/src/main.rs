@@ -44,7 +44,7 @@ use clap::{Parser, ValueEnum};
 use futures::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use supersynk::client::{ClientError, HunterClient};
+use supersynk_client::{ClientError, HunterClient};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::{Interval, MissedTickBehavior, interval_at, sleep_until, timeout};
 use tokio_tungstenite::tungstenite::Message;
@@ -809,6 +809,13 @@ async fn join(
         loop {
             match client.ws.next().await {
                 Some(Ok(message)) => {
+                    // A refused join gets a servermsg and no sessionstate: a refusal, not a
+                    // timeout (e.g. `Cannot join: session is full: at most 256 members`).
+                    if let Message::Text(t) = &message
+                        && let Some(text) = join_refusal(t.as_str())
+                    {
+                        return Err(format!("refused: {text}"));
+                    }
                     let is_state = matches!(&message, Message::Text(t) if t.as_str().contains("\"sessionstate\""));
                     state
                         .on_message(message, None)
@@ -833,6 +840,21 @@ async fn join(
         .unwrap_or_else(|e| e.into_inner())
         .saturating_record(micros.max(1));
     Ok(client)
+}
+
+/// Whether a connect error is the server's refusal (see [`Report::joins_refused`]).
+fn is_refusal(error: &str) -> bool {
+    error.starts_with("refused: ") || error.starts_with("handshake refused: ")
+}
+
+/// The `text` of a servermsg that refuses a join (`Cannot join: ...`, `Rate limit: ...`).
+fn join_refusal(message: &str) -> Option<String> {
+    if !message.contains("\"servermsg\"") {
+        return None;
+    }
+    let value: serde_json::Value = serde_json::from_str(message).ok()?;
+    let text = value["text"].as_str()?;
+    (text.starts_with("Cannot join") || text.starts_with("Rate limit")).then(|| text.to_owned())
 }
 
 impl Shared {
@@ -989,7 +1011,7 @@ impl<'a> ConnState<'a> {
 /// A text message compressed the plugin's way (a finished raw deflate stream plus one `0x00`
 /// byte, RSV1 set), with the library's per-thread reused compressor.
 fn compressed_text(data: &[u8]) -> Message {
-    supersynk::client::text_message(std::str::from_utf8(data).unwrap_or_default(), true)
+    supersynk_client::text_message(std::str::from_utf8(data).unwrap_or_default(), true)
 }
 
 /// Parses the `,"ts":<n>,"seq":<n>}` tail of a push from the end: (ts, seq, where the tail
@@ -1211,6 +1233,9 @@ struct Report {
     connections_attempted: usize,
     connections_made: usize,
     connections_failed: usize,
+    /// Failed connections the server refused (a handshake answered with an error status, or
+    /// a join answered with a refusal), as opposed to errors and timeouts.
+    joins_refused: usize,
     connect_errors: BTreeMap<String, usize>,
     connect_time_s: f64,
     join_time_p50_ms: Option<f64>,
@@ -1390,6 +1415,11 @@ impl Report {
             connections_attempted: input.total,
             connections_made: made.len(),
             connections_failed: input.total - made.len(),
+            joins_refused: results
+                .iter()
+                .filter_map(|r| r.connect_error.as_deref())
+                .filter(|e| is_refusal(e))
+                .count(),
             connect_errors,
             connect_time_s: round2(input.connect_secs),
             join_time_p50_ms: quantile_ms(join_time, 0.5),
@@ -1486,10 +1516,11 @@ impl Report {
         row(
             "connections",
             format!(
-                "{} attempted, {} made, {} failed, {} closed by server",
+                "{} attempted, {} made, {} failed ({} refused by the server), {} closed by server",
                 self.connections_attempted,
                 self.connections_made,
                 self.connections_failed,
+                self.joins_refused,
                 self.connections_closed_by_server
             ),
         );
@@ -1621,7 +1652,7 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use supersynk::client::text_message;
+    use supersynk_client::text_message;
 
     #[test]
     fn tail_round_trip() {
