@@ -1,11 +1,11 @@
 //! `--http-channels`: load on the HTTP channel API (protocol/channels.md).
 //!
 //! `--sessions` channels of `--followers + 1` clients. Every client is one task with its own
-//! persistent HTTP/1.1 keep-alive connection (a minimal client written here over a tokio
-//! `TcpStream`: one request in flight, `Content-Length` bodies only) and posts its state,
-//! a ~200-byte JSON object (client_id, position, rotation quaternion, timestamp), to
-//! `POST /api/channels/bench-<channel>` every `--interval-ms`, with `Client-Id` and
-//! `Client-Time` headers. Clients start spread evenly over one interval.
+//! persistent HTTP/1.1 keep-alive connection (hyper's client connection, `TCP_NODELAY`: one
+//! request in flight) and posts its state, a ~200-byte JSON object (client_id, position,
+//! rotation quaternion, timestamp), to `POST /api/channels/bench-<channel>` every
+//! `--interval-ms`, with `Client-Id` and `Client-Time` headers. Clients start spread evenly
+//! over one interval.
 //!
 //! Per request: the latency from the tick (before writing, or before reconnecting when the
 //! connection was lost) to the last byte of the answer, the status, and for a `200` that the
@@ -19,66 +19,383 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::ops::Range;
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
+use bytes::Bytes;
 use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{CONNECTION, CONTENT_TYPE, HOST};
+use hyper::{Request, Version};
+use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{Semaphore, mpsc, watch};
-use tokio::time::{Interval, MissedTickBehavior, interval_at, sleep_until, timeout};
+use tokio::time::{Interval, timeout};
 
-use super::{
-    Args, BATCH, Event, MAX_LATENCY_US, MissedTicks, Plan, SHARDS, Window, clock_ticks_per_second,
-    describe_io, ensure_fd_limit, mib, micros_since, quantile_ms, read_status_kib, round2,
-    split_authority, tick,
+use crate::harness::{
+    Account, Harness, Latencies, Plan, RunFacts, Scenario, merged, micros_since, opt, quantile_ms,
+    round2, shards, tick,
 };
+use crate::{Args, split_authority};
 
-/// Largest answer head accepted.
-const MAX_HEAD: usize = 64 * 1024;
 /// Largest answer body accepted.
 const MAX_BODY: usize = 16 * 1024 * 1024;
 
-/// What every client task shares.
-struct Shared {
+/// One client's connection: hyper's HTTP/1.1 client, one request at a time.
+type Conn = SendRequest<Full<Bytes>>;
+
+/// The scenario: where clients post, and the ages of the peer states they get.
+pub(crate) struct Http {
     addr: SocketAddr,
     /// The `Host` header.
     host: String,
     /// Prepended to `/api/channels/...` (empty, or a reverse proxy's prefix).
     prefix: String,
-    args: Args,
-    period: Duration,
+    channels: usize,
+    per_channel: usize,
     /// For connecting and for each request's full answer (`--connect-timeout-s`).
     request_timeout: Duration,
-    /// The clock of every latency and of `Client-Time`.
-    epoch: Instant,
-    /// Wall clock at `epoch`, in seconds since 1970: `Client-Time` and the bodies'
-    /// `timestamp` are `unix_at_epoch + elapsed`, so a second run against the same server
-    /// within a minute is not answered 204 (the server remembers each `Client-Id`'s last
-    /// time for 60 s).
+    /// Wall clock at the harness's epoch (about), in seconds since 1970: `Client-Time` and
+    /// the bodies' `timestamp` are `unix_at_epoch + elapsed`, so a second run against the
+    /// same server within a minute is not answered 204 (the server remembers each
+    /// `Client-Id`'s last time for 60 s).
     unix_at_epoch: f64,
-    connect_slots: Semaphore,
-    events_tx: mpsc::UnboundedSender<Event>,
-    plan_rx: watch::Receiver<Option<Arc<Plan>>>,
-    stop_rx: watch::Receiver<bool>,
-    /// Request latency (µs), sharded as in the WebSocket mode; merged at the end.
-    latency: Vec<Mutex<Histogram<u64>>>,
     /// Age of every peer state in a measured 200 answer (µs): now - its `timestamp`.
     age: Vec<Mutex<Histogram<u64>>>,
-    emfile_reported: AtomicBool,
-    /// Measured requests sent, and those finished (answered or failed), to end the drain early.
-    sent_in_window: AtomicU64,
-    done_in_window: AtomicU64,
+    setup: String,
+}
+
+impl Http {
+    pub(crate) async fn new(args: &Args) -> anyhow::Result<Http> {
+        let (authority, prefix) = parse_http_url(args.url())?;
+        let addr = tokio::net::lookup_host(&authority)
+            .await
+            .with_context(|| format!("cannot resolve {authority}"))?
+            .next()
+            .with_context(|| format!("{authority} resolves to no address"))?;
+        let unix_at_epoch = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let mut body = String::new();
+        state_body(&mut body, "bench-0-0", 1234, 0.0, unix_at_epoch + 100.0);
+        Ok(Http {
+            addr,
+            host: authority,
+            prefix,
+            channels: args.sessions,
+            per_channel: args.followers + 1,
+            request_timeout: Duration::from_secs_f64(args.connect_timeout_s),
+            unix_at_epoch,
+            age: shards(),
+            setup: format!(
+                "{} channels x {} clients, a post every {} ms, body {} B, one keep-alive connection each",
+                args.sessions,
+                args.followers + 1,
+                args.interval_ms(),
+                body.len()
+            ),
+        })
+    }
+
+    /// Opens one connection (within the request timeout), `TCP_NODELAY` as a game client
+    /// would: small requests must leave at once, Nagle would hold them behind the previous
+    /// answer's ACK.
+    async fn connect(&self, h: &Harness) -> Result<Conn, String> {
+        let tcp = match timeout(self.request_timeout, TcpStream::connect(self.addr)).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => return Err(format!("connect: {}", h.describe_io(&e))),
+            Err(_) => return Err("connect: timed out".into()),
+        };
+        tcp.set_nodelay(true)
+            .map_err(|e| format!("set_nodelay: {}", h.describe_io(&e)))?;
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .title_case_headers(true)
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| format!("connect: {}", hyper_kind(&e)))?;
+        // The connection's I/O; it ends with the connection (closed, or the sender dropped).
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(sender)
+    }
+}
+
+/// A complete answer.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    /// The server closes the connection after this answer.
+    close: bool,
+    server_time: Option<f64>,
+    body: Bytes,
+}
+
+/// Sends one request and reads its whole answer. `Err` is a short, countable description;
+/// the connection cannot be used after one.
+async fn exchange(conn: &mut Conn, request: Request<Full<Bytes>>) -> Result<Answer, String> {
+    conn.ready().await.map_err(|e| hyper_kind(&e))?;
+    let response = conn
+        .send_request(request)
+        .await
+        .map_err(|e| hyper_kind(&e))?;
+    let (head, body) = response.into_parts();
+    let body = Limited::new(body, MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| match e.downcast::<hyper::Error>() {
+            Ok(e) => hyper_kind(&e),
+            Err(e) => format!("answer body: {e}"),
+        })?
+        .to_bytes();
+    let tokens = |name| {
+        head.headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|t| t.trim().to_ascii_lowercase())
+            .collect::<Vec<_>>()
+    };
+    let connection = tokens(CONNECTION);
+    // HTTP/1.0 closes unless it says keep-alive.
+    let close = connection.iter().any(|t| t == "close")
+        || (head.version == Version::HTTP_10 && !connection.iter().any(|t| t == "keep-alive"));
+    let server_time = head
+        .headers
+        .get("server-time")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|t| t.is_finite());
+    Ok(Answer {
+        status: head.status.as_u16(),
+        close,
+        server_time,
+        body,
+    })
+}
+
+/// A countable name for a failed exchange.
+fn hyper_kind(e: &hyper::Error) -> String {
+    let io = std::error::Error::source(e).and_then(|s| s.downcast_ref::<std::io::Error>());
+    if let Some(io) = io {
+        format!("i/o: {}", io_kind(io))
+    } else if e.is_incomplete_message() {
+        "closed by the server before the end of the answer".into()
+    } else if e.is_parse() {
+        format!("malformed answer: {e}")
+    } else if e.is_closed() || e.is_canceled() {
+        "connection closed".into()
+    } else {
+        e.to_string()
+    }
+}
+
+impl Account for ClientResult {
+    fn connect_error(&self) -> Option<&str> {
+        self.connect_error.as_deref()
+    }
+
+    fn closed(&self) -> Option<&str> {
+        None
+    }
+}
+
+impl Scenario for Http {
+    type Conn = ClientResult;
+    type Figures = HttpFigures;
+
+    fn mode(&self) -> &'static str {
+        "http-channels"
+    }
+
+    fn verb(&self) -> &'static str {
+        "posting"
+    }
+
+    fn connections(&self) -> usize {
+        self.channels * self.per_channel
+    }
+
+    fn setup(&self) -> String {
+        self.setup.clone()
+    }
+
+    async fn connection(self: Arc<Self>, h: Arc<Harness>, index: usize) -> ClientResult {
+        client(&self, &h, index).await
+    }
+
+    fn figures(
+        &self,
+        run: &RunFacts,
+        made: &[&ClientResult],
+        warnings: &mut Vec<String>,
+    ) -> HttpFigures {
+        HttpFigures::of(self, run, made, warnings)
+    }
+
+    fn rows(figures: &HttpFigures, row: &mut dyn FnMut(&str, String)) {
+        figures.rows(row);
+    }
+}
+
+/// One client, from connecting to the end of the run.
+async fn client(scenario: &Http, h: &Harness, index: usize) -> ClientResult {
+    let args = &h.args;
+    let per_channel = scenario.per_channel;
+    let channel = index / per_channel;
+    let id = format!("bench-{channel}-{}", index % per_channel);
+    let channel_prefix = format!("bench-{channel}-");
+    let path = format!("{}/api/channels/bench-{channel}", scenario.prefix);
+    let mut result = ClientResult::default();
+
+    let first = match h.slot().await {
+        Ok(_slot) => scenario.connect(h).await,
+        Err(e) => Err(e),
+    };
+    let mut conn = match first {
+        Ok(conn) => {
+            h.ready(true);
+            Some(conn)
+        }
+        Err(e) => {
+            h.ready(false);
+            result.connect_error = Some(e);
+            return result;
+        }
+    };
+
+    let mut stop = pin!(h.stopped());
+    let mut plan_wait = pin!(h.plan());
+    let mut plan: Option<Arc<Plan>> = None;
+    let mut ticker: Option<Interval> = None;
+    let mut latencies = h.latencies(index);
+    let mut ages = Latencies::of(&scenario.age, index);
+    let mut body = String::with_capacity(256);
+    let mut seq: u64 = 0;
+    let mut last_server_time = f64::NEG_INFINITY;
+    // Where this client walks (radians), so clients do not all post the same numbers.
+    let phase = (index % 628) as f64 / 100.0;
+
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut stop => break,
+            p = &mut plan_wait, if plan.is_none() => {
+                let Some(p) = p else { break };
+                // Clients start spread evenly over one interval, not all at once.
+                ticker = Some(h.pacer(&p, index as f64 / scenario.connections() as f64));
+                plan = Some(p);
+            }
+            _ = tick(&mut ticker), if ticker.is_some() => {
+                let Some(plan) = &plan else { continue };
+                let started = Instant::now();
+                let ts = micros_since(h.epoch, started);
+                if ts >= plan.window_end_us {
+                    // Posting stops with the window, so the drain sees the backlog clear.
+                    ticker = None;
+                    continue;
+                }
+                let in_window = ts >= plan.window_start_us;
+                if in_window {
+                    result.sent_in_window += 1;
+                    h.expected.fetch_add(1, Ordering::Relaxed);
+                }
+                result.sent_total += 1;
+                let time_s = scenario.unix_at_epoch + ts as f64 / 1e6;
+                state_body(&mut body, &id, seq, phase, time_s);
+                seq += 1;
+                let request = Request::post(path.as_str())
+                    .header(HOST, scenario.host.as_str())
+                    .header(CONTENT_TYPE, "application/json")
+                    .header("Client-Id", id.as_str())
+                    .header("Client-Time", format!("{time_s:.6}"))
+                    .body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
+                    .expect("a valid request");
+                // A connection the server closed since (idle, or after an error) is replaced.
+                if conn.as_ref().is_some_and(|c| c.is_closed()) {
+                    conn = None;
+                }
+                let reconnect = conn.is_none();
+                let attempt = async {
+                    let mut c = match conn.take() {
+                        Some(c) => c,
+                        None => scenario.connect(h).await?,
+                    };
+                    let answer = exchange(&mut c, request).await;
+                    // Kept for the next request unless this one failed or was the last.
+                    if answer.as_ref().is_ok_and(|a| !a.close) {
+                        conn = Some(c);
+                    }
+                    answer
+                };
+                let outcome = tokio::select! {
+                    biased;
+                    // Still in flight at the end of the drain: neither answered nor failed.
+                    _ = &mut stop => break,
+                    r = timeout(scenario.request_timeout, attempt) => r,
+                };
+                result.reconnects += u64::from(reconnect);
+                let outcome = outcome.unwrap_or_else(|_| Err("timed out".into()));
+                let micros = micros_since(started, Instant::now());
+                match outcome {
+                    Ok(answer) => {
+                        result.answered_total += 1;
+                        result.server_closes += u64::from(answer.close);
+                        let peers = check_answer(
+                            &answer,
+                            &id,
+                            &channel_prefix,
+                            &mut last_server_time,
+                            &mut result,
+                        );
+                        if in_window {
+                            latencies.record(micros);
+                            match answer.status {
+                                200 => {
+                                    result.status_200 += 1;
+                                    if let Some((peers, times)) = &peers {
+                                        result.peers_seen += *peers as u64;
+                                        if *peers < args.followers {
+                                            result.incomplete_answers += 1;
+                                        }
+                                        let now_s = time_s + micros as f64 / 1e6;
+                                        for &t in times {
+                                            ages.record(((now_s - t).max(0.0) * 1e6) as u64);
+                                        }
+                                    }
+                                }
+                                204 => result.status_204 += 1,
+                                400..=499 => result.status_4xx += 1,
+                                500..=599 => result.status_5xx += 1,
+                                _ => result.status_other += 1,
+                            }
+                        }
+                    }
+                    Err(kind) => {
+                        result.errors_total += 1;
+                        if in_window {
+                            result.errors_in_window += 1;
+                        }
+                        *result.error_kinds.entry(kind).or_insert(0) += 1;
+                    }
+                }
+                if in_window {
+                    h.delivered.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+    result
 }
 
 /// One client's account, returned when its task ends.
 #[derive(Debug, Default)]
-struct ClientResult {
+pub(crate) struct ClientResult {
     /// Why its first connection failed (it then sent nothing).
     connect_error: Option<String>,
     sent_total: u64,
@@ -124,24 +441,6 @@ struct PeerState<'a> {
     timestamp: Option<f64>,
 }
 
-/// The parsed head of an answer.
-#[derive(Debug, PartialEq)]
-struct Head {
-    status: u16,
-    content_length: Option<usize>,
-    /// The server closes the connection after this answer.
-    close: bool,
-    chunked: bool,
-    server_time: Option<f64>,
-}
-
-/// A complete answer; its body is `buf[body]`.
-#[derive(Debug)]
-struct Answer {
-    head: Head,
-    body: Range<usize>,
-}
-
 /// `http://host[:port][/prefix]` (or `host[:port]`) into (`host:port`, prefix without a
 /// trailing slash).
 fn parse_http_url(url: &str) -> anyhow::Result<(String, String)> {
@@ -158,411 +457,24 @@ fn parse_http_url(url: &str) -> anyhow::Result<(String, String)> {
     Ok((authority, path.trim_end_matches('/').to_owned()))
 }
 
-pub(crate) async fn run(args: Args, threads: usize) -> anyhow::Result<HttpReport> {
-    let (authority, prefix) = parse_http_url(args.url())?;
-    let addr = tokio::net::lookup_host(&authority)
-        .await
-        .with_context(|| format!("cannot resolve {authority}"))?
-        .next()
-        .with_context(|| format!("{authority} resolves to no address"))?;
-    let per_channel = args.followers + 1;
-    let total = args.sessions * per_channel;
-    let fd_note = ensure_fd_limit(total as u64 + 64);
-    if let Some(note) = &fd_note {
-        eprintln!("warning: {note}");
-    }
-    let server_pid = args.server_pid.map(|p| p.to_string());
-    let clk_tck = clock_ticks_per_second();
-    let server_rss_before = server_pid
-        .as_deref()
-        .and_then(|p| read_status_kib(p, "VmRSS:"));
-
-    let (events_tx, mut events_rx) = mpsc::unbounded_channel();
-    let (plan_tx, plan_rx) = watch::channel(None);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let histogram =
-        || Histogram::<u64>::new_with_bounds(1, MAX_LATENCY_US, 3).expect("valid histogram bounds");
-    let unix_at_epoch = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64());
-    let shared = Arc::new(Shared {
-        addr,
-        host: authority,
-        prefix,
-        args: args.clone(),
-        period: Duration::from_secs_f64(args.interval_ms() / 1000.0),
-        request_timeout: Duration::from_secs_f64(args.connect_timeout_s),
-        epoch: Instant::now(),
-        unix_at_epoch,
-        connect_slots: Semaphore::new(args.connect_concurrency.max(1)),
-        events_tx,
-        plan_rx,
-        stop_rx,
-        latency: (0..SHARDS).map(|_| Mutex::new(histogram())).collect(),
-        age: (0..SHARDS).map(|_| Mutex::new(histogram())).collect(),
-        emfile_reported: AtomicBool::new(false),
-        sent_in_window: AtomicU64::new(0),
-        done_in_window: AtomicU64::new(0),
-    });
-
-    // Every client opens its connection, `connect_concurrency` at a time.
-    let connect_started = Instant::now();
-    let tasks: Vec<_> = (0..total)
-        .map(|index| tokio::spawn(client(shared.clone(), index)))
-        .collect();
-    let (mut connected, mut failed) = (0usize, 0usize);
-    let mut progress = tokio::time::interval(Duration::from_secs(1));
-    progress.tick().await;
-    while connected + failed < total {
-        tokio::select! {
-            event = events_rx.recv() => match event {
-                Some(Event::Joined) => connected += 1,
-                Some(Event::Failed) => failed += 1,
-                None => break,
-            },
-            _ = progress.tick() => {
-                eprintln!("connecting: {connected} connected, {failed} failed of {total}");
-            }
-        }
-    }
-    let connect_secs = connect_started.elapsed().as_secs_f64();
-    eprintln!("{connected} of {total} clients connected in {connect_secs:.2} s ({failed} failed)");
-
-    let mut window = Window::default();
-    let mut drain_secs = 0.0;
-    if connected == 0 {
-        eprintln!("no client connected: nothing to measure");
-    } else {
-        let now = tokio::time::Instant::now();
-        let start = now + Duration::from_millis(100);
-        let window_start = start + Duration::from_secs_f64(args.warmup_s);
-        let window_end = window_start + Duration::from_secs_f64(args.duration_s);
-        let micros = |t: tokio::time::Instant| micros_since(shared.epoch, t.into_std());
-        plan_tx.send_replace(Some(Arc::new(Plan {
-            start,
-            window_start_us: micros(window_start),
-            window_end_us: micros(window_end),
-        })));
-        eprintln!(
-            "posting: {} s warm-up, {} s measured, {} s drain",
-            args.warmup_s, args.duration_s, args.drain_s
-        );
-        sleep_until(window_start).await;
-        window.begin(server_pid.as_deref());
-        sleep_until(window_end).await;
-        window.end(server_pid.as_deref());
-        // Wait for the measured requests still in flight: until all finished, at most --drain-s.
-        let drain_end = window_end + Duration::from_secs_f64(args.drain_s);
-        let mut poll = interval_at(
-            window_end + Duration::from_millis(20),
-            Duration::from_millis(20),
-        );
-        loop {
-            let at = poll.tick().await;
-            let sent = shared.sent_in_window.load(Ordering::Relaxed);
-            if shared.done_in_window.load(Ordering::Relaxed) >= sent || at >= drain_end {
-                break;
-            }
-        }
-        drain_secs = window_end.elapsed().as_secs_f64();
-    }
-    stop_tx.send_replace(true);
-
-    let mut results = Vec::with_capacity(total);
-    for task in tasks {
-        match task.await {
-            Ok(r) => results.push(r),
-            Err(e) => eprintln!("a client task failed: {e}"),
-        }
-    }
-    let merge = |shards: &[Mutex<Histogram<u64>>]| {
-        let mut all = histogram();
-        for shard in shards {
-            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-            all.add(&*shard).expect("same bounds");
-        }
-        all
-    };
-    Ok(HttpReport::build(ReportInput {
-        args: &args,
-        threads,
-        total,
-        connect_secs,
-        drain_secs,
-        results: &results,
-        latency: &merge(&shared.latency),
-        age: &merge(&shared.age),
-        window: &window,
-        clk_tck,
-        server_rss_before,
-        server_pid: server_pid.as_deref(),
-        fd_note,
-        body_bytes: {
-            let mut body = String::new();
-            state_body(&mut body, "bench-0-0", 1234, 0.0, unix_at_epoch + 100.0);
-            body.len()
-        },
-    }))
-}
-
-/// A client's latencies and peer ages waiting to be recorded (one lock per `BATCH`).
-struct Batches<'a> {
-    shared: &'a Shared,
-    shard: usize,
-    latency: Vec<u32>,
-    age: Vec<u32>,
-}
-
-impl Batches<'_> {
-    fn latency(&mut self, micros: u64) {
-        push_batch(&mut self.latency, micros, &self.shared.latency[self.shard]);
-    }
-
-    fn age(&mut self, micros: u64) {
-        push_batch(&mut self.age, micros, &self.shared.age[self.shard]);
-    }
-
-    fn flush(&mut self) {
-        flush_batch(&mut self.latency, &self.shared.latency[self.shard]);
-        flush_batch(&mut self.age, &self.shared.age[self.shard]);
-    }
-}
-
-fn push_batch(batch: &mut Vec<u32>, micros: u64, shard: &Mutex<Histogram<u64>>) {
-    if batch.capacity() == 0 {
-        batch.reserve_exact(BATCH);
-    }
-    batch.push(micros.clamp(1, u64::from(u32::MAX)) as u32);
-    if batch.len() >= BATCH {
-        flush_batch(batch, shard);
-    }
-}
-
-fn flush_batch(batch: &mut Vec<u32>, shard: &Mutex<Histogram<u64>>) {
-    if batch.is_empty() {
-        return;
-    }
-    let mut histogram = shard.lock().unwrap_or_else(|e| e.into_inner());
-    for &v in batch.iter() {
-        histogram.saturating_record(u64::from(v));
-    }
-    drop(histogram);
-    batch.clear();
-}
-
-/// Opens one connection (within the request timeout), `TCP_NODELAY` as a game client would.
-async fn connect(shared: &Shared) -> Result<TcpStream, String> {
-    let tcp = match timeout(shared.request_timeout, TcpStream::connect(shared.addr)).await {
-        Ok(Ok(tcp)) => tcp,
-        Ok(Err(e)) => {
-            return Err(format!(
-                "connect: {}",
-                describe_io(&e, &shared.emfile_reported)
-            ));
-        }
-        Err(_) => return Err("connect: timed out".into()),
-    };
-    // Small requests must leave at once; Nagle would hold them behind the previous answer's ACK.
-    tcp.set_nodelay(true)
-        .map_err(|e| format!("set_nodelay: {}", describe_io(&e, &shared.emfile_reported)))?;
-    Ok(tcp)
-}
-
-/// One client, from connecting to the end of the run.
-async fn client(shared: Arc<Shared>, index: usize) -> ClientResult {
-    let args = &shared.args;
-    let per_channel = args.followers + 1;
-    let channel = index / per_channel;
-    let id = format!("bench-{channel}-{}", index % per_channel);
-    let channel_prefix = format!("bench-{channel}-");
-    let path = format!("{}/api/channels/bench-{channel}", shared.prefix);
-    let mut result = ClientResult::default();
-
-    let first = {
-        let _slot = shared.connect_slots.acquire().await;
-        connect(&shared).await
-    };
-    let mut conn = match first {
-        Ok(tcp) => {
-            // The main task holds the receiver until every client has reported.
-            let _ = shared.events_tx.send(Event::Joined);
-            Some(tcp)
-        }
-        Err(e) => {
-            // As above.
-            let _ = shared.events_tx.send(Event::Failed);
-            result.connect_error = Some(e);
-            return result;
-        }
-    };
-
-    let mut plan_rx = shared.plan_rx.clone();
-    let mut stop_rx = shared.stop_rx.clone();
-    let mut stop = pin!(async move {
-        // Stop on the signal, or if the sender is gone (the run is over either way).
-        let _ = stop_rx.wait_for(|s| *s).await;
-    });
-    let mut plan_wait = pin!(async move {
-        plan_rx
-            .wait_for(Option::is_some)
-            .await
-            .ok()
-            .and_then(|p| (*p).clone())
-    });
-    let mut plan: Option<Arc<Plan>> = None;
-    let mut ticker: Option<Interval> = None;
-    let mut batches = Batches {
-        shared: &shared,
-        shard: index % SHARDS,
-        latency: Vec::new(),
-        age: Vec::new(),
-    };
-    let mut body = String::with_capacity(256);
-    let mut request = String::with_capacity(512);
-    let mut buf: Vec<u8> = Vec::with_capacity(4096);
-    let mut seq: u64 = 0;
-    let mut last_server_time = f64::NEG_INFINITY;
-    // Where this client walks (radians), so clients do not all post the same numbers.
-    let phase = (index % 628) as f64 / 100.0;
-
-    loop {
-        tokio::select! {
-            biased;
-            _ = &mut stop => break,
-            p = &mut plan_wait, if plan.is_none() => {
-                let Some(p) = p else { break };
-                // Clients start spread evenly over one interval, not all at once.
-                let clients = args.sessions * per_channel;
-                let offset = shared.period.mul_f64(index as f64 / clients as f64);
-                let mut i = interval_at(p.start + offset, shared.period);
-                i.set_missed_tick_behavior(match args.missed_ticks {
-                    MissedTicks::Delay => MissedTickBehavior::Delay,
-                    MissedTicks::Burst => MissedTickBehavior::Burst,
-                });
-                ticker = Some(i);
-                plan = Some(p);
-            }
-            _ = tick(&mut ticker), if ticker.is_some() => {
-                let Some(plan) = &plan else { continue };
-                let started = Instant::now();
-                let ts = micros_since(shared.epoch, started);
-                if ts >= plan.window_end_us {
-                    // Posting stops with the window, so the drain sees the backlog clear.
-                    ticker = None;
-                    continue;
-                }
-                let in_window = ts >= plan.window_start_us;
-                if in_window {
-                    result.sent_in_window += 1;
-                    shared.sent_in_window.fetch_add(1, Ordering::Relaxed);
-                }
-                result.sent_total += 1;
-                let time_s = shared.unix_at_epoch + ts as f64 / 1e6;
-                state_body(&mut body, &id, seq, phase, time_s);
-                seq += 1;
-                request.clear();
-                // Writing into a String cannot fail.
-                let _ = write!(
-                    request,
-                    "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
-                     Client-Id: {id}\r\nClient-Time: {time_s:.6}\r\nContent-Length: {}\r\n\r\n{body}",
-                    shared.host,
-                    body.len()
-                );
-                let reconnect = conn.is_none();
-                let attempt = async {
-                    let mut tcp = match conn.take() {
-                        Some(tcp) => tcp,
-                        None => connect(&shared).await?,
-                    };
-                    let answer = exchange(&mut tcp, request.as_bytes(), &mut buf).await;
-                    // Kept for the next request unless this one failed or was the last.
-                    if answer.as_ref().is_ok_and(|a| !a.head.close) {
-                        conn = Some(tcp);
-                    }
-                    answer
-                };
-                let outcome = tokio::select! {
-                    biased;
-                    // Still in flight at the end of the drain: neither answered nor failed.
-                    _ = &mut stop => break,
-                    r = timeout(shared.request_timeout, attempt) => r,
-                };
-                result.reconnects += u64::from(reconnect);
-                let outcome = outcome.unwrap_or_else(|_| Err("timed out".into()));
-                let micros = micros_since(started, Instant::now());
-                match outcome {
-                    Ok(answer) => {
-                        result.answered_total += 1;
-                        result.server_closes += u64::from(answer.head.close);
-                        let peers = check_answer(
-                            &answer,
-                            &buf,
-                            &id,
-                            &channel_prefix,
-                            &mut last_server_time,
-                            &mut result,
-                        );
-                        if in_window {
-                            batches.latency(micros);
-                            match answer.head.status {
-                                200 => {
-                                    result.status_200 += 1;
-                                    if let Some((peers, times)) = &peers {
-                                        result.peers_seen += *peers as u64;
-                                        if *peers < args.followers {
-                                            result.incomplete_answers += 1;
-                                        }
-                                        let now_s = time_s + micros as f64 / 1e6;
-                                        for &t in times {
-                                            batches.age(((now_s - t).max(0.0) * 1e6) as u64);
-                                        }
-                                    }
-                                }
-                                204 => result.status_204 += 1,
-                                400..=499 => result.status_4xx += 1,
-                                500..=599 => result.status_5xx += 1,
-                                _ => result.status_other += 1,
-                            }
-                        }
-                    }
-                    Err(kind) => {
-                        result.errors_total += 1;
-                        if in_window {
-                            result.errors_in_window += 1;
-                        }
-                        *result.error_kinds.entry(kind).or_insert(0) += 1;
-                    }
-                }
-                if in_window {
-                    shared.done_in_window.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-    }
-    batches.flush();
-    result
-}
-
 /// Checks an answer: for a 200, `Server-Time` and the body; records what is wrong in
 /// `result`. For a valid 200 answer, returns how many peer states it holds and their
 /// `timestamp`s.
 fn check_answer(
     answer: &Answer,
-    buf: &[u8],
     own_id: &str,
     channel_prefix: &str,
     last_server_time: &mut f64,
     result: &mut ClientResult,
 ) -> Option<(usize, Vec<f64>)> {
-    let body = &buf[answer.body.clone()];
+    let body = &answer.body[..];
     let unexpected = |result: &mut ClientResult, why: &str| {
         if result.first_unexpected.is_none() {
             let start: String = String::from_utf8_lossy(body).chars().take(200).collect();
-            result.first_unexpected = Some(format!("{} {why}: {start}", answer.head.status));
+            result.first_unexpected = Some(format!("{} {why}: {start}", answer.status));
         }
     };
-    match answer.head.status {
+    match answer.status {
         200 => {}
         204 => return None,
         _ => {
@@ -570,7 +482,7 @@ fn check_answer(
             return None;
         }
     }
-    match answer.head.server_time {
+    match answer.server_time {
         Some(t) if t < *last_server_time => result.server_time_backwards += 1,
         Some(t) => *last_server_time = t,
         None => result.missing_server_time += 1,
@@ -596,88 +508,6 @@ fn check_answer(
     Some((peers.len(), times))
 }
 
-/// Sends one request and reads its whole answer into `buf` (cleared first). `Err` is a
-/// short, countable description; the connection cannot be used after one.
-async fn exchange(
-    tcp: &mut TcpStream,
-    request: &[u8],
-    buf: &mut Vec<u8>,
-) -> Result<Answer, String> {
-    buf.clear();
-    tcp.write_all(request)
-        .await
-        .map_err(|e| format!("write: {}", io_kind(&e)))?;
-    let mut searched = 0;
-    let head_end = loop {
-        if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(4096);
-        }
-        let n = tcp
-            .read_buf(buf)
-            .await
-            .map_err(|e| format!("read: {}", io_kind(&e)))?;
-        if n == 0 {
-            return Err(if buf.is_empty() {
-                "closed by the server before answering".into()
-            } else {
-                "closed by the server within the answer head".into()
-            });
-        }
-        if let Some(i) = find_blank_line(&buf[searched..]) {
-            break searched + i + 4;
-        }
-        if buf.len() > MAX_HEAD {
-            return Err("answer head over 64 KiB".into());
-        }
-        searched = buf.len().saturating_sub(3);
-    };
-    let head = parse_head(&buf[..head_end])?;
-    let body_len = match head.content_length {
-        Some(n) => n,
-        None if head.status == 204 || head.status == 304 || head.status < 200 => 0,
-        None if head.chunked => return Err("chunked answer (not supported)".into()),
-        None if head.close => {
-            // The body runs to the end of the stream.
-            loop {
-                if buf.len() - head_end > MAX_BODY {
-                    return Err("answer body over 16 MiB".into());
-                }
-                buf.reserve(4096);
-                let n = tcp
-                    .read_buf(buf)
-                    .await
-                    .map_err(|e| format!("read: {}", io_kind(&e)))?;
-                if n == 0 {
-                    break;
-                }
-            }
-            buf.len() - head_end
-        }
-        None => return Err("answer without Content-Length on a kept-alive connection".into()),
-    };
-    if body_len > MAX_BODY {
-        return Err("answer body over 16 MiB".into());
-    }
-    let end = head_end + body_len;
-    while buf.len() < end {
-        buf.reserve(end - buf.len());
-        let n = tcp
-            .read_buf(buf)
-            .await
-            .map_err(|e| format!("read: {}", io_kind(&e)))?;
-        if n == 0 {
-            return Err("closed by the server within the answer body".into());
-        }
-    }
-    if buf.len() > end {
-        return Err("bytes after the answer (none was asked for)".into());
-    }
-    Ok(Answer {
-        head,
-        body: head_end..end,
-    })
-}
-
 /// A countable name for a socket error.
 fn io_kind(e: &std::io::Error) -> String {
     match e.raw_os_error() {
@@ -685,67 +515,6 @@ fn io_kind(e: &std::io::Error) -> String {
         Some(32) => "EPIPE: broken pipe".into(),
         _ => format!("{:?}", e.kind()),
     }
-}
-
-/// Where `\r\n\r\n` starts in `b`.
-fn find_blank_line(b: &[u8]) -> Option<usize> {
-    b.windows(4).position(|w| w == b"\r\n\r\n")
-}
-
-/// The status line and the headers this client needs, from a head ending in `\r\n\r\n`.
-fn parse_head(head: &[u8]) -> Result<Head, String> {
-    let text = std::str::from_utf8(head).map_err(|_| "answer head is not UTF-8".to_owned())?;
-    let mut lines = text.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let mut parts = status_line.splitn(3, ' ');
-    let version = parts.next().unwrap_or_default();
-    let status = parts
-        .next()
-        .and_then(|s| s.parse::<u16>().ok())
-        .filter(|s| (100..1000).contains(s));
-    let Some(status) = status.filter(|_| version.starts_with("HTTP/1.")) else {
-        let line: String = status_line.chars().take(60).collect();
-        return Err(format!("malformed status line {line:?}"));
-    };
-    let mut parsed = Head {
-        status,
-        content_length: None,
-        // HTTP/1.0 closes unless it says keep-alive.
-        close: version == "HTTP/1.0",
-        chunked: false,
-        server_time: None,
-    };
-    for line in lines.filter(|l| !l.is_empty()) {
-        let Some((name, value)) = line.split_once(':') else {
-            return Err("malformed header line".into());
-        };
-        let value = value.trim();
-        let tokens = || value.split(',').map(str::trim);
-        if name.eq_ignore_ascii_case("content-length") {
-            let n = value
-                .parse::<usize>()
-                .map_err(|_| "malformed Content-Length".to_owned())?;
-            if parsed.content_length.is_some_and(|m| m != n) {
-                return Err("conflicting Content-Length headers".into());
-            }
-            parsed.content_length = Some(n);
-        } else if name.eq_ignore_ascii_case("connection") {
-            if tokens().any(|t| t.eq_ignore_ascii_case("close")) {
-                parsed.close = true;
-            } else if tokens().any(|t| t.eq_ignore_ascii_case("keep-alive")) {
-                parsed.close = false;
-            }
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            parsed.chunked = tokens().any(|t| t.eq_ignore_ascii_case("chunked"));
-        } else if name.eq_ignore_ascii_case("server-time") {
-            parsed.server_time = value.parse::<f64>().ok().filter(|t| t.is_finite());
-        }
-    }
-    if parsed.chunked {
-        // Transfer-Encoding wins over Content-Length (RFC 9112 6.3).
-        parsed.content_length = None;
-    }
-    Ok(parsed)
 }
 
 /// A client's state as a game client would post it (~200 bytes): where it stands, where it
@@ -767,44 +536,11 @@ fn state_body(out: &mut String, id: &str, seq: u64, phase: f64, time_s: f64) {
     );
 }
 
-struct ReportInput<'a> {
-    args: &'a Args,
-    threads: usize,
-    total: usize,
-    connect_secs: f64,
-    drain_secs: f64,
-    results: &'a [ClientResult],
-    latency: &'a Histogram<u64>,
-    age: &'a Histogram<u64>,
-    window: &'a Window,
-    clk_tck: f64,
-    server_rss_before: Option<u64>,
-    server_pid: Option<&'a str>,
-    fd_note: Option<String>,
-    body_bytes: usize,
-}
-
-/// Everything an `--http-channels` run found; a table or, with `--json`, one object.
+/// What an `--http-channels` run adds to the report.
 #[derive(Debug, Serialize)]
-pub(crate) struct HttpReport {
-    mode: &'static str,
-    url: String,
+pub(crate) struct HttpFigures {
     channels: usize,
     clients_per_channel: usize,
-    interval_ms: f64,
-    duration_s: f64,
-    warmup_s: f64,
-    drain_s: f64,
-    drain_used_s: f64,
-    body_bytes: usize,
-    missed_ticks: MissedTicks,
-    threads: usize,
-    connections_attempted: usize,
-    pub(crate) connections_made: usize,
-    connections_failed: usize,
-    connect_errors: BTreeMap<String, usize>,
-    connect_time_s: f64,
-    window_s: f64,
     /// Requests per second the clients should send (clients x 1000 / interval).
     request_rate_target: f64,
     /// Measured requests sent per second.
@@ -836,49 +572,21 @@ pub(crate) struct HttpReport {
     incomplete_answers: u64,
     peers_per_answer: Option<f64>,
     first_unexpected_answer: Option<String>,
-    latency_p50_ms: Option<f64>,
-    latency_p90_ms: Option<f64>,
-    latency_p99_ms: Option<f64>,
-    latency_p999_ms: Option<f64>,
-    latency_max_ms: Option<f64>,
-    latency_mean_ms: Option<f64>,
     /// How old the peer states in measured 200 answers were (now - their timestamp).
     state_age_p50_ms: Option<f64>,
     state_age_p99_ms: Option<f64>,
     state_age_max_ms: Option<f64>,
-    server_pid: Option<String>,
-    server_rss_before_mib: Option<f64>,
-    server_rss_mib: Option<f64>,
-    server_rss_peak_mib: Option<f64>,
-    server_cpu_pct: Option<f64>,
-    bench_cpu_pct: Option<f64>,
-    bench_rss_mib: Option<f64>,
-    bench_rss_peak_mib: Option<f64>,
-    warnings: Vec<String>,
 }
 
-impl HttpReport {
-    fn build(input: ReportInput) -> HttpReport {
-        let ReportInput {
-            args,
-            results,
-            window,
-            latency,
-            age,
-            ..
-        } = input;
-        let made: Vec<&ClientResult> = results
-            .iter()
-            .filter(|r| r.connect_error.is_none())
-            .collect();
-        let mut connect_errors = BTreeMap::new();
-        for r in results {
-            if let Some(e) = &r.connect_error {
-                *connect_errors.entry(e.clone()).or_insert(0) += 1;
-            }
-        }
+impl HttpFigures {
+    fn of(
+        scenario: &Http,
+        run: &RunFacts,
+        made: &[&ClientResult],
+        warnings: &mut Vec<String>,
+    ) -> HttpFigures {
         let mut error_kinds = BTreeMap::new();
-        for r in &made {
+        for r in made {
             for (kind, n) in &r.error_kinds {
                 *error_kinds.entry(kind.clone()).or_insert(0) += n;
             }
@@ -889,36 +597,10 @@ impl HttpReport {
             status_200 + sum(|r| r.status_204 + r.status_4xx + r.status_5xx + r.status_other);
         let sent = sum(|r| r.sent_in_window);
         let errors = sum(|r| r.errors_in_window);
-        let secs = window.secs;
-        let per_sec = |n: u64| {
-            if secs > 0.0 {
-                round2(n as f64 / secs)
-            } else {
-                0.0
-            }
-        };
-        let server_cpu = window
-            .cpu_pct(window.server_ticks, input.clk_tck)
-            .map(round2);
-        let bench_cpu = window.cpu_pct(window.self_ticks, input.clk_tck).map(round2);
-        let target = round2(made.len() as f64 * 1000.0 / args.interval_ms());
-        let rate = per_sec(sent);
+        let target = round2(made.len() as f64 * 1000.0 / run.args.interval_ms());
+        let rate = run.per_sec(sent);
         let unanswered = sent.saturating_sub(answered + errors);
         let peers_seen = sum(|r| r.peers_seen);
-        let first_unexpected = made.iter().find_map(|r| r.first_unexpected.clone());
-
-        let mut warnings = Vec::new();
-        if let Some(note) = input.fd_note {
-            warnings.push(note);
-        }
-        if let Some(cpu) = bench_cpu
-            && cpu > 85.0 * input.threads as f64
-        {
-            warnings.push(format!(
-                "the load generator used {cpu:.0}% CPU of {} threads: it may be the bottleneck",
-                input.threads
-            ));
-        }
         if target > 0.0 && rate < target * 0.95 {
             warnings.push(format!(
                 "clients sent {rate:.0}/s, below the target {target:.0}/s: answers slower than \
@@ -936,30 +618,15 @@ impl HttpReport {
                 "{errors} measured requests failed and {unanswered} were never answered"
             ));
         }
-        HttpReport {
-            mode: "http-channels",
-            url: args.url().to_owned(),
-            channels: args.sessions,
-            clients_per_channel: args.followers + 1,
-            interval_ms: args.interval_ms(),
-            duration_s: args.duration_s,
-            warmup_s: args.warmup_s,
-            drain_s: args.drain_s,
-            drain_used_s: round2(input.drain_secs),
-            body_bytes: input.body_bytes,
-            missed_ticks: args.missed_ticks,
-            threads: input.threads,
-            connections_attempted: input.total,
-            connections_made: made.len(),
-            connections_failed: input.total - made.len(),
-            connect_errors,
-            connect_time_s: round2(input.connect_secs),
-            window_s: round2(secs),
+        let age = merged(&scenario.age);
+        HttpFigures {
+            channels: scenario.channels,
+            clients_per_channel: scenario.per_channel,
             request_rate_target: target,
             request_rate: rate,
             requests_sent: sent,
             requests_answered: answered,
-            requests_per_sec: per_sec(answered),
+            requests_per_sec: run.per_sec(answered),
             requests_sent_total: sum(|r| r.sent_total),
             requests_answered_total: sum(|r| r.answered_total),
             status_200,
@@ -981,65 +648,19 @@ impl HttpReport {
             incomplete_answers: sum(|r| r.incomplete_answers),
             peers_per_answer: (status_200 > 0)
                 .then(|| round2(peers_seen as f64 / status_200 as f64)),
-            first_unexpected_answer: first_unexpected,
-            latency_p50_ms: quantile_ms(latency, 0.5),
-            latency_p90_ms: quantile_ms(latency, 0.9),
-            latency_p99_ms: quantile_ms(latency, 0.99),
-            latency_p999_ms: quantile_ms(latency, 0.999),
-            latency_max_ms: (!latency.is_empty()).then(|| round2(latency.max() as f64 / 1000.0)),
-            latency_mean_ms: (!latency.is_empty()).then(|| round2(latency.mean() / 1000.0)),
-            state_age_p50_ms: quantile_ms(age, 0.5),
-            state_age_p99_ms: quantile_ms(age, 0.99),
+            first_unexpected_answer: made.iter().find_map(|r| r.first_unexpected.clone()),
+            state_age_p50_ms: quantile_ms(&age, 0.5),
+            state_age_p99_ms: quantile_ms(&age, 0.99),
             state_age_max_ms: (!age.is_empty()).then(|| round2(age.max() as f64 / 1000.0)),
-            server_pid: input.server_pid.map(str::to_owned),
-            server_rss_before_mib: mib(input.server_rss_before),
-            server_rss_mib: mib(window.server_rss_kib),
-            server_rss_peak_mib: mib(window.server_hwm_kib),
-            server_cpu_pct: server_cpu,
-            bench_cpu_pct: bench_cpu,
-            bench_rss_mib: mib(window.self_rss_kib),
-            bench_rss_peak_mib: mib(window.self_hwm_kib),
-            warnings,
         }
     }
 
-    pub(crate) fn table(&self) -> String {
-        fn opt(v: Option<f64>, unit: &str) -> String {
-            v.map_or_else(|| "-".into(), |v| format!("{v:.2}{unit}"))
-        }
-        let mut s = String::new();
-        let mut row = |k: &str, v: String| {
-            // Writing into a String cannot fail.
-            let _ = writeln!(s, "  {k:<26} {v}");
-        };
-        row("mode", format!("{} ({})", self.mode, self.url));
+    fn rows(&self, row: &mut dyn FnMut(&str, String)) {
         row(
-            "setup",
+            "keep-alive",
             format!(
-                "{} channels x {} clients, a post every {} ms, body {} B, one keep-alive connection each",
-                self.channels, self.clients_per_channel, self.interval_ms, self.body_bytes
-            ),
-        );
-        row(
-            "connections",
-            format!(
-                "{} attempted, {} made, {} failed in {:.2} s; {} reconnects, {} answers with Connection: close",
-                self.connections_attempted,
-                self.connections_made,
-                self.connections_failed,
-                self.connect_time_s,
-                self.reconnects,
-                self.server_closes
-            ),
-        );
-        for (error, n) in &self.connect_errors {
-            row("  connect error", format!("{n} x {error}"));
-        }
-        row(
-            "window",
-            format!(
-                "{:.2} s (then {:.2} s drain)",
-                self.window_s, self.drain_used_s
+                "{} reconnects, {} answers with Connection: close",
+                self.reconnects, self.server_closes
             ),
         );
         row(
@@ -1076,18 +697,6 @@ impl HttpReport {
             row("  error", format!("{n} x {kind}"));
         }
         row(
-            "latency",
-            format!(
-                "p50 {} p90 {} p99 {} p99.9 {} max {} (mean {})",
-                opt(self.latency_p50_ms, " ms"),
-                opt(self.latency_p90_ms, " ms"),
-                opt(self.latency_p99_ms, " ms"),
-                opt(self.latency_p999_ms, " ms"),
-                opt(self.latency_max_ms, " ms"),
-                opt(self.latency_mean_ms, " ms")
-            ),
-        );
-        row(
             "answers",
             format!(
                 "{} peers per 200 (of {}), {} incomplete; peer state age p50 {} p99 {} max {}",
@@ -1113,32 +722,6 @@ impl HttpReport {
         if let Some(m) = &self.first_unexpected_answer {
             row("  first unexpected", m.clone());
         }
-        if let Some(pid) = &self.server_pid {
-            row(
-                "server",
-                format!(
-                    "pid {pid}: CPU {} RSS {} (before {}, peak {})",
-                    opt(self.server_cpu_pct, "%"),
-                    opt(self.server_rss_mib, " MiB"),
-                    opt(self.server_rss_before_mib, " MiB"),
-                    opt(self.server_rss_peak_mib, " MiB")
-                ),
-            );
-        }
-        row(
-            "load generator",
-            format!(
-                "CPU {} ({} threads) RSS {} (peak {})",
-                opt(self.bench_cpu_pct, "%"),
-                self.threads,
-                opt(self.bench_rss_mib, " MiB"),
-                opt(self.bench_rss_peak_mib, " MiB")
-            ),
-        );
-        for w in &self.warnings {
-            row("WARNING", w.clone());
-        }
-        s
     }
 }
 
@@ -1170,45 +753,6 @@ mod tests {
     }
 
     #[test]
-    fn heads() {
-        let head = parse_head(
-            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nserver-time: 12.345\r\n\
-              content-length: 2\r\n\r\n",
-        )
-        .unwrap();
-        assert_eq!(
-            head,
-            Head {
-                status: 200,
-                content_length: Some(2),
-                close: false,
-                chunked: false,
-                server_time: Some(12.345),
-            }
-        );
-        let head = parse_head(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n").unwrap();
-        assert_eq!(
-            (head.status, head.close, head.content_length),
-            (204, true, None)
-        );
-        let head = parse_head(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n").unwrap();
-        assert!(head.close);
-        let head = parse_head(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
-        )
-        .unwrap();
-        assert!(head.chunked && head.content_length.is_none());
-        assert!(parse_head(b"HTTP/1.1 2x OK\r\n\r\n").is_err());
-        assert!(parse_head(b"SPDY 200\r\n\r\n").is_err());
-        assert!(
-            parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
-                .is_err()
-        );
-        assert_eq!(find_blank_line(b"a\r\n\r\nb"), Some(1));
-        assert_eq!(find_blank_line(b"a\r\n\r"), None);
-    }
-
-    #[test]
     fn bodies_are_about_200_bytes_of_json() {
         let mut body = String::new();
         for seq in [0, 7, 12345] {
@@ -1227,37 +771,22 @@ mod tests {
         }
     }
 
-    fn answer_of(status: u16, body: &str) -> (Answer, Vec<u8>) {
-        let head = Head {
+    fn answer_of(status: u16, body: &str) -> Answer {
+        Answer {
             status,
-            content_length: Some(body.len()),
             close: false,
-            chunked: false,
             server_time: Some(1.0),
-        };
-        (
-            Answer {
-                head,
-                body: 0..body.len(),
-            },
-            body.as_bytes().to_vec(),
-        )
+            body: Bytes::copy_from_slice(body.as_bytes()),
+        }
     }
 
     #[test]
     fn answers_are_checked() {
         let check = |status, body: &str| {
-            let (answer, buf) = answer_of(status, body);
+            let answer = answer_of(status, body);
             let mut result = ClientResult::default();
             let mut last = 0.5;
-            let times = check_answer(
-                &answer,
-                &buf,
-                "bench-1-0",
-                "bench-1-",
-                &mut last,
-                &mut result,
-            );
+            let times = check_answer(&answer, "bench-1-0", "bench-1-", &mut last, &mut result);
             (times, result)
         };
         let (times, r) = check(
@@ -1310,8 +839,12 @@ mod tests {
             "0.5",
         ])
         .unwrap();
-        let report = run(args, 2).await.unwrap();
+        let scenario = Http::new(&args).await.unwrap();
+        let report = crate::harness::run(scenario, args, 2).await.unwrap();
         assert_eq!(report.connections_made, 9);
+        assert!(report.latency.p50_ms.is_some());
+        let table = report.table(Http::rows);
+        let report = &report.figures;
         assert!(report.requests_sent > 100, "{report:?}");
         assert_eq!(report.status_200, report.requests_sent, "{report:?}");
         assert_eq!(
@@ -1326,8 +859,11 @@ mod tests {
         assert_eq!(report.missing_server_time + report.server_time_backwards, 0);
         assert_eq!(report.incomplete_answers, 0, "{report:?}");
         assert_eq!(report.peers_per_answer, Some(2.0));
-        assert!(report.latency_p50_ms.is_some() && report.state_age_p50_ms.is_some());
-        assert!(report.table().contains("200: "));
+        assert!(report.state_age_p50_ms.is_some());
+        assert!(
+            table.contains("200: ") && table.contains("latency"),
+            "{table}"
+        );
         server.shutdown().await;
     }
 }
