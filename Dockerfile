@@ -3,11 +3,15 @@
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 # Dependencies first, so that changing the code does not rebuild them.
+# The workspace's other members (the test client and the benchmark) are not built, but
+# cargo reads their manifests: stand-ins keep the workspace whole.
 COPY Cargo.toml Cargo.lock build.rs ./
-RUN mkdir -p src/bin/supersynk-bench \
+COPY client/Cargo.toml ./client/
+COPY bench/Cargo.toml ./bench/
+RUN mkdir -p src client/src bench/src \
     && echo 'fn main() {}' > src/main.rs \
-    && echo 'fn main() {}' > src/bin/supersynk-bench/main.rs \
-    && touch src/lib.rs \
+    && touch src/lib.rs client/src/lib.rs \
+    && echo 'fn main() {}' > bench/src/main.rs \
     && cargo build --release --locked --bin supersynk \
     && rm -rf src
 COPY src ./src

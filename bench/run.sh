@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs the benchmark scenarios against a freshly started release server on this machine.
 #   bench/run.sh realistic|wide|saturation|idle|http|cluster|reliable|all [extra supersynk-bench flags]
+#   bench/run.sh compare [flags]   supersynk against the µWebSockets reference relay (bench/uws/)
+#   bench/run.sh ipd [flags]       the server's instructions per delivery (valgrind's callgrind)
 # SUPERSYNK_BIN runs another server binary (a build of an earlier commit, to compare).
 # Each scenario starts its own server (so RSS figures start from a fresh process), prints
 # the bench tool's table, and keeps its JSON in bench/out/<scenario>*.json. `cluster` starts
@@ -8,7 +10,8 @@
 # prefix of their own, whose keys it deletes afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --bin supersynk --bin supersynk-bench >&2
+# The server and the bench are two packages of the workspace (the bench's is bench/).
+cargo build --release -p supersynk -p supersynk-bench >&2
 mkdir -p bench/out
 port=${BENCH_PORT:-5301}
 redis_url=${REDIS_URL:-redis://127.0.0.1:6379}
@@ -17,18 +20,29 @@ server_pid= node_b_pid= cluster_prefix= cluster_runs=0
 # per-connection message rate (200/s), which is sized for real clients. Runs of real clients
 # (the reliable-loss run) empty this to get the defaults.
 node_rates=(--messages-per-second 100000 --message-burst 100000)
+# Sessions of 1 leader and 1,000 followers (wide, compare): above the default cap of 256.
+wide_members=(--max-session-members 1001)
 
 start_node() { # port, flags...: a release server; its pid in node_pid once /healthz says ok
   local p=$1; shift
-  "${SUPERSYNK_BIN:-./target/release/supersynk}" --bind 127.0.0.1 --port "$p" --log warn \
+  # shellcheck disable=SC2086 # SUPERSYNK_BIN may be a command and its arguments (ipd)
+  ${SUPERSYNK_BIN:-./target/release/supersynk} --bind 127.0.0.1 --port "$p" --log warn \
     "${node_rates[@]}" "$@" &
   node_pid=$!
   # "ok" only once connected to Redis in cluster mode ("degraded: ..." before).
-  for _ in $(seq 100); do [ "$(curl -sf "http://127.0.0.1:$p/healthz")" = ok ] && return; sleep 0.05; done
+  for _ in $(seq "${START_TRIES:-100}"); do [ "$(curl -sf "http://127.0.0.1:$p/healthz")" = ok ] && return; sleep 0.05; done
   kill "$node_pid" 2>/dev/null || true
   echo "server on port $p did not start" >&2; exit 1
 }
 start_server() { start_node "$port" "$@"; server_pid=$node_pid; }
+start_uws() { # the µWebSockets reference relay (bench/uws/relay.js) on $port, in server_pid
+  [ -d bench/uws/node_modules/uWebSockets.js ] ||
+    (cd bench/uws && npm ci --no-audit --no-fund --loglevel=error) >&2
+  node bench/uws/relay.js --port "$port" 2>/dev/null &
+  server_pid=$!
+  for _ in $(seq 100); do [ "$(curl -sf "http://127.0.0.1:$port/healthz")" = ok ] && return; sleep 0.05; done
+  echo "the µWS relay on port $port did not start" >&2; exit 1
+}
 start_cluster() { # node A on $port (server_pid: the one the bench reports), node B on $port+1
   cluster_prefix="bench-$$-$((cluster_runs += 1)):"
   local redis=(--redis-url "$redis_url" --redis-prefix "$cluster_prefix")
@@ -88,9 +102,13 @@ scenario() {
         --ping-ms 1700 --deflate "${@:2}"; stop_server
       start_server; bench realistic-plain --sessions 2500 --followers 3 --interval-ms 170 --duration-s 20 \
         --ping-ms 1700 "${@:2}"; stop_server ;;
-    wide) # 1 leader, 1,000 followers, a push every 10 ms
-      start_server; bench wide --sessions 1 --followers 1000 --interval-ms 10 --duration-s 20 "${@:2}"; stop_server
-      start_server; bench wide-deflate --sessions 1 --followers 1000 --interval-ms 10 --duration-s 20 --deflate "${@:2}"; stop_server ;;
+    wide) # 1 leader, 1,000 followers, a push every 10 ms (the session is above the default
+      # cap of 256 members, raised for it)
+      start_server "${wide_members[@]}"
+      bench wide --sessions 1 --followers 1000 --interval-ms 10 --duration-s 20 "${@:2}"; stop_server
+      start_server "${wide_members[@]}"
+      bench wide-deflate --sessions 1 --followers 1000 --interval-ms 10 --duration-s 20 --deflate "${@:2}"
+      stop_server ;;
     saturation) # rising offered load on 20 sessions x 100 followers until p99 passes 50 ms
       for deflate in "" "--deflate"; do
         for interval in ${SAT_INTERVALS:-20 15 10 6 4 3 2}; do
@@ -153,8 +171,111 @@ scenario() {
       node bench/reliable-loss.mjs "ws://127.0.0.1:$port/v1/reliable" 600 0.03 5 bench/out/reliable-loss.json
       stop_server
       node_rates=("${saved_rates[@]}") ;;
-    all) for s in realistic wide saturation idle http cluster reliable; do scenario "$s" "${@:2}"; done ;;
+    compare) compare "${@:2}" ;;
+    ipd) ipd "${@:2}" ;;
+    all) for s in realistic wide saturation idle http cluster reliable compare ipd; do scenario "$s" "${@:2}"; done ;;
     *) echo "unknown scenario $1" >&2; exit 2 ;;
   esac
 }
+compare() { # flags...: every compare case against supersynk and the µWS relay, interleaved
+  # (a fresh server per run, COMPARE_RUNS runs of each), then the medians and the ratios.
+  # COMPARE_CASES picks cases, COMPARE_DURATION_S sets the window of the load cases.
+  local runs=${COMPARE_RUNS:-3} secs=${COMPARE_DURATION_S:-10} run entry name peer
+  # name|bench flags. No deflate: the µWS relay compresses nothing (the plugin then sends
+  # plain text too).
+  local cases=(
+    "small|--sessions 200 --followers 3 --interval-ms 170 --ping-ms 1700 --duration-s $secs"
+    "many|--sessions ${COMPARE_MANY_SESSIONS:-2500} --followers 3 --interval-ms 170 --ping-ms 1700 --duration-s $secs"
+    "wide|--sessions 1 --followers 1000 --interval-ms 5 --duration-s $secs"
+    "idle|--sessions 1000 --followers 3 --idle --duration-s 2"
+  )
+  rm -f bench/out/compare-*.json
+  for entry in "${cases[@]}"; do
+    name=${entry%%|*}
+    [[ " ${COMPARE_CASES:-small many wide idle} " == *" $name "* ]] || continue
+    for run in $(seq "$runs"); do
+      for peer in supersynk uws; do
+        if [ "$peer" = uws ]; then start_uws; else start_server "${wide_members[@]}"; fi
+        # shellcheck disable=SC2086 # the case's flags are words
+        bench "compare-$name-$peer-$run" ${entry#*|} "$@"
+        stop_server
+      done
+    done
+  done
+  python3 - bench/out <<'PY'
+import glob, json, os, statistics, sys
+runs = {}
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "compare-*.json"))):
+    case, peer, _ = os.path.basename(path)[len("compare-"):-len(".json")].rsplit("-", 2)
+    runs.setdefault(case, {}).setdefault(peer, []).append(json.load(open(path)))
+def med(rs, f):
+    vs = [v for v in (f(r) for r in rs) if v is not None]
+    return statistics.median(vs) if vs else None
+def cpu_per_delivery(r):  # µs of server CPU per delivery
+    cpu, dps = r.get("server_cpu_pct"), r.get("deliveries_per_sec")
+    return cpu / 100 * 1e6 / dps if cpu is not None and dps else None
+def fmt(v, f="{:.2f}"):
+    return "-" if v is None else f.format(v)
+def ratio(a, b):
+    return None if a is None or not b else a / b
+print("| case | peer | runs | deliveries/s | lost | p99 | server CPU | CPU per delivery | RSS per connection |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+summary = []
+for case, peers in runs.items():
+    figures = {}
+    for peer in ("supersynk", "uws"):
+        rs = peers.get(peer, [])
+        f = figures[peer] = {
+            "dps": med(rs, lambda r: r.get("deliveries_per_sec")),
+            "lost": med(rs, lambda r: r.get("deliveries_lost")),
+            "p99": med(rs, lambda r: r.get("latency_p99_ms")),
+            "cpu": med(rs, lambda r: r.get("server_cpu_pct")),
+            "cpd": med(rs, cpu_per_delivery),
+            "rss": med(rs, lambda r: r.get("server_rss_per_connection_kib")),
+        }
+        print(f"| {case} | {'µWS' if peer == 'uws' else peer} | {len(rs)} | {fmt(f['dps'], '{:,.0f}')} "
+              f"| {fmt(f['lost'], '{:.0f}')} | {fmt(f['p99'], '{:.2f} ms')} | {fmt(f['cpu'], '{:.0f}%')} "
+              f"| {fmt(f['cpd'], '{:.2f} µs')} | {fmt(f['rss'], '{:.2f} KiB')} |")
+    s, u = figures["supersynk"], figures["uws"]
+    summary.append((case, ratio(s["cpd"], u["cpd"]), ratio(s["rss"], u["rss"])))
+print()
+for case, cpd, rss in summary:
+    parts = []
+    if cpd is not None:
+        parts.append(f"CPU per delivery supersynk/µWS = {cpd:.2f}")
+    if rss is not None:
+        parts.append(f"RSS per connection supersynk/µWS = {rss:.2f}")
+    print(f"ratio {case}: " + ("; ".join(parts) or "none (figures missing)"))
+PY
+}
+
+ipd() { # flags...: the instructions the server executes per delivery, counted by callgrind
+  # on a fixed workload (4 sessions x 50 followers, a push every 50 ms for 3 s): the run's
+  # instructions minus those of the same connections held idle as long, over the deliveries.
+  # Instruction counts do not move with the machine's load, unlike CPU time.
+  command -v valgrind >/dev/null || { echo "ipd needs valgrind (apt-get install valgrind)" >&2; exit 1; }
+  local kind out ir=()
+  for kind in idle load; do
+    out="bench/out/ipd-$kind.callgrind"
+    rm -f "$out"
+    SUPERSYNK_BIN="valgrind --tool=callgrind --callgrind-out-file=$out ./target/release/supersynk" \
+      START_TRIES=1200 start_server "${wide_members[@]}"
+    if [ "$kind" = idle ]; then
+      bench ipd-idle --sessions 4 --followers 50 --idle --duration-s 3 "$@"
+    else
+      bench ipd-load --sessions 4 --followers 50 --interval-ms 50 --warmup-s 0 --duration-s 3 \
+        --drain-s 20 "$@"
+    fi
+    stop_server
+    ir+=("$(awk '/^(summary|totals):/ { print $2; exit }' "$out")")
+  done
+  python3 - "${ir[0]}" "${ir[1]}" bench/out/ipd-load.json <<'PY'
+import json, sys
+idle, load, r = int(sys.argv[1]), int(sys.argv[2]), json.load(open(sys.argv[3]))
+n = r["deliveries_received_total"]
+print(f"ipd: {load:,} instructions with pushes, {idle:,} idle; {n:,} deliveries "
+      f"({r['deliveries_lost']} lost): {(load - idle) / max(n, 1):,.0f} instructions per delivery")
+PY
+}
+
 scenario "${1:-all}" "${@:2}"

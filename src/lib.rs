@@ -12,7 +12,6 @@
 //!   `/logs/listen`, `/logs/query` over the log store, the `/logs.html` viewer),
 //!   [`reliable`] (the reliable session protocol on `/v1/reliable`: acks, resends, resume,
 //!   rooms, request/response) and [`echo`] (for conformance testing).
-//! - [`client`]: a client that behaves like the deployed plugin, for tests and benchmarks.
 //! - [`cluster`]: cluster mode, several nodes sharing sessions over Redis, behind the
 //!   core's [`core::link`] outbox.
 //! - [`store`]: the durable store's backends (SQLite in the data directory, PostgreSQL),
@@ -25,7 +24,6 @@
 #![forbid(unsafe_code)]
 
 pub mod channels;
-pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod core;

@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use supersynk::client::HunterClient;
 use supersynk::config::Settings;
+use supersynk_client::HunterClient;
 use tokio::sync::oneshot;
 
 #[tokio::test]

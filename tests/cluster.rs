@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 
 use common::cluster::*;
 use common::*;
-use supersynk::client::HunterClient;
+use supersynk_client::HunterClient;
 
 /// A leader that creates `session` on the node at `addr`.
 async fn first_leader(addr: SocketAddr, session: &str) -> HunterClient {

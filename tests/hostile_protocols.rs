@@ -10,8 +10,8 @@ use std::time::Duration;
 use common::messages::Peer;
 use common::*;
 use futures::StreamExt;
-use supersynk::client::HunterClient;
 use supersynk::config::Settings;
+use supersynk_client::HunterClient;
 use tokio::io::AsyncWriteExt;
 
 // ---- Frames that escape the rate (point 3) ----

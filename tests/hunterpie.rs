@@ -4,8 +4,8 @@ mod common;
 
 use common::*;
 use futures::{SinkExt, StreamExt};
-use supersynk::client::HunterClient;
 use supersynk::config::Settings;
+use supersynk_client::HunterClient;
 use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test]
@@ -354,7 +354,7 @@ async fn broken_and_oversized_frames_close_with_the_documented_codes() {
     let mut c = HunterClient::connect(addr, "/connect", false)
         .await
         .unwrap();
-    c.ws.send(supersynk::client::text_message("{}", true))
+    c.ws.send(supersynk_client::text_message("{}", true))
         .await
         .unwrap();
     assert_eq!(close_code(&mut c).await, Some(1002));
@@ -362,7 +362,7 @@ async fn broken_and_oversized_frames_close_with_the_documented_codes() {
     // Invalid UTF-8 in a text frame (compressed, so it passes our inflater first).
     let mut c = plugin(addr).await;
     let mut frame = tokio_tungstenite::tungstenite::protocol::frame::Frame::message(
-        supersynk::client::plugin_deflate(&[0xc3, 0x28, 0xa0, 0xa1]),
+        supersynk_client::plugin_deflate(&[0xc3, 0x28, 0xa0, 0xa1]),
         tokio_tungstenite::tungstenite::protocol::frame::coding::OpCode::Data(
             tokio_tungstenite::tungstenite::protocol::frame::coding::Data::Text,
         ),

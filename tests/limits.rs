@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use common::*;
 use futures::SinkExt;
-use supersynk::client::HunterClient;
 use supersynk::config::Settings;
+use supersynk_client::HunterClient;
 use tokio_tungstenite::tungstenite::Message;
 
 fn behind_proxy(s: Settings) -> Settings {

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 
 use common::cluster::*;
 use common::*;
-use supersynk::client::HunterClient;
+use supersynk_client::HunterClient;
 
 struct Nginx {
     child: Child,

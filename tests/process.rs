@@ -100,7 +100,7 @@ async fn a_follower_that_stops_reading_is_cut_off_and_memory_stays_bounded() {
     let (child, addr) = spawn(&args, &[]);
     let (mut leader, mut good) = pair(addr, "slow").await;
     // The stuck follower joins without compression and then never reads again.
-    let mut stuck = supersynk::client::HunterClient::connect(addr, "/connect", false)
+    let mut stuck = supersynk_client::HunterClient::connect(addr, "/connect", false)
         .await
         .unwrap();
     join(&mut stuck, "S", "slow", false).await;
@@ -183,7 +183,7 @@ async fn floods_do_not_starve_a_well_behaved_session() {
     let many = tokio::spawn(async move {
         let (mut held, mut refused) = (Vec::new(), 0);
         for _ in 0..200 {
-            match supersynk::client::HunterClient::connect_with_headers(
+            match supersynk_client::HunterClient::connect_with_headers(
                 addr,
                 "/connect",
                 true,
@@ -202,7 +202,7 @@ async fn floods_do_not_starve_a_well_behaved_session() {
     });
     // 2. A client sending as fast as it can: cut off by the message rate limit.
     let blaster = tokio::spawn(async move {
-        let mut c = supersynk::client::HunterClient::connect(addr, "/connect", true)
+        let mut c = supersynk_client::HunterClient::connect(addr, "/connect", true)
             .await
             .unwrap();
         let mut sent = 0;
@@ -224,7 +224,7 @@ async fn floods_do_not_starve_a_well_behaved_session() {
     // 3. A client opening and closing sockets in a loop.
     let churn = tokio::spawn(async move {
         for i in 0..300 {
-            let mut c = supersynk::client::HunterClient::connect(addr, "/connect", i % 2 == 0)
+            let mut c = supersynk_client::HunterClient::connect(addr, "/connect", i % 2 == 0)
                 .await
                 .unwrap();
             join(&mut c, "C", &format!("churn{}", i % 7), i % 3 == 0).await;

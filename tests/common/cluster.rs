@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 
-use supersynk::client::HunterClient;
+use supersynk_client::HunterClient;
 
 use super::*;
 

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use supersynk::Server;
-use supersynk::client::HunterClient;
 use supersynk::config::{Config, Settings};
+use supersynk_client::HunterClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;

@@ -8,28 +8,26 @@
 //! client does), answer nothing else, and check what they get: the room, per-sender order
 //! (gaps, out of order), the server's numbering (duplicates are dropped, as the protocol
 //! says). Latency is `now - ts` on one clock. Expected deliveries: every measured publish
-//! times the other members of its room. The report is the WebSocket mode's
-//! ([`super::Report`]), with mode `reliable`.
+//! times the other members of its room. The figures are the HunterPie
+//! scenario's ([`Deliveries`]), with mode `reliable`.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
-use hdrhistogram::Histogram;
 use tokio::net::TcpStream;
-use tokio::sync::{Semaphore, mpsc, watch};
-use tokio::time::{MissedTickBehavior, interval_at, timeout};
+use tokio::time::{MissedTickBehavior, timeout};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use super::{
-    Args, BATCH, ConnResult, Event, MAX_LATENCY_US, MissedTicks, Plan, Report, ReportInput, SHARDS,
-    Window, clock_ticks_per_second, describe_io, digits_before, ensure_fd_limit, micros_since,
-    parse_tail, read_status_kib, resolve, tick,
-};
+use crate::harness::{Harness, Latencies, Plan, RunFacts, Scenario, tick};
+use crate::hunterpie::{ConnResult, Deliveries, digits_before, parse_tail};
+use crate::{Args, resolve};
 
 type Ws = tokio_tungstenite::WebSocketStream<TcpStream>;
 
@@ -39,143 +37,102 @@ const ACK_EVERY: Duration = Duration::from_millis(100);
 const ACK_AFTER: u64 = 64;
 const PREFIX: &[u8] = br#"{"t":"msg","seq":"#;
 
-struct Shared {
-    addr: std::net::SocketAddr,
+/// The scenario: where clients connect, and how many joined each room.
+pub(crate) struct Reliable {
+    addr: SocketAddr,
     path: String,
-    args: Args,
-    epoch: Instant,
-    connect_slots: Semaphore,
-    events_tx: mpsc::UnboundedSender<Event>,
-    plan_rx: watch::Receiver<Option<Arc<Plan>>>,
-    stop_rx: watch::Receiver<bool>,
-    /// Latency histograms (µs), sharded as in the WebSocket mode.
-    latency: Vec<Mutex<Histogram<u64>>>,
-    join_time: Mutex<Histogram<u64>>,
-    emfile_reported: AtomicBool,
+    rooms: usize,
+    per_room: usize,
+    setup: String,
     /// Members joined per room (complete before the plan is published).
     joined: Vec<AtomicU64>,
-    expected: AtomicU64,
-    delivered: AtomicU64,
 }
 
-pub(crate) async fn run(args: Args, threads: usize) -> anyhow::Result<Report> {
-    let (addr, path) = resolve(args.url()).await?;
-    let per_room = args.followers + 1;
-    let total = args.sessions * per_room;
-    let fd_note = ensure_fd_limit(total as u64 + 64);
-    if let Some(note) = &fd_note {
-        eprintln!("warning: {note}");
+impl Reliable {
+    pub(crate) async fn new(args: &Args) -> anyhow::Result<Reliable> {
+        let (addr, path) = resolve(args.url()).await?;
+        Ok(Reliable {
+            addr,
+            path,
+            rooms: args.sessions,
+            per_room: args.followers + 1,
+            setup: format!(
+                "{} rooms x {} members, all publishing, interval {} ms, payload {} B, deflate off",
+                args.sessions,
+                args.followers + 1,
+                args.interval_ms(),
+                args.payload_bytes
+            ),
+            joined: (0..args.sessions).map(|_| AtomicU64::new(0)).collect(),
+        })
     }
-    let server_pid = args.server_pid.map(|p| p.to_string());
-    let clk_tck = clock_ticks_per_second();
-    let server_rss_before = server_pid
-        .as_deref()
-        .and_then(|p| read_status_kib(p, "VmRSS:"));
-    let (events_tx, mut events_rx) = mpsc::unbounded_channel();
-    let (plan_tx, plan_rx) = watch::channel(None);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let histogram =
-        || Histogram::<u64>::new_with_bounds(1, MAX_LATENCY_US, 3).expect("valid histogram bounds");
-    let shared = Arc::new(Shared {
-        addr,
-        path,
-        args: args.clone(),
-        epoch: Instant::now(),
-        connect_slots: Semaphore::new(args.connect_concurrency.max(1)),
-        events_tx,
-        plan_rx,
-        stop_rx,
-        latency: (0..SHARDS).map(|_| Mutex::new(histogram())).collect(),
-        join_time: Mutex::new(histogram()),
-        emfile_reported: AtomicBool::new(false),
-        joined: (0..args.sessions).map(|_| AtomicU64::new(0)).collect(),
-        expected: AtomicU64::new(0),
-        delivered: AtomicU64::new(0),
-    });
+}
 
-    let connect_started = Instant::now();
-    let tasks: Vec<_> = (0..total)
-        .map(|i| tokio::spawn(client(shared.clone(), i)))
-        .collect();
-    let (mut joined, mut failed) = (0usize, 0usize);
-    while joined + failed < total {
-        match events_rx.recv().await {
-            Some(Event::Joined) => joined += 1,
-            Some(Event::Failed) => failed += 1,
-            None => break,
-        }
-    }
-    let connect_secs = connect_started.elapsed().as_secs_f64();
-    eprintln!("{joined} of {total} clients joined in {connect_secs:.2} s ({failed} failed)");
+impl Scenario for Reliable {
+    type Conn = ConnResult;
+    type Figures = Deliveries;
 
-    let mut window = Window::default();
-    let mut drain_secs = 0.0;
-    if joined > 0 {
-        drain_secs = super::measure(
-            &args,
-            shared.epoch,
-            &plan_tx,
-            server_pid.as_deref(),
-            &mut window,
-            (&shared.expected, &shared.delivered),
-            "publishing",
-        )
-        .await;
+    fn mode(&self) -> &'static str {
+        "reliable"
     }
-    stop_tx.send_replace(true);
-    let mut results = Vec::with_capacity(total);
-    for task in tasks {
-        match task.await {
-            Ok(r) => results.push(r),
-            Err(e) => eprintln!("a client task failed: {e}"),
-        }
+
+    fn verb(&self) -> &'static str {
+        "publishing"
     }
-    let latency = super::merged(&shared.latency, histogram());
-    let join_time = shared
-        .join_time
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
-    let expected = shared.expected.load(Ordering::Relaxed);
-    Ok(Report::build(ReportInput {
-        args: &args,
-        threads,
-        total,
-        connect_secs,
-        drain_secs,
-        results: &results,
-        latency: &latency,
-        join_time: &join_time,
-        window: &window,
-        clk_tck,
-        server_rss_before,
-        server_rss_joined: None,
-        server_pid: server_pid.as_deref(),
-        fd_note,
-        mode: Some("reliable"),
-        expected: Some(expected),
-    }))
+
+    fn connections(&self) -> usize {
+        self.rooms * self.per_room
+    }
+
+    fn setup(&self) -> String {
+        self.setup.clone()
+    }
+
+    async fn connection(self: Arc<Self>, h: Arc<Harness>, index: usize) -> ConnResult {
+        client(&self, &h, index).await
+    }
+
+    fn figures(
+        &self,
+        run: &RunFacts,
+        made: &[&ConnResult],
+        warnings: &mut Vec<String>,
+    ) -> Deliveries {
+        // Every measured publish times the other members of its room, counted as sent.
+        Deliveries::of(run, made, run.expected, run.args.payload_bytes, warnings)
+    }
+
+    fn rows(figures: &Deliveries, row: &mut dyn FnMut(&str, String)) {
+        figures.rows(row);
+    }
 }
 
 /// Connects, says hello and joins the room; returns the socket once the join is acked, and
 /// the last seq the server numbered until then (join announcements).
-async fn connect(shared: &Shared, room: usize) -> Result<(Ws, u64), String> {
-    let _slot = shared
-        .connect_slots
-        .acquire()
-        .await
-        .map_err(|_| "cancelled".to_owned())?;
+async fn connect(scenario: &Reliable, h: &Harness, room: usize) -> Result<(Ws, u64), String> {
+    let _slot = h.slot().await?;
     let started = Instant::now();
     let attempt = async {
-        let tcp = TcpStream::connect(shared.addr)
+        let tcp = TcpStream::connect(scenario.addr)
             .await
-            .map_err(|e| describe_io(&e, &shared.emfile_reported))?;
+            .map_err(|e| h.describe_io(&e))?;
         // Small frames must leave at once.
         let _ = tcp.set_nodelay(true);
-        let url = format!("ws://{}{}", shared.addr, shared.path);
-        let (mut ws, _) = tokio_tungstenite::client_async(url, tcp)
+        let url = format!("ws://{}{}", scenario.addr, scenario.path);
+        // A 4 KiB read buffer, as the HunterPie client's: tungstenite zero-fills the free
+        // part of its read buffer on every read, which at the default 128 KiB made the
+        // load generator the bottleneck.
+        let config = WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .write_buffer_size(0);
+        let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, tcp, Some(config))
             .await
-            .map_err(|e| format!("handshake: {e}"))?;
+            .map_err(|e| match e {
+                tokio_tungstenite::tungstenite::Error::Http(answer) => {
+                    format!("handshake refused: HTTP {}", answer.status())
+                }
+                e => format!("handshake: {e}"),
+            })?;
         let join = format!(r#"{{"t":"msg","seq":1,"op":"join","room":"bench-{room}"}}"#);
         for text in [r#"{"t":"hello"}"#.to_owned(), join] {
             ws.send(Message::text(text))
@@ -202,24 +159,16 @@ async fn connect(shared: &Shared, room: usize) -> Result<(Ws, u64), String> {
             }
         }
     };
-    let ws = timeout(
-        Duration::from_secs_f64(shared.args.connect_timeout_s),
-        attempt,
-    )
-    .await
-    .map_err(|_| "timed out (connect, upgrade, hello or join)".to_owned())??;
-    shared
-        .join_time
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .saturating_record((started.elapsed().as_micros() as u64).max(1));
+    let ws = timeout(Duration::from_secs_f64(h.args.connect_timeout_s), attempt)
+        .await
+        .map_err(|_| "timed out (connect, upgrade, hello or join)".to_owned())??;
+    h.record_join(started);
     Ok(ws)
 }
 
 /// A member's tallies and checks.
 struct Member<'a> {
-    shared: &'a Shared,
-    index: usize,
+    h: &'a Harness,
     /// `,"room":"bench-<room>","from":` — every publish relayed to this member has it.
     room_key: Vec<u8>,
     /// The server's numbering: the last seq received in order, and acks owed.
@@ -227,7 +176,7 @@ struct Member<'a> {
     owed: u64,
     /// Next expected publish number per sender.
     next: HashMap<u64, u64>,
-    batch: Vec<u32>,
+    latencies: Latencies<'a>,
     result: ConnResult,
 }
 
@@ -297,81 +246,50 @@ impl Member<'_> {
             self.result.out_of_order += 1;
         }
         if let Some(plan) = plan
-            && ts >= plan.window_start_us
-            && ts < plan.window_end_us
+            && plan.measures(ts)
         {
             self.result.received_in_window += 1;
-            self.shared.delivered.fetch_add(1, Ordering::Relaxed);
-            let now = micros_since(self.shared.epoch, Instant::now());
-            self.batch
-                .push(now.saturating_sub(ts).clamp(1, u32::MAX as u64) as u32);
-            if self.batch.len() >= BATCH {
-                self.flush_latencies();
-            }
+            self.h.delivered.fetch_add(1, Ordering::Relaxed);
+            self.latencies.record(self.h.now_us().saturating_sub(ts));
         }
         Ok(())
-    }
-
-    fn flush_latencies(&mut self) {
-        if self.batch.is_empty() {
-            return;
-        }
-        let shard = &self.shared.latency[self.index % SHARDS];
-        let mut h = shard.lock().unwrap_or_else(|e| e.into_inner());
-        for &l in &self.batch {
-            h.saturating_record(u64::from(l));
-        }
-        drop(h);
-        self.batch.clear();
     }
 }
 
 /// One client, from connecting to the end of the run.
-async fn client(shared: Arc<Shared>, index: usize) -> ConnResult {
-    let args = &shared.args;
-    let per_room = args.followers + 1;
+async fn client(scenario: &Reliable, h: &Harness, index: usize) -> ConnResult {
+    let args = &h.args;
+    let per_room = scenario.per_room;
     let room = index / per_room;
     let mut m = Member {
-        shared: &shared,
-        index,
+        h,
         room_key: format!(r#","room":"bench-{room}","from":"#).into_bytes(),
         in_seq: 0,
         owed: 0,
         next: HashMap::new(),
-        batch: Vec::with_capacity(BATCH),
+        latencies: h.latencies(index),
         result: ConnResult {
             session: room,
             leader: true,
             ..ConnResult::default()
         },
     };
-    let mut ws = match connect(&shared, room).await {
+    let mut ws = match connect(scenario, h, room).await {
         Ok((ws, in_seq)) => {
             m.in_seq = in_seq;
             m.owed = 1;
-            shared.joined[room].fetch_add(1, Ordering::Relaxed);
-            // The main task holds the receiver until every client has reported.
-            let _ = shared.events_tx.send(Event::Joined);
+            scenario.joined[room].fetch_add(1, Ordering::Relaxed);
+            h.ready(true);
             ws
         }
         Err(e) => {
-            let _ = shared.events_tx.send(Event::Failed);
+            h.ready(false);
             m.result.connect_error = Some(e);
             return m.result;
         }
     };
-    let mut plan_rx = shared.plan_rx.clone();
-    let mut stop_rx = shared.stop_rx.clone();
-    let mut stop = pin!(async move {
-        let _ = stop_rx.wait_for(|s| *s).await;
-    });
-    let mut plan_wait = pin!(async move {
-        plan_rx
-            .wait_for(Option::is_some)
-            .await
-            .ok()
-            .and_then(|p| (*p).clone())
-    });
+    let mut stop = pin!(h.stopped());
+    let mut plan_wait = pin!(h.plan());
     let mut plan: Option<Arc<Plan>> = None;
     let mut publisher = None;
     let mut acker = tokio::time::interval(ACK_EVERY);
@@ -385,27 +303,20 @@ async fn client(shared: Arc<Shared>, index: usize) -> ConnResult {
             _ = &mut stop => break,
             p = &mut plan_wait, if plan.is_none() => {
                 let Some(p) = p else { break };
-                let period = Duration::from_secs_f64(args.interval_ms() / 1000.0);
-                let offset = period.mul_f64(index as f64 / (args.sessions * per_room) as f64);
-                let mut i = interval_at(p.start + offset, period);
-                i.set_missed_tick_behavior(match args.missed_ticks {
-                    MissedTicks::Delay => MissedTickBehavior::Delay,
-                    MissedTicks::Burst => MissedTickBehavior::Burst,
-                });
-                publisher = Some(i);
+                publisher = Some(h.pacer(&p, index as f64 / scenario.connections() as f64));
                 plan = Some(p);
             }
             _ = tick(&mut publisher), if publisher.is_some() => {
                 let Some(plan) = &plan else { continue };
-                let ts = micros_since(shared.epoch, Instant::now());
+                let ts = h.now_us();
                 if ts >= plan.window_end_us {
                     publisher = None;
                     continue;
                 }
                 if ts >= plan.window_start_us {
                     m.result.pushes_in_window += 1;
-                    let others = shared.joined[room].load(Ordering::Relaxed).saturating_sub(1);
-                    shared.expected.fetch_add(others, Ordering::Relaxed);
+                    let others = scenario.joined[room].load(Ordering::Relaxed).saturating_sub(1);
+                    h.expected.fetch_add(others, Ordering::Relaxed);
                 }
                 m.result.pushes_total += 1;
                 out_seq += 1;
@@ -460,10 +371,10 @@ async fn client(shared: Arc<Shared>, index: usize) -> ConnResult {
             }
         }
     }
-    m.flush_latencies();
     if m.result.closed.is_none() {
         // A polite close; the run is over either way.
         let _ = timeout(Duration::from_secs(2), ws.close(None)).await;
     }
-    m.result
+    let Member { result, .. } = m;
+    result
 }

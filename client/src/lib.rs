@@ -1,4 +1,4 @@
-//! A HunterPie-compatible WebSocket client, for the tests and the benchmark tool.
+//! supersynk-client: a HunterPie-compatible WebSocket client, for the tests and the benchmark tool.
 //!
 //! It does what the deployed plugin does on the wire (see protocol/hunterpie.md): the exact
 //! opening handshake (including `permessage-deflate;client_no_context_takeover`), every
@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use crate::ws::deflate::{InflateLayer, Side, compress_with};
+use supersynk::ws::deflate::{InflateLayer, Side, compress_with};
 
 /// The client's socket type.
 pub type ClientStream = WebSocketStream<InflateLayer<TcpStream>>;
