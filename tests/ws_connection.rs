@@ -135,6 +135,19 @@ fn spawn_echo(mut conn: Connection) -> tokio::task::JoinHandle<Close> {
     })
 }
 
+/// Runs `conn`, which is closing already: its next event must be `Closed`; returns that
+/// close, once `finish` is done.
+fn spawn_closing(mut conn: Connection) -> tokio::task::JoinHandle<Close> {
+    tokio::spawn(async move {
+        let close = match conn.next().await {
+            Event::Closed(c) => c,
+            other => panic!("expected Closed, got {other:?}"),
+        };
+        conn.finish().await;
+        close
+    })
+}
+
 /// The client's next message within [`WAIT`].
 async fn next(client: &mut WebSocketStream<DuplexStream>) -> Message {
     next_within(client, WAIT).await
@@ -262,15 +275,7 @@ async fn a_server_close_comes_after_what_was_queued_and_waits_for_the_answer() {
     let mut p = open(ws, 64 * 1024).await;
     p.conn.send(Payload::text("last words"));
     p.conn.close(codes::KICKED);
-    let server = tokio::spawn(async move {
-        let mut conn = p.conn;
-        let close = match conn.next().await {
-            Event::Closed(c) => c,
-            other => panic!("expected Closed, got {other:?}"),
-        };
-        conn.finish().await;
-        close
-    });
+    let server = spawn_closing(p.conn);
     assert_eq!(next(&mut p.client).await, Message::text("last words"));
     let (code, reason, _) = until_close(&mut p.client).await;
     assert_eq!(
@@ -339,15 +344,7 @@ async fn a_reader_that_stops_reading_is_closed_as_a_slow_consumer() {
     };
     assert_eq!(refused, SendError::SlowConsumer);
     assert_eq!(p.conn.outbound.closing(), Some(SLOW_CONSUMER));
-    let server = tokio::spawn(async move {
-        let mut conn = p.conn;
-        let close = match conn.next().await {
-            Event::Closed(c) => c,
-            other => panic!("expected Closed, got {other:?}"),
-        };
-        conn.finish().await;
-        close
-    });
+    let server = spawn_closing(p.conn);
     // The client reads again: what was in the pipe and the writer's hands, then the code.
     let (code, reason, before) = until_close(&mut p.client).await;
     assert_eq!(
