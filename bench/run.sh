@@ -251,30 +251,47 @@ PY
 
 ipd() { # flags...: the instructions the server executes per delivery, counted by callgrind
   # on a fixed workload (4 sessions x 50 followers, a push every 50 ms for 3 s): the run's
-  # instructions minus those of the same connections held idle as long, over the deliveries.
-  # Instruction counts do not move with the machine's load, unlike CPU time.
+  # instructions minus those of the same connections held idle as long, over the deliveries;
+  # IPD_RUNS pairs of runs (default 3), their median. Instruction counts do not move with
+  # the machine's load as CPU time does; what still moves them is how the two runtime
+  # threads, serialized by valgrind, batch the writes.
   command -v valgrind >/dev/null || { echo "ipd needs valgrind (apt-get install valgrind)" >&2; exit 1; }
-  local kind out ir=()
-  for kind in idle load; do
-    out="bench/out/ipd-$kind.callgrind"
-    rm -f "$out"
-    SUPERSYNK_BIN="valgrind --tool=callgrind --callgrind-out-file=$out ./target/release/supersynk" \
-      START_TRIES=1200 start_server "${wide_members[@]}"
-    if [ "$kind" = idle ]; then
-      bench ipd-idle --sessions 4 --followers 50 --idle --duration-s 3 "$@"
-    else
-      bench ipd-load --sessions 4 --followers 50 --interval-ms 50 --warmup-s 0 --duration-s 3 \
-        --drain-s 20 "$@"
-    fi
-    stop_server
-    ir+=("$(awk '/^(summary|totals):/ { print $2; exit }' "$out")")
+  local run kind out
+  rm -f bench/out/ipd-*.json bench/out/ipd-*.callgrind
+  for run in $(seq "${IPD_RUNS:-3}"); do
+    for kind in idle load; do
+      out="bench/out/ipd-$kind-$run.callgrind"
+      SUPERSYNK_BIN="valgrind --tool=callgrind --callgrind-out-file=$out ./target/release/supersynk" \
+        START_TRIES=1200 start_server "${wide_members[@]}"
+      if [ "$kind" = idle ]; then
+        bench "ipd-idle-$run" --sessions 4 --followers 50 --idle --duration-s 3 "$@"
+      else
+        bench "ipd-load-$run" --sessions 4 --followers 50 --interval-ms 50 --warmup-s 0 --duration-s 3 \
+          --drain-s 20 "$@"
+      fi
+      stop_server
+    done
   done
-  python3 - "${ir[0]}" "${ir[1]}" bench/out/ipd-load.json <<'PY'
-import json, sys
-idle, load, r = int(sys.argv[1]), int(sys.argv[2]), json.load(open(sys.argv[3]))
-n = r["deliveries_received_total"]
-print(f"ipd: {load:,} instructions with pushes, {idle:,} idle; {n:,} deliveries "
-      f"({r['deliveries_lost']} lost): {(load - idle) / max(n, 1):,.0f} instructions per delivery")
+  python3 - bench/out <<'PY'
+import glob, json, os, re, statistics, sys
+def instructions(path):
+    for line in open(path):
+        m = re.match(r"^(?:summary|totals): (\d+)", line)
+        if m:
+            return int(m.group(1))
+    raise SystemExit(f"no instruction total in {path}")
+out, figures = sys.argv[1], []
+for load in sorted(glob.glob(os.path.join(out, "ipd-load-*.callgrind"))):
+    run = load[len(os.path.join(out, "ipd-load-")):-len(".callgrind")]
+    idle = instructions(os.path.join(out, f"ipd-idle-{run}.callgrind"))
+    busy = instructions(load)
+    r = json.load(open(os.path.join(out, f"ipd-load-{run}.json")))
+    n = r["deliveries_received_total"]
+    figures.append((busy - idle) / max(n, 1))
+    print(f"ipd run {run}: {busy:,} instructions with pushes, {idle:,} idle; {n:,} deliveries "
+          f"({r['deliveries_lost']} lost): {figures[-1]:,.0f} per delivery")
+print(f"ipd: {statistics.median(figures):,.0f} instructions per delivery (median of {len(figures)}; "
+      f"{min(figures):,.0f} to {max(figures):,.0f})")
 PY
 }
 
