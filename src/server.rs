@@ -67,6 +67,8 @@ pub struct AppInner {
     pub health: crate::health::Health,
     /// Browser logins to the admin dashboard and the log viewer.
     pub logins: crate::http::login::Logins,
+    /// In cluster mode: this node's id and name, and its questions to the other nodes.
+    pub peers: Option<crate::cluster::peers::Peers>,
 }
 
 impl std::ops::Deref for App {
@@ -77,7 +79,8 @@ impl std::ops::Deref for App {
 }
 
 impl App {
-    pub fn new(config: Config) -> App {
+    /// The state of a server listening on `port` (the name of a node in a cluster).
+    pub fn new(config: Config, port: u16) -> App {
         let metrics = Arc::new(Metrics::new());
         let ws = Arc::new(WsSettings {
             max_message_bytes: config.max_message_bytes,
@@ -110,6 +113,14 @@ impl App {
             logs: crate::logs::Logs::new(&config, metrics.clone()),
             health: crate::health::Health::default(),
             logins: Default::default(),
+            peers: config.cluster.as_ref().map(|c| {
+                crate::cluster::peers::Peers::new(
+                    &c.prefix,
+                    crate::hunterpie::admin::cluster_node_name(port),
+                    c.node_timeout,
+                    crate::hunterpie::admin::answer,
+                )
+            }),
             metrics,
             ws,
             config,
@@ -282,7 +293,7 @@ impl Server {
         crate::limits::raise_descriptor_limit(config.limits.max_connections);
         let listener = listen(SocketAddr::new(config.bind, config.port))?;
         let local_addr = listener.local_addr()?;
-        let app = App::new(config);
+        let app = App::new(config, local_addr.port());
         app.logs.start(&app).await;
         let tls_on = tls.is_some();
         let mut messages_addr = None;

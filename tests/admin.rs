@@ -303,7 +303,10 @@ async fn a_dashboard_login_is_a_cookie_whose_actions_need_its_csrf_token() {
         ("Content-Type", "application/json"),
     ];
     let (status, _, body) = http_with(addr, "POST", "/admin/message", &acting, message).await;
-    assert_eq!((status, body.as_str()), (200, r#"{"delivered":1}"#));
+    assert_eq!(
+        (status, body.as_str()),
+        (200, r#"{"complete":true,"delivered":1,"missing":[]}"#)
+    );
     assert_eq!(servermsg(&mut member).await, "from the dashboard");
     // The bearer token still works alone (scripts have no CSRF token).
     let bearer = [("Authorization", "Bearer adm1n-t0ken")];

@@ -176,3 +176,59 @@ async fn admin_dashboard_in_chromium_with_real_sessions() {
 async fn log_viewer_in_chromium_logs_in_opens_rows_and_fits_a_phone() {
     common::browser::run("viewer.mjs").await;
 }
+
+/// The dashboard of a cluster: two nodes on one Redis, a session split across them
+/// (tests/browser/dashboard_nodes.mjs checks the table of nodes, the summed cards, the
+/// members' nodes, and a stopped node named as not answering).
+#[tokio::test]
+async fn admin_dashboard_in_chromium_shows_every_node_of_a_cluster() {
+    use common::cluster::{follower, node, redis_url, unique_prefix};
+    const TOKEN: &str = "cluster-dashboard-t0ken";
+    const PARTY: &str = "c3@uTKeQR3Mp:Split";
+    let (redis, prefix) = (redis_url(), unique_prefix());
+    let admin = ["--admin-token", TOKEN];
+    let (_a_proc, a) = node(&redis, &prefix, &admin).await;
+    let (b_proc, b) = node(&redis, &prefix, &admin).await;
+    let mut host = plugin(a).await;
+    join(&mut host, "Host", PARTY, true).await;
+    assert_eq!(state(&mut host).await, (1, true));
+    let mut guests = Vec::new();
+    for (n, name) in [(2, "Far"), (3, "Farther")] {
+        let mut c = follower(b, name, PARTY).await;
+        assert_eq!(state(&mut c).await, (n, true));
+        guests.push(c);
+    }
+    let names: Vec<String> = {
+        let auth = [("Authorization", "Bearer cluster-dashboard-t0ken")];
+        let (_, _, body) = http_with(a, "GET", "/admin/stats", &auth, "").await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["node"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names.len(), 2, "{names:?}");
+    let expect = serde_json::json!({
+        "nodes": [
+            { "name": names[0], "connections": 1 },
+            { "name": names[1], "connections": 2 },
+        ],
+        "session": PARTY,
+        "members": [["Host", names[0]], ["Far", names[1]], ["Farther", names[1]]],
+        "stopPid": b_proc.0.id(),
+    })
+    .to_string();
+    let url = format!("http://{a}");
+    common::browser::run_with(
+        "dashboard_nodes.mjs",
+        &[
+            ("SUPERSYNK_URL", &url),
+            ("ADMIN_TOKEN", TOKEN),
+            ("EXPECT", &expect),
+        ],
+    )
+    .await;
+    drop(host);
+}

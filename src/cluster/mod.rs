@@ -13,8 +13,8 @@
 //!   `m:{session}` and publishes the same report on the channel. A node that joins a session
 //!   subscribes first, then reads the hash, so it misses no report; versions make the order
 //!   of reports and reads irrelevant. Presence is local members plus every other node's.
-//! - Liveness: each node is in the set `nodes` and refreshes a key `node:{id}` that expires
-//!   after `--node-timeout-ms`; every node checks the others at a third of that. The first
+//! - Liveness: each node is in the set `nodes` and refreshes a key `node:{id}` (holding the
+//!   node's name) that expires after `--node-timeout-ms`; every node checks the others at a third of that. The first
 //!   to see a node's key gone removes it from the set and from every session it was in
 //!   (`node:{id}:sessions`), then publishes `gone {id}` on `ctl`; every node forgets it and
 //!   announces the corrected presence.
@@ -24,7 +24,9 @@
 //!   serves, so a Redis that restarted empty is refilled by the nodes themselves. What it
 //!   knew of other nodes stays counted until they confirm it or the node timeout passes.
 //!   A clean shutdown removes the node at once.
+//! - Questions to every node (the admin API's): [`peers`], on the same connections.
 
+pub mod peers;
 pub mod wire;
 
 use std::collections::{HashMap, HashSet};
@@ -44,6 +46,7 @@ use crate::core::hub::{NodeId, Presence, Remote};
 use crate::core::link::{Forward, Link};
 use crate::core::outbound::Payload;
 use crate::server::App;
+use peers::Peers;
 use wire::{Message, node_text};
 
 /// Forwards published per round trip at most.
@@ -110,7 +113,7 @@ async fn within<T>(limit: Duration, f: impl Future<Output = RedisResult<T>>) -> 
 /// Runs this node's side of the cluster until shutdown: connects, serves, and reconnects
 /// after every outage.
 pub async fn run(app: App, config: ClusterConfig) {
-    let Some(link) = app.hub.link().cloned() else {
+    let (Some(link), Some(peers)) = (app.hub.link().cloned(), app.peers.clone()) else {
         return;
     };
     let client = match redis::Client::open(config.redis_url.as_str()) {
@@ -125,13 +128,12 @@ pub async fn run(app: App, config: ClusterConfig) {
         prefix: config.prefix.clone(),
     });
     let dead: Dead = Arc::default();
-    let node: NodeId = uuid::Uuid::new_v4().as_u128();
     let mut backoff = Duration::from_millis(100);
     // An outage starts when a connection is lost, or when the first one fails.
     let mut in_outage = false;
     loop {
         let started = tokio::time::Instant::now();
-        let result = Epoch::connect(&app, &link, &client, &config, &keys, node, &dead).await;
+        let result = Epoch::connect(&app, &link, &peers, &client, &config, &keys, &dead).await;
         let error = match result {
             Ok(mut epoch) => match epoch.serve().await {
                 Ok(()) => return,
@@ -150,6 +152,7 @@ pub async fn run(app: App, config: ClusterConfig) {
             debug!(error = %error, "Redis still unreachable");
         }
         link.set_up(false);
+        peers.set_connection(None);
         app.metrics.redis_up.set(0);
         app.metrics.cluster_nodes.set(0);
         link.drop_forwards();
@@ -169,6 +172,7 @@ pub async fn run(app: App, config: ClusterConfig) {
 struct Epoch {
     app: App,
     link: Arc<Link>,
+    peers: Peers,
     keys: Arc<Keys>,
     node: NodeId,
     node_text: String,
@@ -190,13 +194,14 @@ impl Epoch {
     async fn connect(
         app: &App,
         link: &Arc<Link>,
+        peers: &Peers,
         client: &redis::Client,
         config: &ClusterConfig,
         keys: &Arc<Keys>,
-        node: NodeId,
         dead: &Dead,
     ) -> RedisResult<Epoch> {
-        let answer = (config.node_timeout / 3).min(Duration::from_secs(3));
+        let node = peers.node();
+        let answer = peers::answer_time(config.node_timeout);
         let settings = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(answer))
             .set_response_timeout(Some(answer));
@@ -204,19 +209,25 @@ impl Epoch {
             .get_multiplexed_async_connection_with_config(&settings)
             .await?;
         let (mut sink, stream) = within(answer, client.get_async_pubsub()).await?.split();
-        within(answer, sink.subscribe(keys.control())).await?;
+        within(
+            answer,
+            sink.subscribe(vec![keys.control(), peers.ask_channel()]),
+        )
+        .await?;
+        within(answer, sink.psubscribe(peers.reply_pattern())).await?;
         let lost = CancellationToken::new();
         let dispatch = tokio::spawn(dispatch(
             stream,
             app.clone(),
+            peers.clone(),
             keys.clone(),
-            node,
             dead.clone(),
             lost.clone(),
         ));
         let mut epoch = Epoch {
             app: app.clone(),
             link: link.clone(),
+            peers: peers.clone(),
             keys: keys.clone(),
             node,
             node_text: node_text(node),
@@ -234,7 +245,7 @@ impl Epoch {
             .atomic()
             .cmd("SET")
             .arg(keys.alive(node))
-            .arg(1)
+            .arg(peers.name())
             .arg("PX")
             .arg(epoch.timeout.as_millis() as u64)
             .ignore()
@@ -250,6 +261,7 @@ impl Epoch {
     /// Serves until shutdown (Ok) or until the connection is lost (Err).
     async fn serve(&mut self) -> RedisResult<()> {
         self.link.set_up(true);
+        self.peers.set_connection(Some(self.cmd.clone()));
         self.app.metrics.redis_up.set(1);
         info!(node = %self.node_text, "connected to Redis: cluster mode on");
         // Every session this node serves is new to this epoch: subscribe, report, read.
@@ -310,7 +322,7 @@ impl Epoch {
         let (_, nodes): ((), Vec<String>) = redis::pipe()
             .cmd("SET")
             .arg(self.keys.alive(self.node))
-            .arg(1)
+            .arg(self.peers.name())
             .arg("PX")
             .arg(self.timeout.as_millis() as u64)
             .cmd("SMEMBERS")
@@ -510,15 +522,25 @@ impl Epoch {
 async fn dispatch(
     mut stream: PubSubStream,
     app: App,
+    peers: Peers,
     keys: Arc<Keys>,
-    node: NodeId,
     dead: Dead,
     lost: CancellationToken,
 ) {
+    let node = peers.node();
     let control = keys.control();
+    let ask = peers.ask_channel();
     let session_prefix = keys.session_channel("");
     while let Some(msg) = stream.next().await {
         let channel = msg.get_channel_name();
+        if msg.from_pattern() {
+            peers.on_answer(channel, msg.get_payload_bytes());
+            continue;
+        }
+        if channel == ask {
+            peers.on_question(&app, msg.get_payload_bytes());
+            continue;
+        }
         if channel == control {
             let gone = std::str::from_utf8(msg.get_payload_bytes())
                 .ok()

@@ -35,7 +35,7 @@ pub async fn page(State(app): State<App>) -> Response {
                 "off"
             },
         ),
-        ("node", node_name()),
+        ("node", node_name(&app)),
         ("sessions", &app.hub.len().to_string()),
         ("sockets", &m.connections_open.get().to_string()),
         ("bytes_relayed", &m.bytes_relayed.get().to_string()),
