@@ -452,7 +452,10 @@ async fn admin_api_lists_messages_and_kicks() {
         r#"{"text":"Restart at 20:00","session":"party"}"#,
     )
     .await;
-    assert_eq!((status, body.as_str()), (200, r#"{"delivered":2}"#));
+    assert_eq!(
+        (status, body.as_str()),
+        (200, r#"{"complete":true,"delivered":2,"missing":[]}"#)
+    );
     assert_eq!(servermsg(&mut host).await, "Restart at 20:00");
     assert_eq!(servermsg(&mut guest).await, "Restart at 20:00");
     // To everyone, connected but in no session included.
@@ -464,7 +467,10 @@ async fn admin_api_lists_messages_and_kicks() {
         r#"{"text":"Maintenance","level":"error"}"#,
     )
     .await;
-    assert_eq!((status, body.as_str()), (200, r#"{"delivered":3}"#));
+    assert_eq!(
+        (status, body.as_str()),
+        (200, r#"{"complete":true,"delivered":3,"missing":[]}"#)
+    );
     assert_eq!(servermsg(&mut loner).await, "Maintenance");
     assert_eq!(
         http_with(
